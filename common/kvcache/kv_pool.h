@@ -1,0 +1,48 @@
+// The paged KV pool: one allocation of num_blocks blocks in the DESIGN §3 layout,
+// plus a simple allocator of block ids (prefers contiguous runs). The prefix cache
+// (reference counts, hashing, LRU) builds on this.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <set>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/paged_kv.h"
+
+namespace kvrelay::kvcache {
+
+class KvPool {
+ public:
+  // INVALID_ARGUMENT when the geometry is empty; RESOURCE_EXHAUSTED when memory can't be had.
+  static absl::StatusOr<std::unique_ptr<KvPool>> Create(const kernels::PagedKvLayout& layout,
+                                                        int64_t num_blocks);
+  ~KvPool();
+  KvPool(const KvPool&) = delete;
+  KvPool& operator=(const KvPool&) = delete;
+
+  const kernels::PagedKvView& view() const { return view_; }
+  const kernels::PagedKvLayout& layout() const { return view_.layout; }
+  int64_t num_blocks() const { return view_.num_blocks; }
+  size_t bytes() const { return bytes_; }
+
+  // Block ids for `n` more blocks, lowest-numbered contiguous run first when one fits.
+  // RESOURCE_EXHAUSTED when fewer than n are free. Not thread-safe.
+  absl::StatusOr<std::vector<int32_t>> Allocate(int64_t n);
+  void Free(const std::vector<int32_t>& blocks);
+  int64_t num_free() const { return static_cast<int64_t>(free_.size()); }
+
+ private:
+  KvPool() = default;
+  kernels::PagedKvView view_;
+  size_t bytes_ = 0;
+  std::set<int32_t> free_;
+};
+
+// Blocks needed to hold `tokens` tokens.
+inline int64_t BlocksFor(int64_t tokens, int block_size) {
+  return (tokens + block_size - 1) / block_size;
+}
+
+}  // namespace kvrelay::kvcache

@@ -1,0 +1,154 @@
+// AVX2 + FMA + F16C inner loops. This file is compiled with -mavx2 -mfma -mf16c;
+// nothing in it may run unless DetectIsa() found those features.
+//
+// Every dot product uses two 8-lane accumulators (elements i % 16 < 8 and >= 8),
+// one fixed horizontal reduction and a scalar tail, whichever micro-kernel (1 or 4
+// rows, 1 or 4 outputs) computes it — so a result never depends on batch shape.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/cpu/kernel_tables.h"
+
+namespace kvrelay::kernels::cpu {
+namespace {
+
+template <DType T>
+inline __m256 Load8(const void* p, int64_t i) {
+  if constexpr (T == DType::kF32) {
+    return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  } else if constexpr (T == DType::kBF16) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else if constexpr (T == DType::kF16) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    return _mm256_cvtph_ps(h);
+  } else {
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(p) + i));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  }
+}
+
+template <DType T>
+inline float Load1(const void* p, int64_t i) {
+  if constexpr (T == DType::kF32) return static_cast<const float*>(p)[i];
+  if constexpr (T == DType::kF16) return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
+  if constexpr (T == DType::kBF16) return Bf16ToF32(static_cast<const uint16_t*>(p)[i]);
+  return static_cast<float>(static_cast<const int8_t*>(p)[i]);
+}
+
+inline float Reduce(__m256 a0, __m256 a1) {
+  __m256 s = _mm256_add_ps(a0, a1);
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+  return _mm_cvtss_f32(lo);
+}
+
+template <DType T>
+inline float Tail(const float* x, const void* w, int64_t i, int64_t n, float s) {
+  for (; i < n; ++i) s += x[i] * Load1<T>(w, i);
+  return s;
+}
+
+// R rows of x against O rows of w.
+template <DType T, int R, int O>
+inline void Block(const float* x, int64_t in, const void* w, int64_t o, float* y, int64_t ldy) {
+  const size_t row_bytes = static_cast<size_t>(in) * DTypeSize(T);
+  const uint8_t* wb = static_cast<const uint8_t*>(w) + static_cast<size_t>(o) * row_bytes;
+  __m256 acc0[R][O], acc1[R][O];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < O; ++q) acc0[r][q] = acc1[r][q] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= in; i += 16) {
+    __m256 w0[O], w1[O];
+    for (int q = 0; q < O; ++q) {
+      w0[q] = Load8<T>(wb + q * row_bytes, i);
+      w1[q] = Load8<T>(wb + q * row_bytes, i + 8);
+    }
+    for (int r = 0; r < R; ++r) {
+      __m256 x0 = _mm256_loadu_ps(x + r * in + i);
+      __m256 x1 = _mm256_loadu_ps(x + r * in + i + 8);
+      for (int q = 0; q < O; ++q) {
+        acc0[r][q] = _mm256_fmadd_ps(x0, w0[q], acc0[r][q]);
+        acc1[r][q] = _mm256_fmadd_ps(x1, w1[q], acc1[r][q]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < O; ++q)
+      y[r * ldy + o + q] = Tail<T>(x + r * in, wb + q * row_bytes, i, in, Reduce(acc0[r][q], acc1[r][q]));
+}
+
+template <DType T>
+void MatMulT(const float* x, int64_t rows, int64_t in, const void* w, int64_t o0, int64_t o1,
+             float* y, int64_t ldy) {
+  // Output tiles small enough for their weights to stay in L2 across row groups.
+  constexpr int64_t kTile = 32;
+  for (int64_t t0 = o0; t0 < o1; t0 += kTile) {
+    const int64_t t1 = t0 + kTile < o1 ? t0 + kTile : o1;
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      for (int64_t o = t0; o < t1; ++o) Block<T, 4, 1>(x + r * in, in, w, o, y + r * ldy, ldy);
+    }
+    for (; r < rows; ++r) {
+      int64_t o = t0;
+      for (; o + 4 <= t1; o += 4) Block<T, 1, 4>(x + r * in, in, w, o, y + r * ldy, ldy);
+      for (; o < t1; ++o) Block<T, 1, 1>(x + r * in, in, w, o, y + r * ldy, ldy);
+    }
+  }
+}
+
+void MatMulAvx2(const float* x, int64_t rows, int64_t in, const void* w, DType wt, int64_t o0,
+                int64_t o1, float* y, int64_t ldy) {
+  switch (wt) {
+    case DType::kF32: return MatMulT<DType::kF32>(x, rows, in, w, o0, o1, y, ldy);
+    case DType::kF16: return MatMulT<DType::kF16>(x, rows, in, w, o0, o1, y, ldy);
+    case DType::kBF16: return MatMulT<DType::kBF16>(x, rows, in, w, o0, o1, y, ldy);
+    case DType::kI8: return MatMulT<DType::kI8>(x, rows, in, w, o0, o1, y, ldy);
+  }
+}
+
+template <DType T>
+float DotT(const float* q, const void* k, int64_t n) {
+  float out;
+  Block<T, 1, 1>(q, n, k, 0, &out, 0);
+  return out;
+}
+
+float DotKvAvx2(const float* q, const void* k, DType kt, int64_t n) {
+  switch (kt) {
+    case DType::kF32: return DotT<DType::kF32>(q, k, n);
+    case DType::kF16: return DotT<DType::kF16>(q, k, n);
+    case DType::kBF16: return DotT<DType::kBF16>(q, k, n);
+    case DType::kI8: return DotT<DType::kI8>(q, k, n);
+  }
+  return 0.0f;
+}
+
+template <DType T>
+void AxpyT(float a, const void* v, int64_t n, float* out) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(va, Load8<T>(v, i), _mm256_loadu_ps(out + i)));
+  }
+  for (; i < n; ++i) out[i] = std::fma(a, Load1<T>(v, i), out[i]);
+}
+
+void AxpyKvAvx2(float a, const void* v, DType vt, int64_t n, float* out) {
+  switch (vt) {
+    case DType::kF32: return AxpyT<DType::kF32>(a, v, n, out);
+    case DType::kF16: return AxpyT<DType::kF16>(a, v, n, out);
+    case DType::kBF16: return AxpyT<DType::kBF16>(a, v, n, out);
+    case DType::kI8: return AxpyT<DType::kI8>(a, v, n, out);
+  }
+}
+
+}  // namespace
+
+const KernelTable kAvx2Table = {Isa::kAvx2, &MatMulAvx2, &DotKvAvx2, &AxpyKvAvx2};
+const bool kHaveAvx2Table = true;
+
+}  // namespace kvrelay::kernels::cpu

@@ -1,0 +1,82 @@
+// Portable inner loops: the fallback for CPUs without AVX2/FMA/F16C and the
+// reference the AVX2 loops are tested against.
+#include <cstdint>
+
+#include "kernels/cpu/kernel_tables.h"
+
+namespace kvrelay::kernels::cpu {
+namespace {
+
+template <DType T>
+inline float Load(const void* p, int64_t i) {
+  if constexpr (T == DType::kF32) return static_cast<const float*>(p)[i];
+  if constexpr (T == DType::kF16) return F16ToF32(static_cast<const uint16_t*>(p)[i]);
+  if constexpr (T == DType::kBF16) return Bf16ToF32(static_cast<const uint16_t*>(p)[i]);
+  if constexpr (T == DType::kI8) return static_cast<float>(static_cast<const int8_t*>(p)[i]);
+  return 0.0f;
+}
+
+// 16 partial sums (lane l gets elements i with i % 16 == l), summed pairwise at the end.
+template <DType T>
+inline float Dot(const float* x, const void* w, int64_t n) {
+  float acc[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int l = 0; l < 16; ++l) acc[l] += x[i + l] * Load<T>(w, i + l);
+  }
+  for (int l = 0; l < 8; ++l) acc[l] += acc[l + 8];
+  for (int l = 0; l < 4; ++l) acc[l] += acc[l + 4];
+  float s = (acc[0] + acc[2]) + (acc[1] + acc[3]);
+  for (; i < n; ++i) s += x[i] * Load<T>(w, i);
+  return s;
+}
+
+template <DType T>
+void MatMulT(const float* x, int64_t rows, int64_t in, const void* w, int64_t o0, int64_t o1,
+             float* y, int64_t ldy) {
+  const size_t esz = DTypeSize(T);
+  for (int64_t o = o0; o < o1; ++o) {
+    const void* wr = static_cast<const uint8_t*>(w) + static_cast<size_t>(o) * in * esz;
+    for (int64_t r = 0; r < rows; ++r) y[r * ldy + o] = Dot<T>(x + r * in, wr, in);
+  }
+}
+
+void MatMulScalar(const float* x, int64_t rows, int64_t in, const void* w, DType wt, int64_t o0,
+                  int64_t o1, float* y, int64_t ldy) {
+  switch (wt) {
+    case DType::kF32: return MatMulT<DType::kF32>(x, rows, in, w, o0, o1, y, ldy);
+    case DType::kF16: return MatMulT<DType::kF16>(x, rows, in, w, o0, o1, y, ldy);
+    case DType::kBF16: return MatMulT<DType::kBF16>(x, rows, in, w, o0, o1, y, ldy);
+    case DType::kI8: return MatMulT<DType::kI8>(x, rows, in, w, o0, o1, y, ldy);
+  }
+}
+
+float DotKvScalar(const float* q, const void* k, DType kt, int64_t n) {
+  switch (kt) {
+    case DType::kF32: return Dot<DType::kF32>(q, k, n);
+    case DType::kF16: return Dot<DType::kF16>(q, k, n);
+    case DType::kBF16: return Dot<DType::kBF16>(q, k, n);
+    case DType::kI8: return Dot<DType::kI8>(q, k, n);
+  }
+  return 0.0f;
+}
+
+template <DType T>
+void AxpyT(float a, const void* v, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] += a * Load<T>(v, i);
+}
+
+void AxpyKvScalar(float a, const void* v, DType vt, int64_t n, float* out) {
+  switch (vt) {
+    case DType::kF32: return AxpyT<DType::kF32>(a, v, n, out);
+    case DType::kF16: return AxpyT<DType::kF16>(a, v, n, out);
+    case DType::kBF16: return AxpyT<DType::kBF16>(a, v, n, out);
+    case DType::kI8: return AxpyT<DType::kI8>(a, v, n, out);
+  }
+}
+
+}  // namespace
+
+const KernelTable kScalarTable = {Isa::kScalar, &MatMulScalar, &DotKvScalar, &AxpyKvScalar};
+
+}  // namespace kvrelay::kernels::cpu

@@ -1,0 +1,177 @@
+// kvrelay generate --model DIR --prompt TEXT [--prompt TEXT ...] [sampling flags] [--json]
+#include <algorithm>
+#include <memory>
+#include <ostream>
+
+#include "common/kvcache/kv_pool.h"
+#include "common/model/generator.h"
+#include "common/model/model.h"
+#include "common/sampling/sampler.h"
+#include "common/tokenizer/tokenizer.h"
+#include "common/util/file.h"
+#include "kernels/ops.h"
+#include "nlohmann/json.hpp"
+#include "tools/cli/args.h"
+#include "tools/cli/cli.h"
+
+namespace kvrelay::cli {
+namespace {
+
+void DeclareFlags(Args& args) {
+  using K = Args::Kind;
+  args.Flag("model", K::kString, "Hugging Face model folder (default: the demo model)")
+      .Flag("prompt", K::kString, "prompt text; several are successive turns of one conversation", true)
+      .Flag("max-tokens", K::kInt, "tokens to generate per turn (default 16)")
+      .Flag("temperature", K::kFloat, "0 = greedy (default 0)")
+      .Flag("top-k", K::kInt, "keep the k most likely tokens (0 = off)")
+      .Flag("top-p", K::kFloat, "nucleus sampling mass (default 1)")
+      .Flag("min-p", K::kFloat, "drop tokens below min-p x the top probability (default 0)")
+      .Flag("repetition-penalty", K::kFloat, "HF repetition penalty (default 1)")
+      .Flag("frequency-penalty", K::kFloat, "OpenAI frequency penalty (default 0)")
+      .Flag("presence-penalty", K::kFloat, "OpenAI presence penalty (default 0)")
+      .Flag("seed", K::kInt, "sampling seed (default 0)")
+      .Flag("stop-token-id", K::kInt, "extra stop token id", true)
+      .Flag("ignore-eos", K::kBool, "keep generating after an end-of-sequence token")
+      .Flag("logprobs", K::kInt, "top-N logprobs per generated token (0-20, default 0)")
+      .Flag("kv-dtype", K::kString, "KV cache dtype: f32 | f16 | bf16 | int8 (default f32)")
+      .Flag("block-size", K::kInt, "tokens per KV block (default 16)")
+      .Flag("kv-blocks", K::kInt, "KV pool size in blocks (default: enough for the context, max 8192 tokens)")
+      .Flag("prefill-chunk", K::kInt, "tokens per prefill step (default 256)")
+      .Flag("threads", K::kInt, "CPU threads (default: all cores)")
+      .Flag("isa", K::kString, "CPU kernels: auto | avx2 | scalar (default auto)")
+      .Flag("json", K::kBool, "print one JSON object per turn")
+      .Flag("help", K::kBool, "this text");
+}
+
+absl::Status ReadSampling(const Args& args, sampling::SamplingParams* p) {
+  p->max_tokens = static_cast<int>(args.GetInt("max-tokens", 16));
+  p->temperature = static_cast<float>(args.GetFloat("temperature", 0.0));
+  p->top_k = static_cast<int>(args.GetInt("top-k", 0));
+  p->top_p = static_cast<float>(args.GetFloat("top-p", 1.0));
+  p->min_p = static_cast<float>(args.GetFloat("min-p", 0.0));
+  p->repetition_penalty = static_cast<float>(args.GetFloat("repetition-penalty", 1.0));
+  p->frequency_penalty = static_cast<float>(args.GetFloat("frequency-penalty", 0.0));
+  p->presence_penalty = static_cast<float>(args.GetFloat("presence-penalty", 0.0));
+  p->seed = static_cast<uint64_t>(args.GetInt("seed", 0));
+  p->ignore_eos = args.GetBool("ignore-eos");
+  p->logprobs = static_cast<int>(args.GetInt("logprobs", 0));
+  for (const std::string& s : args.GetAll("stop-token-id")) p->stop_token_ids.push_back(std::stoi(s));
+  return sampling::ValidateSamplingParams(*p);
+}
+
+int Fail(std::ostream& err, const std::string& what, int code = 1) {
+  err << "kvrelay generate: " << what << "\n";
+  return code;
+}
+
+}  // namespace
+
+int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err) {
+  Args args;
+  DeclareFlags(args);
+  if (absl::Status s = args.Parse(argc, argv, 2); !s.ok()) return Fail(err, std::string(s.message()), 2);
+  if (args.GetBool("help")) {
+    out << "usage: kvrelay generate [--model DIR] --prompt TEXT [--prompt TEXT ...] [flags]\n" << args.Help();
+    return 0;
+  }
+  const std::vector<std::string> prompts = args.GetAll("prompt");
+  if (prompts.empty()) return Fail(err, "--prompt TEXT is required", 2);
+  sampling::SamplingParams params;
+  if (absl::Status s = ReadSampling(args, &params); !s.ok()) return Fail(err, std::string(s.message()), 2);
+  kernels::DType kv_dtype;
+  const std::string kv_name = args.GetString("kv-dtype", "f32");
+  if (!kernels::ParseDType(kv_name, &kv_dtype)) {
+    return Fail(err, "--kv-dtype must be f32, f16, bf16 or int8, got '" + kv_name + "'", 2);
+  }
+  const long long block_size = args.GetInt("block-size", 16);
+  if (block_size < 1 || block_size > 1024) return Fail(err, "--block-size must be in [1, 1024]", 2);
+  const long long chunk = args.GetInt("prefill-chunk", 256);
+  if (chunk < 1) return Fail(err, "--prefill-chunk must be >= 1", 2);
+  const std::string isa = args.GetString("isa", "auto");
+  if (isa == "avx2" || isa == "scalar") {
+    if (!kernels::SetActiveIsa(isa == "avx2" ? kernels::Isa::kAvx2 : kernels::Isa::kScalar)) {
+      return Fail(err, "--isa " + isa + " is not supported by this CPU", 2);
+    }
+  } else if (isa != "auto") {
+    return Fail(err, "--isa must be auto, avx2 or scalar, got '" + isa + "'", 2);
+  }
+
+  std::string dir = args.GetString("model", "");
+  if (dir.empty()) {
+    absl::StatusOr<std::string> demo = EnsureDemoModel(err);
+    if (!demo.ok()) return Fail(err, std::string(demo.status().message()));
+    dir = *demo;
+  } else if (!IsDirectory(dir)) {
+    return Fail(err, "--model " + dir + ": no such folder");
+  }
+  kernels::ThreadPool pool(static_cast<int>(args.GetInt("threads", 0)));
+  absl::StatusOr<std::unique_ptr<model::Model>> model = model::Model::Load(dir, &pool);
+  if (!model.ok()) return Fail(err, std::string(model.status().message()));
+  absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> tok =
+      tokenizer::Tokenizer::FromFile(JoinPath(dir, "tokenizer.json"));
+  if (!tok.ok()) return Fail(err, std::string(tok.status().message()));
+  const model::ModelConfig& cfg = (*model)->config();
+
+  const long long default_blocks =
+      kvcache::BlocksFor(std::min(cfg.max_position_embeddings, 8192), static_cast<int>(block_size)) + 1;
+  const long long kv_blocks = args.GetInt("kv-blocks", default_blocks);
+  absl::StatusOr<std::unique_ptr<kvcache::KvPool>> kv =
+      kvcache::KvPool::Create((*model)->KvLayout(kv_dtype, static_cast<int>(block_size)), kv_blocks);
+  if (!kv.ok()) return Fail(err, std::string(kv.status().message()));
+  model::Generator gen(model->get(), kv->get(), static_cast<int>(chunk));
+
+  const bool json = args.GetBool("json");
+  std::vector<int32_t> history;  // previous turns' prompt + output
+  for (size_t turn = 0; turn < prompts.size(); ++turn) {
+    std::vector<int32_t> prompt = history;
+    const std::vector<int32_t> fresh = (*tok)->Encode(prompts[turn], /*add_special_tokens=*/turn == 0);
+    prompt.insert(prompt.end(), fresh.begin(), fresh.end());
+
+    tokenizer::StreamingDetokenizer detok(tok->get(), /*skip_special_tokens=*/true);
+    detok.SetPrefix(prompt);
+    if (!json) out << prompts[turn] << std::flush;
+    std::string text;  // decoded in the context of the prompt, as streamed
+    absl::StatusOr<model::GenerationResult> r = gen.Generate(prompt, params, [&](int32_t id) {
+      std::string piece = detok.Push(id);
+      if (!json) out << piece << std::flush;
+      text += piece;
+      return true;
+    });
+    if (!r.ok()) return Fail(err, "turn " + std::to_string(turn + 1) + ": " + std::string(r.status().message()));
+    const std::string tail = detok.Flush();
+    text += tail;
+    if (!json) {
+      out << tail << "\n";
+    } else {
+      nlohmann::ordered_json j;
+      j["turn"] = turn + 1;
+      j["prompt_token_ids"] = prompt;
+      j["token_ids"] = r->token_ids;
+      j["text"] = text;
+      nlohmann::ordered_json lps = nlohmann::ordered_json::array();
+      if (params.logprobs > 0) {
+        for (const sampling::SampleResult& s : r->samples) {
+          nlohmann::ordered_json e;
+          e["token_id"] = s.token;
+          e["logprob"] = s.logprob;
+          nlohmann::ordered_json top = nlohmann::ordered_json::array();
+          for (const auto& [id, lp] : s.top_logprobs) top.push_back({id, lp});
+          e["top"] = std::move(top);
+          lps.push_back(std::move(e));
+        }
+      }
+      j["logprobs"] = std::move(lps);
+      j["finish_reason"] = r->finish_reason;
+      j["cached_tokens"] = r->cached_tokens;
+      j["prefill_ms"] = r->prefill_seconds * 1e3;
+      const size_t steps = r->token_ids.size() > 1 ? r->token_ids.size() - 1 : 0;
+      j["decode_ms_per_token"] = steps > 0 ? r->decode_seconds * 1e3 / steps : 0.0;
+      out << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+    }
+    history = prompt;
+    history.insert(history.end(), r->token_ids.begin(), r->token_ids.end());
+  }
+  return 0;
+}
+
+}  // namespace kvrelay::cli
