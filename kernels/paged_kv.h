@@ -1,6 +1,7 @@
 // Geometry of the paged KV pool (DESIGN §3): block-major
 //   [block][layer][k|v][token][kv_head][head_dim]
-// For int8 KV each (block, layer, k|v) segment is followed by its per-token,
+// For int8 KV each (block, layer, k|v) segment is followed (at the next 4-byte
+// boundary) by its per-token,
 // per-head f32 scales [token][kv_head], so a run of consecutive blocks is still
 // one contiguous byte range holding everything needed to use it.
 #pragma once
@@ -26,8 +27,10 @@ struct PagedKvLayout {
   size_t scale_bytes() const {
     return dtype == DType::kI8 ? sizeof(float) * block_size * num_kv_heads : 0;
   }
+  // Scales start at a 4-byte aligned offset after the data.
+  size_t scale_offset() const { return scale_bytes() == 0 ? data_bytes() : (data_bytes() + 3) / 4 * 4; }
   // One (block, layer, k|v) segment: data then scales.
-  size_t segment_bytes() const { return data_bytes() + scale_bytes(); }
+  size_t segment_bytes() const { return scale_offset() + scale_bytes(); }
   size_t block_bytes() const { return segment_bytes() * 2 * num_layers; }
   size_t segment_offset(int64_t block, int layer, int kv) const {
     return static_cast<size_t>(block) * block_bytes() + (static_cast<size_t>(layer) * 2 + kv) * segment_bytes();
@@ -47,7 +50,7 @@ struct PagedKvView {
   }
   // int8 only: the scale of (block, layer, kv, slot, kv_head).
   float* scale(int64_t block, int layer, int kv, int slot, int head) const {
-    return reinterpret_cast<float*>(base + layout.segment_offset(block, layer, kv) + layout.data_bytes()) +
+    return reinterpret_cast<float*>(base + layout.segment_offset(block, layer, kv) + layout.scale_offset()) +
            static_cast<size_t>(slot) * layout.num_kv_heads + head;
   }
 };

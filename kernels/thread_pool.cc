@@ -11,43 +11,48 @@ ThreadPool::ThreadPool(int num_threads) {
   if (num_threads <= 0) num_threads = static_cast<int>(std::thread::hardware_concurrency());
   num_threads_ = std::max(1, num_threads);
   for (int i = 1; i < num_threads_; ++i) {
-    workers_.emplace_back([this, i] { WorkerLoop(i); });
-    std::string name = "kvr-pool-" + std::to_string(i);
+    workers_.emplace_back([this] { WorkerLoop(); });
+    const std::string name = "kvr-pool-" + std::to_string(i);
     pthread_setname_np(workers_.back().native_handle(), name.c_str());
   }
 }
 
 ThreadPool::~ThreadPool() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     stop_ = true;
   }
-  cv_.notify_all();
   for (auto& t : workers_) t.join();
 }
 
-void ThreadPool::RunChunks() {
+void ThreadPool::RunChunks(const std::function<void(int64_t, int64_t)>& fn, int64_t n, int64_t chunk) {
   for (;;) {
-    int64_t begin = next_.fetch_add(chunk_, std::memory_order_relaxed);
-    if (begin >= n_) break;
-    (*fn_)(begin, std::min(n_, begin + chunk_));
+    const int64_t begin = next_.fetch_add(chunk, std::memory_order_relaxed);
+    if (begin >= n) break;
+    fn(begin, std::min(n, begin + chunk));
   }
 }
 
-void ThreadPool::WorkerLoop(int index) {
+void ThreadPool::WorkerLoop() {
   uint64_t seen = 0;
   for (;;) {
+    const std::function<void(int64_t, int64_t)>* fn;
+    int64_t n, chunk;
     {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      absl::MutexLock lock(&mu_);
+      const auto ready = [this, &seen]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return stop_ || generation_ != seen;
+      };
+      mu_.Await(absl::Condition(&ready));
       if (stop_) return;
       seen = generation_;
+      fn = fn_;
+      n = n_;
+      chunk = chunk_;
     }
-    RunChunks();
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (--active_workers_ == 0) done_cv_.notify_one();
-    }
+    RunChunks(*fn, n, chunk);
+    absl::MutexLock lock(&mu_);
+    --active_workers_;
   }
 }
 
@@ -55,15 +60,15 @@ void ThreadPool::ParallelFor(int64_t n, int64_t min_chunk,
                              const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   min_chunk = std::max<int64_t>(1, min_chunk);
-  // Few chunks per thread: enough to balance a loaded machine, few enough to be cheap.
-  int64_t chunk = std::max(min_chunk, (n + num_threads_ * 4 - 1) / (num_threads_ * 4));
+  // A few chunks per thread: enough to balance a loaded machine, few enough to be cheap.
+  const int64_t chunk = std::max(min_chunk, (n + num_threads_ * 4 - 1) / (num_threads_ * 4));
   if (num_threads_ == 1 || n <= chunk) {
     fn(0, n);
     return;
   }
-  std::lock_guard<std::mutex> call_lock(call_mu_);
+  absl::MutexLock call_lock(&call_mu_);
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     fn_ = &fn;
     n_ = n;
     chunk_ = chunk;
@@ -71,10 +76,10 @@ void ThreadPool::ParallelFor(int64_t n, int64_t min_chunk,
     active_workers_ = static_cast<int>(workers_.size());
     ++generation_;
   }
-  cv_.notify_all();
-  RunChunks();
-  std::unique_lock<std::mutex> lock(mu_);
-  done_cv_.wait(lock, [&] { return active_workers_ == 0; });
+  RunChunks(fn, n, chunk);
+  absl::MutexLock lock(&mu_);
+  const auto done = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return active_workers_ == 0; };
+  mu_.Await(absl::Condition(&done));
   fn_ = nullptr;
 }
 

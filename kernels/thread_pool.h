@@ -4,18 +4,20 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
-#include <mutex>
 #include <thread>
 #include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 
 namespace kvrelay::kernels {
 
 class ThreadPool {
  public:
-  // num_threads <= 0 means std::thread::hardware_concurrency().
+  // num_threads <= 0 means std::thread::hardware_concurrency(). Workers are named
+  // "kvr-pool-<i>"; the caller of ParallelFor is the remaining thread.
   explicit ThreadPool(int num_threads);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
@@ -24,29 +26,25 @@ class ThreadPool {
   int num_threads() const { return num_threads_; }
 
   // Calls fn(begin, end) over disjoint chunks covering [0, n), each at least
-  // `min_chunk` long (except the last), and returns when all are done.
-  // Not reentrant: fn must not call ParallelFor on the same pool.
+  // `min_chunk` long (except the last), and returns when all are done. Concurrent
+  // callers are serialised. Not reentrant: fn must not call ParallelFor on this pool.
   void ParallelFor(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn);
 
  private:
-  void WorkerLoop(int index);
-  void RunChunks();
+  void WorkerLoop();
+  void RunChunks(const std::function<void(int64_t, int64_t)>& fn, int64_t n, int64_t chunk);
 
   int num_threads_;
   std::vector<std::thread> workers_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::condition_variable done_cv_;
-  uint64_t generation_ = 0;  // guarded by mu_
-  bool stop_ = false;        // guarded by mu_
-  int active_workers_ = 0;   // guarded by mu_
-  std::mutex call_mu_;       // serialises concurrent ParallelFor callers
-
-  // Current job (written before generation_ is bumped, read by workers after).
-  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
-  int64_t n_ = 0;
-  int64_t chunk_ = 0;
-  std::atomic<int64_t> next_{0};
+  absl::Mutex call_mu_;  // held for a whole ParallelFor; serialises callers
+  absl::Mutex mu_;
+  uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  int active_workers_ ABSL_GUARDED_BY(mu_) = 0;
+  const std::function<void(int64_t, int64_t)>* fn_ ABSL_GUARDED_BY(mu_) = nullptr;
+  int64_t n_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t chunk_ ABSL_GUARDED_BY(mu_) = 0;
+  std::atomic<int64_t> next_{0};  // next unclaimed index of the current job
 };
 
 }  // namespace kvrelay::kernels
