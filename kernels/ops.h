@@ -28,6 +28,12 @@ struct KernelTable {
   float (*dot_kv)(const float* q, const void* k, DType kt, int64_t n);
   // out[i] += a * v[i] where v is n elements of dtype vt (int8 raw; fold the scale into a).
   void (*axpy_kv)(float a, const void* v, DType vt, int64_t n, float* out);
+  // out[j] = dot_kv(q, k + j * stride, kt, n) for j < count, bit-identical to the single calls.
+  void (*dot_kv_rows)(const float* q, const void* k, int64_t stride, int count, DType kt, int64_t n,
+                      float* out);
+  // for j < count: axpy_kv(a[j], v + j * stride, vt, n, out), bit-identical to the single calls.
+  void (*axpy_kv_rows)(const float* a, const void* v, int64_t stride, int count, DType vt, int64_t n,
+                       float* out);
 };
 
 // Best table this CPU supports; KVRELAY_ISA=scalar|avx2 in the environment overrides.

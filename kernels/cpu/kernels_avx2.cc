@@ -1,9 +1,10 @@
 // AVX2 + FMA + F16C inner loops. This file is compiled with -mavx2 -mfma -mf16c;
 // nothing in it may run unless DetectIsa() found those features.
 //
-// Every dot product uses two 8-lane accumulators (elements i % 16 < 8 and >= 8),
-// one fixed horizontal reduction and a scalar tail, whichever micro-kernel (1 or 4
-// rows, 1 or 4 outputs) computes it — so a result never depends on batch shape.
+// Every dot product uses one 8-lane accumulator (lane l sums elements i % 8 == l in
+// order of i), one fixed horizontal reduction and a scalar tail, whichever
+// micro-kernel (1 or 4 rows, 1 to 8 outputs) computes it — so a result never depends
+// on batch shape. Micro-kernels keep 8-12 independent accumulators in flight.
 #include <immintrin.h>
 
 #include <cmath>
@@ -38,9 +39,8 @@ inline float Load1(const void* p, int64_t i) {
   return static_cast<float>(static_cast<const int8_t*>(p)[i]);
 }
 
-inline float Reduce(__m256 a0, __m256 a1) {
-  __m256 s = _mm256_add_ps(a0, a1);
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+inline float Reduce(__m256 a) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
   lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
   return _mm_cvtss_f32(lo);
@@ -52,50 +52,47 @@ inline float Tail(const float* x, const void* w, int64_t i, int64_t n, float s) 
   return s;
 }
 
-// R rows of x against O rows of w.
+// R rows of x (length in, contiguous) against O rows of w (`stride` bytes apart,
+// starting at wb): y[r * ldy + q] for r < R, q < O.
 template <DType T, int R, int O>
-inline void Block(const float* x, int64_t in, const void* w, int64_t o, float* y, int64_t ldy) {
-  const size_t row_bytes = static_cast<size_t>(in) * DTypeSize(T);
-  const uint8_t* wb = static_cast<const uint8_t*>(w) + static_cast<size_t>(o) * row_bytes;
-  __m256 acc0[R][O], acc1[R][O];
+inline void Block(const float* x, int64_t in, const uint8_t* wb, size_t stride, float* y,
+                  int64_t ldy) {
+  __m256 acc[R][O];
   for (int r = 0; r < R; ++r)
-    for (int q = 0; q < O; ++q) acc0[r][q] = acc1[r][q] = _mm256_setzero_ps();
+    for (int q = 0; q < O; ++q) acc[r][q] = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= in; i += 16) {
-    __m256 w0[O], w1[O];
-    for (int q = 0; q < O; ++q) {
-      w0[q] = Load8<T>(wb + q * row_bytes, i);
-      w1[q] = Load8<T>(wb + q * row_bytes, i + 8);
-    }
+  for (; i + 8 <= in; i += 8) {
+    __m256 wv[O];
+    for (int q = 0; q < O; ++q) wv[q] = Load8<T>(wb + q * stride, i);
     for (int r = 0; r < R; ++r) {
-      __m256 x0 = _mm256_loadu_ps(x + r * in + i);
-      __m256 x1 = _mm256_loadu_ps(x + r * in + i + 8);
-      for (int q = 0; q < O; ++q) {
-        acc0[r][q] = _mm256_fmadd_ps(x0, w0[q], acc0[r][q]);
-        acc1[r][q] = _mm256_fmadd_ps(x1, w1[q], acc1[r][q]);
-      }
+      const __m256 xv = _mm256_loadu_ps(x + r * in + i);
+      for (int q = 0; q < O; ++q) acc[r][q] = _mm256_fmadd_ps(xv, wv[q], acc[r][q]);
     }
   }
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < O; ++q)
-      y[r * ldy + o + q] = Tail<T>(x + r * in, wb + q * row_bytes, i, in, Reduce(acc0[r][q], acc1[r][q]));
+      y[r * ldy + q] = Tail<T>(x + r * in, wb + q * stride, i, in, Reduce(acc[r][q]));
 }
 
 template <DType T>
 void MatMulT(const float* x, int64_t rows, int64_t in, const void* w, int64_t o0, int64_t o1,
              float* y, int64_t ldy) {
   // Output tiles small enough for their weights to stay in L2 across row groups.
-  constexpr int64_t kTile = 32;
+  constexpr int64_t kTile = 48;
+  const size_t rb = static_cast<size_t>(in) * DTypeSize(T);
+  const uint8_t* wb = static_cast<const uint8_t*>(w);
   for (int64_t t0 = o0; t0 < o1; t0 += kTile) {
     const int64_t t1 = t0 + kTile < o1 ? t0 + kTile : o1;
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
-      for (int64_t o = t0; o < t1; ++o) Block<T, 4, 1>(x + r * in, in, w, o, y + r * ldy, ldy);
+      int64_t o = t0;
+      for (; o + 3 <= t1; o += 3) Block<T, 4, 3>(x + r * in, in, wb + o * rb, rb, y + r * ldy + o, ldy);
+      for (; o < t1; ++o) Block<T, 4, 1>(x + r * in, in, wb + o * rb, rb, y + r * ldy + o, ldy);
     }
     for (; r < rows; ++r) {
       int64_t o = t0;
-      for (; o + 4 <= t1; o += 4) Block<T, 1, 4>(x + r * in, in, w, o, y + r * ldy, ldy);
-      for (; o < t1; ++o) Block<T, 1, 1>(x + r * in, in, w, o, y + r * ldy, ldy);
+      for (; o + 8 <= t1; o += 8) Block<T, 1, 8>(x + r * in, in, wb + o * rb, rb, y + r * ldy + o, ldy);
+      for (; o < t1; ++o) Block<T, 1, 1>(x + r * in, in, wb + o * rb, rb, y + r * ldy + o, ldy);
     }
   }
 }
@@ -113,8 +110,27 @@ void MatMulAvx2(const float* x, int64_t rows, int64_t in, const void* w, DType w
 template <DType T>
 float DotT(const float* q, const void* k, int64_t n) {
   float out;
-  Block<T, 1, 1>(q, n, k, 0, &out, 0);
+  Block<T, 1, 1>(q, n, static_cast<const uint8_t*>(k), 0, &out, 0);
   return out;
+}
+
+template <DType T>
+void DotRowsT(const float* q, const void* k, int64_t stride, int count, int64_t n, float* out) {
+  const uint8_t* kb = static_cast<const uint8_t*>(k);
+  int j = 0;
+  for (; j + 8 <= count; j += 8) Block<T, 1, 8>(q, n, kb + j * stride, stride, out + j, 0);
+  for (; j + 4 <= count; j += 4) Block<T, 1, 4>(q, n, kb + j * stride, stride, out + j, 0);
+  for (; j < count; ++j) Block<T, 1, 1>(q, n, kb + j * stride, stride, out + j, 0);
+}
+
+void DotKvRowsAvx2(const float* q, const void* k, int64_t stride, int count, DType kt, int64_t n,
+                   float* out) {
+  switch (kt) {
+    case DType::kF32: return DotRowsT<DType::kF32>(q, k, stride, count, n, out);
+    case DType::kF16: return DotRowsT<DType::kF16>(q, k, stride, count, n, out);
+    case DType::kBF16: return DotRowsT<DType::kBF16>(q, k, stride, count, n, out);
+    case DType::kI8: return DotRowsT<DType::kI8>(q, k, stride, count, n, out);
+  }
 }
 
 float DotKvAvx2(const float* q, const void* k, DType kt, int64_t n) {
@@ -137,6 +153,34 @@ void AxpyT(float a, const void* v, int64_t n, float* out) {
   for (; i < n; ++i) out[i] = std::fma(a, Load1<T>(v, i), out[i]);
 }
 
+// Same per-element arithmetic as `count` successive AxpyT calls, with `out` kept in
+// registers across the rows.
+template <DType T>
+void AxpyRowsT(const float* a, const void* v, int64_t stride, int count, int64_t n, float* out) {
+  const uint8_t* vb = static_cast<const uint8_t*>(v);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 acc = _mm256_loadu_ps(out + i);
+    for (int j = 0; j < count; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(a[j]), Load8<T>(vb + j * stride, i), acc);
+    _mm256_storeu_ps(out + i, acc);
+  }
+  for (; i < n; ++i) {
+    float acc = out[i];
+    for (int j = 0; j < count; ++j) acc = std::fma(a[j], Load1<T>(vb + j * stride, i), acc);
+    out[i] = acc;
+  }
+}
+
+void AxpyKvRowsAvx2(const float* a, const void* v, int64_t stride, int count, DType vt, int64_t n,
+                    float* out) {
+  switch (vt) {
+    case DType::kF32: return AxpyRowsT<DType::kF32>(a, v, stride, count, n, out);
+    case DType::kF16: return AxpyRowsT<DType::kF16>(a, v, stride, count, n, out);
+    case DType::kBF16: return AxpyRowsT<DType::kBF16>(a, v, stride, count, n, out);
+    case DType::kI8: return AxpyRowsT<DType::kI8>(a, v, stride, count, n, out);
+  }
+}
+
 void AxpyKvAvx2(float a, const void* v, DType vt, int64_t n, float* out) {
   switch (vt) {
     case DType::kF32: return AxpyT<DType::kF32>(a, v, n, out);
@@ -148,7 +192,8 @@ void AxpyKvAvx2(float a, const void* v, DType vt, int64_t n, float* out) {
 
 }  // namespace
 
-const KernelTable kAvx2Table = {Isa::kAvx2, &MatMulAvx2, &DotKvAvx2, &AxpyKvAvx2};
+const KernelTable kAvx2Table = {Isa::kAvx2,   &MatMulAvx2,     &DotKvAvx2,
+                                &AxpyKvAvx2,  &DotKvRowsAvx2,  &AxpyKvRowsAvx2};
 const bool kHaveAvx2Table = true;
 
 }  // namespace kvrelay::kernels::cpu

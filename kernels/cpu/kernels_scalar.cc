@@ -75,8 +75,19 @@ void AxpyKvScalar(float a, const void* v, DType vt, int64_t n, float* out) {
   }
 }
 
+void DotKvRowsScalar(const float* q, const void* k, int64_t stride, int count, DType kt, int64_t n,
+                     float* out) {
+  for (int j = 0; j < count; ++j) out[j] = DotKvScalar(q, static_cast<const uint8_t*>(k) + j * stride, kt, n);
+}
+
+void AxpyKvRowsScalar(const float* a, const void* v, int64_t stride, int count, DType vt, int64_t n,
+                      float* out) {
+  for (int j = 0; j < count; ++j) AxpyKvScalar(a[j], static_cast<const uint8_t*>(v) + j * stride, vt, n, out);
+}
+
 }  // namespace
 
-const KernelTable kScalarTable = {Isa::kScalar, &MatMulScalar, &DotKvScalar, &AxpyKvScalar};
+const KernelTable kScalarTable = {Isa::kScalar,  &MatMulScalar,    &DotKvScalar,
+                                  &AxpyKvScalar, &DotKvRowsScalar, &AxpyKvRowsScalar};
 
 }  // namespace kvrelay::kernels::cpu

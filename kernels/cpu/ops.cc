@@ -216,9 +216,11 @@ void PagedAttention(ThreadPool* pool, const PagedKvView& kv, int layer, const fl
   const KernelTable& k = ActiveKernels();
   const int group = num_heads / L.num_kv_heads;
   const int hd = L.head_dim;
+  const int bs = L.block_size;
   const bool i8 = L.dtype == DType::kI8;
+  const int64_t stride = static_cast<int64_t>(L.token_bytes());  // slot to slot, same head
   auto body = [&](int64_t b, int64_t e) {
-    std::vector<float> scores;
+    std::vector<float> scores, weights;
     for (int64_t job = b; job < e; ++job) {
       const int64_t t = job / num_heads;
       const int h = static_cast<int>(job % num_heads);
@@ -227,16 +229,19 @@ void PagedAttention(ThreadPool* pool, const PagedKvView& kv, int layer, const fl
       const int32_t* table = block_tables[t];
       const float* qv = q + (t * num_heads + h) * hd;
       scores.resize(len);
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < len; ++j) {
-        const int64_t blk = table[j / L.block_size];
-        const int slot = static_cast<int>(j % L.block_size);
-        float s = k.dot_kv(qv, kv.row(blk, layer, 0, slot, g), L.dtype, hd);
-        if (i8) s *= *kv.scale(blk, layer, 0, slot, g);
-        s *= scale;
-        scores[j] = s;
-        mx = std::max(mx, s);
+      weights.resize(len);
+      // Scores, one block (a contiguous run of slots) at a time.
+      for (int64_t j0 = 0; j0 < len; j0 += bs) {
+        const int64_t blk = table[j0 / bs];
+        const int count = static_cast<int>(std::min<int64_t>(bs, len - j0));
+        k.dot_kv_rows(qv, kv.row(blk, layer, 0, 0, g), stride, count, L.dtype, hd, &scores[j0]);
+        for (int j = 0; j < count; ++j) {
+          if (i8) scores[j0 + j] *= *kv.scale(blk, layer, 0, j, g);
+          scores[j0 + j] *= scale;
+        }
       }
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < len; ++j) mx = std::max(mx, scores[j]);
       float sum = 0.0f;
       for (int64_t j = 0; j < len; ++j) {
         scores[j] = std::exp(scores[j] - mx);
@@ -245,12 +250,15 @@ void PagedAttention(ThreadPool* pool, const PagedKvView& kv, int layer, const fl
       const float inv = 1.0f / sum;
       float* o = out + (t * num_heads + h) * hd;
       std::fill(o, o + hd, 0.0f);
-      for (int64_t j = 0; j < len; ++j) {
-        const int64_t blk = table[j / L.block_size];
-        const int slot = static_cast<int>(j % L.block_size);
-        float a = scores[j] * inv;
-        if (i8) a *= *kv.scale(blk, layer, 1, slot, g);
-        k.axpy_kv(a, kv.row(blk, layer, 1, slot, g), L.dtype, hd, o);
+      for (int64_t j0 = 0; j0 < len; j0 += bs) {
+        const int64_t blk = table[j0 / bs];
+        const int count = static_cast<int>(std::min<int64_t>(bs, len - j0));
+        for (int j = 0; j < count; ++j) {
+          float a = scores[j0 + j] * inv;
+          if (i8) a *= *kv.scale(blk, layer, 1, j, g);
+          weights[j0 + j] = a;
+        }
+        k.axpy_kv_rows(&weights[j0], kv.row(blk, layer, 1, 0, g), stride, count, L.dtype, hd, o);
       }
     }
   };

@@ -327,6 +327,40 @@ TEST_P(OpsKernelTableTest, DotKvAndAxpyKvMatchReference) {
   }
 }
 
+// The multi-row forms attention uses must give exactly the bytes of the single-row calls.
+TEST_P(OpsKernelTableTest, RowFormsAreBitIdenticalToSingleRowCalls) {
+  const KernelTable& k = KernelsFor(GetParam());
+  std::mt19937 rng(13);
+  for (DType t : {DType::kF32, DType::kF16, DType::kBF16, DType::kI8}) {
+    for (int64_t n : {1, 7, 8, 12, 16, 33, 64, 128}) {
+      for (int count : {1, 3, 4, 5, 8, 9, 16, 17}) {
+        const int64_t pad = 5;  // rows are `n + pad` elements apart, as slots of a KV block are
+        const Stored rows = RandStored(rng, (n + pad) * count, t);
+        const int64_t stride = (n + pad) * static_cast<int64_t>(DTypeSize(t));
+        const std::vector<float> q = RandVec(rng, n);
+        std::vector<float> got(count);
+        k.dot_kv_rows(q.data(), rows.data(), stride, count, t, n, got.data());
+        for (int j = 0; j < count; ++j) {
+          const float want =
+              k.dot_kv(q.data(), static_cast<const uint8_t*>(rows.data()) + j * stride, t, n);
+          ASSERT_EQ(std::memcmp(&got[j], &want, sizeof(float)), 0)
+              << DTypeName(t) << " n=" << n << " count=" << count << " j=" << j;
+        }
+        const std::vector<float> a = RandVec(rng, count);
+        std::vector<float> out_rows = RandVec(rng, n);
+        std::vector<float> out_single = out_rows;
+        k.axpy_kv_rows(a.data(), rows.data(), stride, count, t, n, out_rows.data());
+        for (int j = 0; j < count; ++j) {
+          k.axpy_kv(a[j], static_cast<const uint8_t*>(rows.data()) + j * stride, t, n,
+                    out_single.data());
+        }
+        ASSERT_EQ(FirstDiff(out_rows.data(), out_single.data(), n), -1)
+            << DTypeName(t) << " n=" << n << " count=" << count;
+      }
+    }
+  }
+}
+
 KVRELAY_INSTANTIATE_ISA(OpsKernelTableTest);
 
 // Scalar and AVX2 tables agree within rounding (they are not bit-identical: AVX2 uses FMA).
