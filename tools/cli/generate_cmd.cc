@@ -8,6 +8,7 @@
 #include "common/model/model.h"
 #include "common/sampling/sampler.h"
 #include "common/tokenizer/tokenizer.h"
+#include "absl/strings/numbers.h"
 #include "common/util/file.h"
 #include "kernels/ops.h"
 #include "nlohmann/json.hpp"
@@ -44,7 +45,11 @@ void DeclareFlags(Args& args) {
 }
 
 absl::Status ReadSampling(const Args& args, sampling::SamplingParams* p) {
-  p->max_tokens = static_cast<int>(args.GetInt("max-tokens", 16));
+  const long long max_tokens = args.GetInt("max-tokens", 16);
+  if (max_tokens < 1 || max_tokens > (1 << 30)) {
+    return absl::InvalidArgumentError("--max-tokens must be in [1, 2^30]");
+  }
+  p->max_tokens = static_cast<int>(max_tokens);
   p->temperature = static_cast<float>(args.GetFloat("temperature", 0.0));
   p->top_k = static_cast<int>(args.GetInt("top-k", 0));
   p->top_p = static_cast<float>(args.GetFloat("top-p", 1.0));
@@ -54,8 +59,14 @@ absl::Status ReadSampling(const Args& args, sampling::SamplingParams* p) {
   p->presence_penalty = static_cast<float>(args.GetFloat("presence-penalty", 0.0));
   p->seed = static_cast<uint64_t>(args.GetInt("seed", 0));
   p->ignore_eos = args.GetBool("ignore-eos");
-  p->logprobs = static_cast<int>(args.GetInt("logprobs", 0));
-  for (const std::string& s : args.GetAll("stop-token-id")) p->stop_token_ids.push_back(std::stoi(s));
+  for (const std::string& s : args.GetAll("stop-token-id")) {
+    int32_t id;
+    if (!absl::SimpleAtoi(s, &id)) return absl::InvalidArgumentError("--stop-token-id " + s + " is not a token id");
+    p->stop_token_ids.push_back(id);
+  }
+  const long long logprobs = args.GetInt("logprobs", 0);
+  if (logprobs < 0 || logprobs > 20) return absl::InvalidArgumentError("--logprobs must be in [0, 20]");
+  p->logprobs = static_cast<int>(logprobs);
   return sampling::ValidateSamplingParams(*p);
 }
 

@@ -100,6 +100,9 @@ TEST(GenerateCmdTest, ErrorsAreOneClearLine) {
            {{"--model", m, "--prompt", "x", "--bogus"}, 2, "unknown flag --bogus"},
            {{"--model", m, "--prompt", "x", "--max-tokens", "lots"}, 2, "--max-tokens takes an integer"},
            {{"--model", m, "--prompt", "x", "--kv-blocks", "0"}, 1, "num_blocks"},
+           {{"--model", m, "--prompt", "x", "--stop-token-id", "99999999999"}, 2, "--stop-token-id"},
+           {{"--model", m, "--prompt", "x", "--max-tokens", "99999999999"}, 2, "--max-tokens"},
+           {{"--model", m, "--prompt", "x", "--logprobs", "21"}, 2, "--logprobs"},
        }) {
     EXPECT_EQ(RunCmd(c.args, &out, &err), c.code) << c.want;
     EXPECT_THAT(err, HasSubstr(c.want));
