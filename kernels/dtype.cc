@@ -4,19 +4,35 @@ namespace kvrelay::kernels {
 
 const char* DTypeName(DType t) {
   switch (t) {
-    case DType::kF32: return "f32";
-    case DType::kF16: return "f16";
-    case DType::kBF16: return "bf16";
-    case DType::kI8: return "int8";
+    case DType::kF32:
+      return "f32";
+    case DType::kF16:
+      return "f16";
+    case DType::kBF16:
+      return "bf16";
+    case DType::kI8:
+      return "int8";
   }
   return "?";
 }
 
 bool ParseDType(absl::string_view name, DType* out) {
-  if (name == "f32" || name == "float32" || name == "fp32") { *out = DType::kF32; return true; }
-  if (name == "f16" || name == "float16" || name == "fp16" || name == "half") { *out = DType::kF16; return true; }
-  if (name == "bf16" || name == "bfloat16") { *out = DType::kBF16; return true; }
-  if (name == "int8" || name == "i8") { *out = DType::kI8; return true; }
+  if (name == "f32" || name == "float32" || name == "fp32") {
+    *out = DType::kF32;
+    return true;
+  }
+  if (name == "f16" || name == "float16" || name == "fp16" || name == "half") {
+    *out = DType::kF16;
+    return true;
+  }
+  if (name == "bf16" || name == "bfloat16") {
+    *out = DType::kBF16;
+    return true;
+  }
+  if (name == "int8" || name == "i8") {
+    *out = DType::kI8;
+    return true;
+  }
   return false;
 }
 
@@ -30,7 +46,10 @@ float F16ToF32(uint16_t h) {
       bits = sign;
     } else {  // subnormal: normalise
       exp = 127 - 15 + 1;
-      while ((mant & 0x400) == 0) { mant <<= 1; --exp; }
+      while ((mant & 0x400) == 0) {
+        mant <<= 1;
+        --exp;
+      }
       mant &= 0x3ff;
       bits = sign | (exp << 23) | (mant << 13);
     }
@@ -49,7 +68,7 @@ uint16_t F32ToF16(float f) {
   std::memcpy(&x, &f, 4);
   uint32_t sign = (x >> 16) & 0x8000u;
   uint32_t absx = x & 0x7fffffffu;
-  if (absx > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (absx > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
   if (absx >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow -> inf
   if (absx < 0x38800000u) {  // subnormal or zero in f16
     if (absx < 0x33000000u) return static_cast<uint16_t>(sign);

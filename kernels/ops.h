@@ -32,8 +32,8 @@ struct KernelTable {
   void (*dot_kv_rows)(const float* q, const void* k, int64_t stride, int count, DType kt, int64_t n,
                       float* out);
   // for j < count: axpy_kv(a[j], v + j * stride, vt, n, out), bit-identical to the single calls.
-  void (*axpy_kv_rows)(const float* a, const void* v, int64_t stride, int count, DType vt, int64_t n,
-                       float* out);
+  void (*axpy_kv_rows)(const float* a, const void* v, int64_t stride, int count, DType vt,
+                       int64_t n, float* out);
 };
 
 // Best table this CPU supports; KVRELAY_ISA=scalar|avx2 in the environment overrides.

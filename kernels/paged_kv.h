@@ -28,12 +28,15 @@ struct PagedKvLayout {
     return dtype == DType::kI8 ? sizeof(float) * block_size * num_kv_heads : 0;
   }
   // Scales start at a 4-byte aligned offset after the data.
-  size_t scale_offset() const { return scale_bytes() == 0 ? data_bytes() : (data_bytes() + 3) / 4 * 4; }
+  size_t scale_offset() const {
+    return scale_bytes() == 0 ? data_bytes() : (data_bytes() + 3) / 4 * 4;
+  }
   // One (block, layer, k|v) segment: data then scales.
   size_t segment_bytes() const { return scale_offset() + scale_bytes(); }
   size_t block_bytes() const { return segment_bytes() * 2 * num_layers; }
   size_t segment_offset(int64_t block, int layer, int kv) const {
-    return static_cast<size_t>(block) * block_bytes() + (static_cast<size_t>(layer) * 2 + kv) * segment_bytes();
+    return static_cast<size_t>(block) * block_bytes() +
+           (static_cast<size_t>(layer) * 2 + kv) * segment_bytes();
   }
 };
 
@@ -46,11 +49,13 @@ struct PagedKvView {
   // Start of the row for (block, layer, kv, slot, kv_head).
   uint8_t* row(int64_t block, int layer, int kv, int slot, int head) const {
     return base + layout.segment_offset(block, layer, kv) +
-           (static_cast<size_t>(slot) * layout.num_kv_heads + head) * layout.head_dim * layout.elem_bytes();
+           (static_cast<size_t>(slot) * layout.num_kv_heads + head) * layout.head_dim *
+               layout.elem_bytes();
   }
   // int8 only: the scale of (block, layer, kv, slot, kv_head).
   float* scale(int64_t block, int layer, int kv, int slot, int head) const {
-    return reinterpret_cast<float*>(base + layout.segment_offset(block, layer, kv) + layout.scale_offset()) +
+    return reinterpret_cast<float*>(base + layout.segment_offset(block, layer, kv) +
+                                    layout.scale_offset()) +
            static_cast<size_t>(slot) * layout.num_kv_heads + head;
   }
 };

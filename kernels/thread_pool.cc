@@ -25,7 +25,8 @@ ThreadPool::~ThreadPool() {
   for (auto& t : workers_) t.join();
 }
 
-void ThreadPool::RunChunks(const std::function<void(int64_t, int64_t)>& fn, int64_t n, int64_t chunk) {
+void ThreadPool::RunChunks(const std::function<void(int64_t, int64_t)>& fn, int64_t n,
+                           int64_t chunk) {
   for (;;) {
     const int64_t begin = next_.fetch_add(chunk, std::memory_order_relaxed);
     if (begin >= n) break;

@@ -12,15 +12,18 @@ absl::StatusOr<std::unique_ptr<KvPool>> KvPool::Create(const kernels::PagedKvLay
                                                        int64_t num_blocks) {
   if (layout.num_layers <= 0 || layout.block_size <= 0 || layout.num_kv_heads <= 0 ||
       layout.head_dim <= 0) {
-    return absl::InvalidArgumentError("kv pool: layers, block_size, kv_heads and head_dim must be > 0");
+    return absl::InvalidArgumentError(
+        "kv pool: layers, block_size, kv_heads and head_dim must be > 0");
   }
   if (num_blocks <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("kv pool: num_blocks must be > 0, got ", num_blocks));
+    return absl::InvalidArgumentError(
+        absl::StrCat("kv pool: num_blocks must be > 0, got ", num_blocks));
   }
   std::unique_ptr<KvPool> pool(new KvPool());
   pool->bytes_ = layout.block_bytes() * static_cast<size_t>(num_blocks);
   // Anonymous mapping: page aligned, zero filled, pages committed on first touch.
-  void* p = ::mmap(nullptr, pool->bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void* p =
+      ::mmap(nullptr, pool->bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) {
     return absl::ResourceExhaustedError(
         absl::StrCat("kv pool: cannot map ", pool->bytes_, " bytes for ", num_blocks, " blocks"));

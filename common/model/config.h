@@ -30,11 +30,11 @@ struct ModelConfig {
   int hidden_size = 0;
   int num_layers = 0;
   int num_heads = 0;
-  int num_kv_heads = 0;  // == num_heads for MHA and for GPT-2
-  int head_dim = 0;      // hidden_size / num_heads unless config.json says "head_dim"
+  int num_kv_heads = 0;       // == num_heads for MHA and for GPT-2
+  int head_dim = 0;           // hidden_size / num_heads unless config.json says "head_dim"
   int intermediate_size = 0;  // GPT-2: n_inner or 4 * n_embd
   int max_position_embeddings = 0;
-  float norm_eps = 1e-5f;     // rms_norm_eps / layer_norm_epsilon
+  float norm_eps = 1e-5f;  // rms_norm_eps / layer_norm_epsilon
   float rope_theta = 10000.0f;
   RopeScaling rope_scaling;
   bool tie_word_embeddings = false;  // GPT-2: always true
@@ -43,7 +43,7 @@ struct ModelConfig {
   std::string hidden_act;            // "silu" (llama) / "gelu_new" etc (gpt2)
   std::string torch_dtype;           // informational
   int bos_token_id = -1;
-  std::vector<int> eos_token_ids;    // generation_config.json wins over config.json
+  std::vector<int> eos_token_ids;  // generation_config.json wins over config.json
 };
 
 // Parses config.json text. `path` is used only in error messages.

@@ -19,7 +19,8 @@ class SequenceBlocks {
   explicit SequenceBlocks(kvcache::KvPool* pool) : pool_(pool) {}
   ~SequenceBlocks() { pool_->Free(blocks_); }
   absl::Status EnsureTokens(int64_t tokens) {
-    const int64_t need = kvcache::BlocksFor(tokens, pool_->layout().block_size) - static_cast<int64_t>(blocks_.size());
+    const int64_t need = kvcache::BlocksFor(tokens, pool_->layout().block_size) -
+                         static_cast<int64_t>(blocks_.size());
     if (need <= 0) return absl::OkStatus();
     KVR_ASSIGN_OR_RETURN(std::vector<int32_t> more, pool_->Allocate(need));
     blocks_.insert(blocks_.end(), more.begin(), more.end());
@@ -108,8 +109,8 @@ absl::StatusOr<GenerationResult> Generator::Generate(const std::vector<int32_t>&
   t0 = Now();
   for (;;) {
     const int64_t position = n + static_cast<int64_t>(result.token_ids.size());
-    sampling::SampleResult s = sampling::Sample(absl::MakeConstSpan(logits.data(), c.vocab_size), params,
-                                                prompt, result.token_ids, position);
+    sampling::SampleResult s = sampling::Sample(absl::MakeConstSpan(logits.data(), c.vocab_size),
+                                                params, prompt, result.token_ids, position);
     result.token_ids.push_back(s.token);
     result.samples.push_back(std::move(s));
     const int32_t tok = result.token_ids.back();

@@ -31,7 +31,8 @@ std::vector<float> RopeInvFreq(const ModelConfig& c) {
       if (wavelen > low_wavelen) {
         inv[i] = inv[i] / s.factor;
       } else {
-        const float smooth = (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        const float smooth =
+            (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
         inv[i] = (1.0f - smooth) * inv[i] / s.factor + smooth * inv[i];
       }
     }
@@ -44,14 +45,16 @@ Model::Model(ModelConfig config, std::unique_ptr<Weights> weights, kernels::Thre
   if (config_.family == Family::kLlama) inv_freq_ = RopeInvFreq(config_);
 }
 
-absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, kernels::ThreadPool* pool) {
+absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
+                                                   kernels::ThreadPool* pool) {
   KVR_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<WeightStore> store, WeightStore::Open(dir));
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<Weights> weights, LoadWeights(config, std::move(store)));
   return FromParts(std::move(config), std::move(weights), pool);
 }
 
-absl::StatusOr<std::unique_ptr<Model>> Model::FromParts(ModelConfig config, std::unique_ptr<Weights> weights,
+absl::StatusOr<std::unique_ptr<Model>> Model::FromParts(ModelConfig config,
+                                                        std::unique_ptr<Weights> weights,
                                                         kernels::ThreadPool* pool) {
   if (pool == nullptr) return absl::InvalidArgumentError("model: a thread pool is required");
   if (config.head_dim % 2 != 0 || config.head_dim > 1024) {
@@ -76,7 +79,8 @@ absl::Status Model::Forward(absl::Span<const SeqChunk> batch, const kernels::Pag
   const ModelConfig& c = config_;
   const Weights& w = *weights_;
   const auto& L = kv.layout;
-  if (L.num_layers != c.num_layers || L.num_kv_heads != c.num_kv_heads || L.head_dim != c.head_dim) {
+  if (L.num_layers != c.num_layers || L.num_kv_heads != c.num_kv_heads ||
+      L.head_dim != c.head_dim) {
     return absl::InvalidArgumentError("forward: KV pool layout does not match the model");
   }
   // Flatten the batch into T token rows, validating as we go.
@@ -94,18 +98,19 @@ absl::Status Model::Forward(absl::Span<const SeqChunk> batch, const kernels::Pag
       if (s.start_pos < 0) return absl::InvalidArgumentError("forward: negative start position");
       const int64_t end = s.start_pos + static_cast<int64_t>(s.tokens.size());
       if (end > c.max_position_embeddings) {
-        return absl::InvalidArgumentError(absl::StrCat("forward: sequence ", si, " reaches position ", end,
-                                                       ", past the context length ",
-                                                       c.max_position_embeddings));
+        return absl::InvalidArgumentError(
+            absl::StrCat("forward: sequence ", si, " reaches position ", end,
+                         ", past the context length ", c.max_position_embeddings));
       }
-      if (!s.tokens.empty() &&
-          static_cast<int64_t>(s.block_table.size()) * L.block_size < end) {
-        return absl::InvalidArgumentError(absl::StrCat("forward: sequence ", si, " has ", s.block_table.size(),
+      if (!s.tokens.empty() && static_cast<int64_t>(s.block_table.size()) * L.block_size < end) {
+        return absl::InvalidArgumentError(absl::StrCat("forward: sequence ", si, " has ",
+                                                       s.block_table.size(),
                                                        " blocks, too few for ", end, " tokens"));
       }
       for (int32_t b : s.block_table) {
         if (b < 0 || b >= kv.num_blocks) {
-          return absl::InvalidArgumentError(absl::StrCat("forward: block id ", b, " outside the pool"));
+          return absl::InvalidArgumentError(
+              absl::StrCat("forward: block id ", b, " outside the pool"));
         }
       }
       for (size_t i = 0; i < s.tokens.size(); ++i, ++t) {
@@ -159,11 +164,11 @@ absl::Status Model::Forward(absl::Span<const SeqChunk> batch, const kernels::Pag
         kernels::Rope(kr, static_cast<int>(nkv), static_cast<int>(hd), pos[t], inv_freq_.data());
       }
       std::memcpy(&q[t * nh * hd], qr, sizeof(float) * nh * hd);
-      kernels::WriteKv(kv, tables[t][pos[t] / L.block_size], static_cast<int>(pos[t] % L.block_size),
-                       layer, kr, vr);
+      kernels::WriteKv(kv, tables[t][pos[t] / L.block_size],
+                       static_cast<int>(pos[t] % L.block_size), layer, kr, vr);
     }
-    kernels::PagedAttention(pool_, kv, layer, q.data(), T, tables.data(), pos.data(), static_cast<int>(nh),
-                            scale, attn.data());
+    kernels::PagedAttention(pool_, kv, layer, q.data(), T, tables.data(), pos.data(),
+                            static_cast<int>(nh), scale, attn.data());
     linear(lw.o, attn.data(), T, tmp.data());
     kernels::AddInPlace(x.data(), tmp.data(), T * H);
 
@@ -181,7 +186,8 @@ absl::Status Model::Forward(absl::Span<const SeqChunk> batch, const kernels::Pag
   const int64_t S = static_cast<int64_t>(logit_rows.size());
   if (S == 0) return absl::OkStatus();
   std::vector<float> last(S * H), normed(S * H);
-  for (int64_t i = 0; i < S; ++i) std::memcpy(&last[i * H], &x[logit_rows[i] * H], sizeof(float) * H);
+  for (int64_t i = 0; i < S; ++i)
+    std::memcpy(&last[i * H], &x[logit_rows[i] * H], sizeof(float) * H);
   norm(w.final_norm_w, w.final_norm_b, last.data(), S, normed.data());
   const size_t off = logits->size();
   logits->resize(off + static_cast<size_t>(S) * c.vocab_size);

@@ -28,7 +28,8 @@ class Model {
  public:
   // Reads config.json (+ generation_config.json) and the safetensors weights of `dir`.
   // `pool` runs the ops and must outlive the model.
-  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir, kernels::ThreadPool* pool);
+  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir,
+                                                     kernels::ThreadPool* pool);
   static absl::StatusOr<std::unique_ptr<Model>> FromParts(ModelConfig config,
                                                           std::unique_ptr<Weights> weights,
                                                           kernels::ThreadPool* pool);

@@ -28,7 +28,9 @@ struct SplitMix64 {
     return z ^ (z >> 31);
   }
   // Uniform in [-1, 1).
-  float Uniform() { return static_cast<float>(static_cast<double>(Next() >> 11) * 0x1.0p-52 - 1.0); }
+  float Uniform() {
+    return static_cast<float>(static_cast<double>(Next() >> 11) * 0x1.0p-52 - 1.0);
+  }
 };
 
 class TensorWriter {
@@ -88,7 +90,8 @@ absl::StatusOr<ModelConfig> ConfigFor(const MakeModelOptions& o, int bos_token_i
   if (o.layers <= 0) return bad(absl::StrCat("--layers must be > 0, got ", o.layers));
   if (o.hidden <= 0) return bad(absl::StrCat("--hidden must be > 0, got ", o.hidden));
   if (o.heads <= 0 || o.hidden % o.heads != 0) {
-    return bad(absl::StrCat("--heads must be > 0 and divide --hidden (", o.hidden, "), got ", o.heads));
+    return bad(
+        absl::StrCat("--heads must be > 0 and divide --hidden (", o.hidden, "), got ", o.heads));
   }
   if ((o.hidden / o.heads) % 2 != 0) return bad("--hidden / --heads (head size) must be even");
   if (o.max_pos <= 0) return bad(absl::StrCat("--max-pos must be > 0, got ", o.max_pos));
@@ -104,7 +107,9 @@ absl::StatusOr<ModelConfig> ConfigFor(const MakeModelOptions& o, int bos_token_i
   c.max_position_embeddings = o.max_pos;
   c.bos_token_id = bos_token_id;
   c.eos_token_ids = std::move(eos_token_ids);
-  c.torch_dtype = o.dtype == DType::kF32 ? "float32" : o.dtype == DType::kF16 ? "float16" : "bfloat16";
+  c.torch_dtype = o.dtype == DType::kF32   ? "float32"
+                  : o.dtype == DType::kF16 ? "float16"
+                                           : "bfloat16";
   if (o.family == Family::kGpt2) {
     c.model_type = "gpt2";
     c.num_kv_heads = o.heads;
@@ -121,7 +126,8 @@ absl::StatusOr<ModelConfig> ConfigFor(const MakeModelOptions& o, int bos_token_i
     return bad("--model-type must be llama, mistral or qwen2, got '" + c.model_type + "'");
   }
   if (o.kv_heads <= 0 || o.heads % o.kv_heads != 0) {
-    return bad(absl::StrCat("--kv-heads must be > 0 and divide --heads (", o.heads, "), got ", o.kv_heads));
+    return bad(absl::StrCat("--kv-heads must be > 0 and divide --heads (", o.heads, "), got ",
+                            o.kv_heads));
   }
   c.num_kv_heads = o.kv_heads;
   c.intermediate_size = o.intermediate > 0 ? o.intermediate : ((8 * o.hidden / 3 + 15) / 16) * 16;
@@ -142,7 +148,8 @@ absl::StatusOr<ModelConfig> ConfigFor(const MakeModelOptions& o, int bos_token_i
 
 absl::Status MakeModel(const MakeModelOptions& o, const std::string& out_dir) {
   tokenizer::BpeTrainOptions topt;
-  topt.style = o.family == Family::kGpt2 ? tokenizer::ByteLevelStyle::kGpt2 : tokenizer::ByteLevelStyle::kLlama3;
+  topt.style = o.family == Family::kGpt2 ? tokenizer::ByteLevelStyle::kGpt2
+                                         : tokenizer::ByteLevelStyle::kLlama3;
   topt.vocab_size = o.vocab;
   KVR_ASSIGN_OR_RETURN(tokenizer::TrainedTokenizer tok, tokenizer::TrainByteLevelBpe(topt));
   KVR_ASSIGN_OR_RETURN(ModelConfig c, ConfigFor(o, tok.bos_token_id, tok.eos_token_ids));
@@ -197,7 +204,8 @@ absl::Status MakeModel(const MakeModelOptions& o, const std::string& out_dir) {
 
   KVR_RETURN_IF_ERROR(MakeDirs(out_dir));
   KVR_RETURN_IF_ERROR(WriteFile(JoinPath(out_dir, "config.json"), ModelConfigToJson(c)));
-  KVR_RETURN_IF_ERROR(WriteFile(JoinPath(out_dir, "generation_config.json"), GenerationConfigToJson(c)));
+  KVR_RETURN_IF_ERROR(
+      WriteFile(JoinPath(out_dir, "generation_config.json"), GenerationConfigToJson(c)));
   KVR_RETURN_IF_ERROR(WriteFile(JoinPath(out_dir, "tokenizer.json"), tok.json));
   return WriteSafetensors(JoinPath(out_dir, "model.safetensors"), tw.tensors(), {{"format", "pt"}});
 }

@@ -19,9 +19,9 @@ struct MakeModelOptions {
   int layers = 2;
   int hidden = 64;
   int heads = 4;
-  int kv_heads = 2;         // llama family; GPT-2 always uses heads
-  int intermediate = 0;     // 0: llama 2 * hidden rounded to 16... gpt2 4 * hidden
-  int vocab = 512;          // model vocab; the tokenizer is trained up to it
+  int kv_heads = 2;      // llama family; GPT-2 always uses heads
+  int intermediate = 0;  // 0: llama 2 * hidden rounded to 16... gpt2 4 * hidden
+  int vocab = 512;       // model vocab; the tokenizer is trained up to it
   int max_pos = 2048;
   bool tie_embeddings = false;  // llama family (GPT-2 is always tied)
   bool rope_llama3 = false;     // llama-3 rope scaling (factor 8, original ctx max_pos / 4)

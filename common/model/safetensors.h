@@ -1,7 +1,8 @@
 // Safetensors reader (mmap, validated) and writer.
 // Format: u64 little-endian header length N, N bytes of JSON header
-// {"name": {"dtype": "F32"|"F16"|"BF16", "shape": [..], "data_offsets": [begin, end]}, "__metadata__": {...}},
-// then the data section; offsets are relative to the start of the data section.
+// {"name": {"dtype": "F32"|"F16"|"BF16", "shape": [..], "data_offsets": [begin, end]},
+// "__metadata__": {...}}, then the data section; offsets are relative to the start of the data
+// section.
 #pragma once
 
 #include <cstdint>
@@ -59,7 +60,8 @@ class WeightStore {
   bool Has(const std::string& name) const;
   // NOT_FOUND "<dir>: tensor '<name>' missing" when absent; INVALID_ARGUMENT
   // "<file>: tensor '<name>' has shape [a, b], expected [c, d]" when the shape differs.
-  absl::StatusOr<TensorInfo> Get(const std::string& name, const std::vector<int64_t>& expected_shape) const;
+  absl::StatusOr<TensorInfo> Get(const std::string& name,
+                                 const std::vector<int64_t>& expected_shape) const;
   std::vector<std::string> Names() const;
   const std::string& dir() const { return dir_; }
 

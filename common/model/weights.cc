@@ -46,7 +46,8 @@ class Loader {
 
   // Several [out_i][in] matrices stacked into one [sum out_i][in] (converted to f32 when
   // their dtypes differ).
-  absl::StatusOr<Linear> Stacked(const std::vector<std::pair<std::string, int64_t>>& parts, int64_t in) {
+  absl::StatusOr<Linear> Stacked(const std::vector<std::pair<std::string, int64_t>>& parts,
+                                 int64_t in) {
     std::vector<TensorInfo> ts;
     int64_t out = 0;
     bool same = true;
@@ -57,7 +58,8 @@ class Loader {
       out += rows;
     }
     const DType dt = same ? ts[0].dtype : DType::kF32;
-    auto buf = std::make_unique<std::vector<uint8_t>>(static_cast<size_t>(out * in) * kernels::DTypeSize(dt));
+    auto buf = std::make_unique<std::vector<uint8_t>>(static_cast<size_t>(out * in) *
+                                                      kernels::DTypeSize(dt));
     uint8_t* p = buf->data();
     for (const TensorInfo& t : ts) {
       if (t.dtype == dt) {
@@ -98,7 +100,8 @@ class Loader {
 
 absl::Status LoadLlama(const ModelConfig& c, Weights* w) {
   Loader ld(c, w);
-  const int64_t H = c.hidden_size, hd = c.head_dim, nq = c.num_heads * hd, nkv = c.num_kv_heads * hd;
+  const int64_t H = c.hidden_size, hd = c.head_dim, nq = c.num_heads * hd,
+                nkv = c.num_kv_heads * hd;
   const int64_t I = c.intermediate_size, V = c.vocab_size;
   KVR_ASSIGN_OR_RETURN(TensorInfo emb, ld.Get("model.embed_tokens.weight", {V, H}));
   w->embed = emb.data;
@@ -118,7 +121,8 @@ absl::Status LoadLlama(const ModelConfig& c, Weights* w) {
       std::vector<float> b;
       for (const auto& [n, rows] : std::vector<std::pair<std::string, int64_t>>{
                {"q_proj", nq}, {"k_proj", nkv}, {"v_proj", nkv}}) {
-        KVR_ASSIGN_OR_RETURN(std::vector<float> part, ld.F32(p + "self_attn." + n + ".bias", {rows}));
+        KVR_ASSIGN_OR_RETURN(std::vector<float> part,
+                             ld.F32(p + "self_attn." + n + ".bias", {rows}));
         b.insert(b.end(), part.begin(), part.end());
       }
       L.qkv.bias = ld.KeepF32(std::move(b));
@@ -128,7 +132,8 @@ absl::Status LoadLlama(const ModelConfig& c, Weights* w) {
       KVR_ASSIGN_OR_RETURN(std::vector<float> b, ld.F32(p + "self_attn.o_proj.bias", {H}));
       L.o.bias = ld.KeepF32(std::move(b));
     }
-    KVR_ASSIGN_OR_RETURN(L.up, ld.Stacked({{p + "mlp.gate_proj.weight", I}, {p + "mlp.up_proj.weight", I}}, H));
+    KVR_ASSIGN_OR_RETURN(
+        L.up, ld.Stacked({{p + "mlp.gate_proj.weight", I}, {p + "mlp.up_proj.weight", I}}, H));
     KVR_ASSIGN_OR_RETURN(L.down, ld.Direct(p + "mlp.down_proj.weight", H, I));
     if (c.mlp_bias) {
       std::vector<float> b;
@@ -153,7 +158,8 @@ absl::Status LoadLlama(const ModelConfig& c, Weights* w) {
 
 absl::Status LoadGpt2(const ModelConfig& c, Weights* w) {
   Loader ld(c, w);
-  if (!w->store->Has("wte.weight") && w->store->Has("transformer.wte.weight")) ld.set_prefix("transformer.");
+  if (!w->store->Has("wte.weight") && w->store->Has("transformer.wte.weight"))
+    ld.set_prefix("transformer.");
   const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
   KVR_ASSIGN_OR_RETURN(TensorInfo emb, ld.Get("wte.weight", {V, H}));
   w->embed = emb.data;

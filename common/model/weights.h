@@ -29,13 +29,13 @@ struct LayerWeights {
   std::vector<float> norm2_w, norm2_b;  // post-attention (MLP) norm
   Linear qkv;  // [(heads + 2 * kv_heads) * head_dim][hidden]: q rows, then k, then v
   Linear o;    // [hidden][heads * head_dim]
-  Linear up;   // Llama: gate then up, [2 * intermediate][hidden]; GPT-2: c_fc [intermediate][hidden]
-  Linear down; // [hidden][intermediate]
+  Linear up;  // Llama: gate then up, [2 * intermediate][hidden]; GPT-2: c_fc [intermediate][hidden]
+  Linear down;  // [hidden][intermediate]
 };
 
 struct Weights {
   kernels::DType embed_dtype = kernels::DType::kF32;
-  const void* embed = nullptr;  // [vocab][hidden]
+  const void* embed = nullptr;   // [vocab][hidden]
   std::vector<float> pos_embed;  // GPT-2 learned positions [max_pos][hidden]
   std::vector<float> final_norm_w, final_norm_b;
   Linear lm_head;  // tied: points at the embedding

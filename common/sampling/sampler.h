@@ -24,7 +24,7 @@ struct SamplingParams {
   uint64_t seed = 0;
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;
-  int logprobs = 0;                 // top-N logprobs to return per token, [0, 20]
+  int logprobs = 0;  // top-N logprobs to return per token, [0, 20]
 };
 
 // INVALID_ARGUMENT naming the field ("temperature must be >= 0, got -1") when out of range.

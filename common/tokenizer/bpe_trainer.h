@@ -24,9 +24,9 @@ struct BpeTrainOptions {
 };
 
 struct TrainedTokenizer {
-  std::string json;                      // tokenizer.json contents
+  std::string json;                         // tokenizer.json contents
   std::vector<std::string> special_tokens;  // in id order, after the BPE vocab
-  int bos_token_id = -1;                 // -1 when the style adds no BOS
+  int bos_token_id = -1;                    // -1 when the style adds no BOS
   std::vector<int> eos_token_ids;
 };
 

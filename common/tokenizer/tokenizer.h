@@ -21,7 +21,7 @@ class Tokenizer {
   // Parses tokenizer.json text. `path` only appears in error messages.
   // Unsupported model types / normalizers / pre-tokenizers -> INVALID_ARGUMENT naming them.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromJson(const std::string& json_text,
-                                                              const std::string& path);
+                                                             const std::string& path);
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromFile(const std::string& path);
 
   // Encodes text. Added/special tokens occurring in the text are matched first and

@@ -8,9 +8,9 @@
 #define KVR_CONCAT_(a, b) KVR_CONCAT_INNER_(a, b)
 
 // Returns from the enclosing function when `expr` (an absl::Status) is not OK.
-#define KVR_RETURN_IF_ERROR(expr)            \
-  do {                                       \
-    ::absl::Status kvr_status_ = (expr);     \
+#define KVR_RETURN_IF_ERROR(expr)              \
+  do {                                         \
+    ::absl::Status kvr_status_ = (expr);       \
     if (!kvr_status_.ok()) return kvr_status_; \
   } while (0)
 

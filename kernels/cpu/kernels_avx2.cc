@@ -20,13 +20,16 @@ inline __m256 Load8(const void* p, int64_t i) {
   if constexpr (T == DType::kF32) {
     return _mm256_loadu_ps(static_cast<const float*>(p) + i);
   } else if constexpr (T == DType::kBF16) {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    __m128i h =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   } else if constexpr (T == DType::kF16) {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    __m128i h =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
     return _mm256_cvtph_ps(h);
   } else {
-    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(p) + i));
+    __m128i b =
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(p) + i));
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
   }
 }
@@ -86,12 +89,14 @@ void MatMulT(const float* x, int64_t rows, int64_t in, const void* w, int64_t o0
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
       int64_t o = t0;
-      for (; o + 3 <= t1; o += 3) Block<T, 4, 3>(x + r * in, in, wb + o * rb, rb, y + r * ldy + o, ldy);
+      for (; o + 3 <= t1; o += 3)
+        Block<T, 4, 3>(x + r * in, in, wb + o * rb, rb, y + r * ldy + o, ldy);
       for (; o < t1; ++o) Block<T, 4, 1>(x + r * in, in, wb + o * rb, rb, y + r * ldy + o, ldy);
     }
     for (; r < rows; ++r) {
       int64_t o = t0;
-      for (; o + 8 <= t1; o += 8) Block<T, 1, 8>(x + r * in, in, wb + o * rb, rb, y + r * ldy + o, ldy);
+      for (; o + 8 <= t1; o += 8)
+        Block<T, 1, 8>(x + r * in, in, wb + o * rb, rb, y + r * ldy + o, ldy);
       for (; o < t1; ++o) Block<T, 1, 1>(x + r * in, in, wb + o * rb, rb, y + r * ldy + o, ldy);
     }
   }
@@ -100,10 +105,14 @@ void MatMulT(const float* x, int64_t rows, int64_t in, const void* w, int64_t o0
 void MatMulAvx2(const float* x, int64_t rows, int64_t in, const void* w, DType wt, int64_t o0,
                 int64_t o1, float* y, int64_t ldy) {
   switch (wt) {
-    case DType::kF32: return MatMulT<DType::kF32>(x, rows, in, w, o0, o1, y, ldy);
-    case DType::kF16: return MatMulT<DType::kF16>(x, rows, in, w, o0, o1, y, ldy);
-    case DType::kBF16: return MatMulT<DType::kBF16>(x, rows, in, w, o0, o1, y, ldy);
-    case DType::kI8: return MatMulT<DType::kI8>(x, rows, in, w, o0, o1, y, ldy);
+    case DType::kF32:
+      return MatMulT<DType::kF32>(x, rows, in, w, o0, o1, y, ldy);
+    case DType::kF16:
+      return MatMulT<DType::kF16>(x, rows, in, w, o0, o1, y, ldy);
+    case DType::kBF16:
+      return MatMulT<DType::kBF16>(x, rows, in, w, o0, o1, y, ldy);
+    case DType::kI8:
+      return MatMulT<DType::kI8>(x, rows, in, w, o0, o1, y, ldy);
   }
 }
 
@@ -126,19 +135,27 @@ void DotRowsT(const float* q, const void* k, int64_t stride, int count, int64_t 
 void DotKvRowsAvx2(const float* q, const void* k, int64_t stride, int count, DType kt, int64_t n,
                    float* out) {
   switch (kt) {
-    case DType::kF32: return DotRowsT<DType::kF32>(q, k, stride, count, n, out);
-    case DType::kF16: return DotRowsT<DType::kF16>(q, k, stride, count, n, out);
-    case DType::kBF16: return DotRowsT<DType::kBF16>(q, k, stride, count, n, out);
-    case DType::kI8: return DotRowsT<DType::kI8>(q, k, stride, count, n, out);
+    case DType::kF32:
+      return DotRowsT<DType::kF32>(q, k, stride, count, n, out);
+    case DType::kF16:
+      return DotRowsT<DType::kF16>(q, k, stride, count, n, out);
+    case DType::kBF16:
+      return DotRowsT<DType::kBF16>(q, k, stride, count, n, out);
+    case DType::kI8:
+      return DotRowsT<DType::kI8>(q, k, stride, count, n, out);
   }
 }
 
 float DotKvAvx2(const float* q, const void* k, DType kt, int64_t n) {
   switch (kt) {
-    case DType::kF32: return DotT<DType::kF32>(q, k, n);
-    case DType::kF16: return DotT<DType::kF16>(q, k, n);
-    case DType::kBF16: return DotT<DType::kBF16>(q, k, n);
-    case DType::kI8: return DotT<DType::kI8>(q, k, n);
+    case DType::kF32:
+      return DotT<DType::kF32>(q, k, n);
+    case DType::kF16:
+      return DotT<DType::kF16>(q, k, n);
+    case DType::kBF16:
+      return DotT<DType::kBF16>(q, k, n);
+    case DType::kI8:
+      return DotT<DType::kI8>(q, k, n);
   }
   return 0.0f;
 }
@@ -161,7 +178,8 @@ void AxpyRowsT(const float* a, const void* v, int64_t stride, int count, int64_t
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     __m256 acc = _mm256_loadu_ps(out + i);
-    for (int j = 0; j < count; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(a[j]), Load8<T>(vb + j * stride, i), acc);
+    for (int j = 0; j < count; ++j)
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(a[j]), Load8<T>(vb + j * stride, i), acc);
     _mm256_storeu_ps(out + i, acc);
   }
   for (; i < n; ++i) {
@@ -174,26 +192,34 @@ void AxpyRowsT(const float* a, const void* v, int64_t stride, int count, int64_t
 void AxpyKvRowsAvx2(const float* a, const void* v, int64_t stride, int count, DType vt, int64_t n,
                     float* out) {
   switch (vt) {
-    case DType::kF32: return AxpyRowsT<DType::kF32>(a, v, stride, count, n, out);
-    case DType::kF16: return AxpyRowsT<DType::kF16>(a, v, stride, count, n, out);
-    case DType::kBF16: return AxpyRowsT<DType::kBF16>(a, v, stride, count, n, out);
-    case DType::kI8: return AxpyRowsT<DType::kI8>(a, v, stride, count, n, out);
+    case DType::kF32:
+      return AxpyRowsT<DType::kF32>(a, v, stride, count, n, out);
+    case DType::kF16:
+      return AxpyRowsT<DType::kF16>(a, v, stride, count, n, out);
+    case DType::kBF16:
+      return AxpyRowsT<DType::kBF16>(a, v, stride, count, n, out);
+    case DType::kI8:
+      return AxpyRowsT<DType::kI8>(a, v, stride, count, n, out);
   }
 }
 
 void AxpyKvAvx2(float a, const void* v, DType vt, int64_t n, float* out) {
   switch (vt) {
-    case DType::kF32: return AxpyT<DType::kF32>(a, v, n, out);
-    case DType::kF16: return AxpyT<DType::kF16>(a, v, n, out);
-    case DType::kBF16: return AxpyT<DType::kBF16>(a, v, n, out);
-    case DType::kI8: return AxpyT<DType::kI8>(a, v, n, out);
+    case DType::kF32:
+      return AxpyT<DType::kF32>(a, v, n, out);
+    case DType::kF16:
+      return AxpyT<DType::kF16>(a, v, n, out);
+    case DType::kBF16:
+      return AxpyT<DType::kBF16>(a, v, n, out);
+    case DType::kI8:
+      return AxpyT<DType::kI8>(a, v, n, out);
   }
 }
 
 }  // namespace
 
-const KernelTable kAvx2Table = {Isa::kAvx2,   &MatMulAvx2,     &DotKvAvx2,
-                                &AxpyKvAvx2,  &DotKvRowsAvx2,  &AxpyKvRowsAvx2};
+const KernelTable kAvx2Table = {Isa::kAvx2,  &MatMulAvx2,    &DotKvAvx2,
+                                &AxpyKvAvx2, &DotKvRowsAvx2, &AxpyKvRowsAvx2};
 const bool kHaveAvx2Table = true;
 
 }  // namespace kvrelay::kernels::cpu

@@ -1,3 +1,5 @@
+#include "kernels/ops.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -6,7 +8,6 @@
 #include <vector>
 
 #include "kernels/cpu/kernel_tables.h"
-#include "kernels/ops.h"
 
 namespace kvrelay::kernels {
 

@@ -53,9 +53,11 @@ Fixture& Get() {
     f->model = std::move(*model::Model::Load(dir, f->pool.get()));
     f->kv = std::move(*kvcache::KvPool::Create(f->model->KvLayout(kernels::DType::kF32, 16), 2048));
     f->memcpy_bw = MemcpyBandwidth();
-    std::fprintf(stderr, "model: %.1fM parameters, %.1f MB of weights read per step; isa %s; memcpy %.2f GB/s\n",
-                 f->model->weights().parameter_count / 1e6, f->model->weights().parameter_bytes / 1e6,
-                 kernels::IsaName(kernels::ActiveKernels().isa), f->memcpy_bw / 1e9);
+    std::fprintf(
+        stderr,
+        "model: %.1fM parameters, %.1f MB of weights read per step; isa %s; memcpy %.2f GB/s\n",
+        f->model->weights().parameter_count / 1e6, f->model->weights().parameter_bytes / 1e6,
+        kernels::IsaName(kernels::ActiveKernels().isa), f->memcpy_bw / 1e9);
     return f;
   }();
   return *f;
@@ -92,20 +94,31 @@ void BM_Decode(benchmark::State& state) {
   }
   for (auto& t : tables) f.kv->Free(t);
   const auto& L = f.kv->layout();
-  const double kv_bytes = static_cast<double>(L.token_bytes()) * 2 * L.num_layers * (context + 100) * batch;
+  const double kv_bytes =
+      static_cast<double>(L.token_bytes()) * 2 * L.num_layers * (context + 100) * batch;
   // Every weight is read once per step except the embedding table (one row per token)
   // when the lm_head is a separate matrix.
   const auto& w = f.model->weights();
-  const double embed_bytes = w.lm_head.w == w.embed ? 0.0
-                                                    : static_cast<double>(f.model->config().vocab_size) *
-                                                          f.model->config().hidden_size * kernels::DTypeSize(w.embed_dtype);
+  const double embed_bytes = w.lm_head.w == w.embed
+                                 ? 0.0
+                                 : static_cast<double>(f.model->config().vocab_size) *
+                                       f.model->config().hidden_size *
+                                       kernels::DTypeSize(w.embed_dtype);
   const double bytes_per_step = w.parameter_bytes - embed_bytes + kv_bytes;
-  state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens_per_s"] =
+      benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
   state.counters["bytes_per_step_MB"] = bytes_per_step / 1e6;
-  state.counters["read_GBps"] = benchmark::Counter(bytes_per_step / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["read_GBps"] =
+      benchmark::Counter(bytes_per_step / 1e9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["memcpy_GBps"] = f.memcpy_bw / 1e9;
 }
-BENCHMARK(BM_Decode)->Arg(1)->Arg(4)->Arg(16)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
+BENCHMARK(BM_Decode)
+    ->Arg(1)
+    ->Arg(4)
+    ->Arg(16)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(3.0);
 
 void BM_Prefill(benchmark::State& state) {
   Fixture& f = Get();
@@ -124,13 +137,22 @@ void BM_Prefill(benchmark::State& state) {
   // Matmul FLOPs (2 per weight per token, excluding the embedding gather and counting the
   // lm_head once) plus attention (QK and PV: 2 * 2 * heads * head_dim per attended pair).
   const double embed = static_cast<double>(c.vocab_size) * c.hidden_size;
-  const double matmul_params = f.model->weights().parameter_count - embed - (c.tie_word_embeddings ? 0 : embed);
-  const double flops = 2.0 * matmul_params * n + 2.0 * embed +
-                       4.0 * c.num_layers * c.num_heads * c.head_dim * (static_cast<double>(n) * (n + 1) / 2);
-  state.counters["tokens_per_s"] = benchmark::Counter(n, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["GFLOPps"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  const double matmul_params =
+      f.model->weights().parameter_count - embed - (c.tie_word_embeddings ? 0 : embed);
+  const double flops =
+      2.0 * matmul_params * n + 2.0 * embed +
+      4.0 * c.num_layers * c.num_heads * c.head_dim * (static_cast<double>(n) * (n + 1) / 2);
+  state.counters["tokens_per_s"] =
+      benchmark::Counter(n, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOPps"] =
+      benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_Prefill)->Arg(128)->Arg(512)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
+BENCHMARK(BM_Prefill)
+    ->Arg(128)
+    ->Arg(512)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(3.0);
 
 }  // namespace
 }  // namespace kvrelay::bench

@@ -7,7 +7,8 @@
 // t(L) = a + b L + c L^2 (least squares), and summed over the lengths the N steps need.
 // The output says which numbers are measured and which are extrapolated.
 //
-//   build/bin/kv_vs_recompute [--tokens 1000] [--prompt 8] [--lengths 8,128,256,512,1024]
+//   build/bin/kv_vs_recompute [--tokens 1000] [--prompt 8] [--lengths 8,128,256,512,768,1000]
+//                             [--measure-steps 48]
 //                             [--layers 24 --hidden 1024 --heads 16] [--reps 2]
 #include <algorithm>
 #include <cmath>
@@ -32,7 +33,8 @@ namespace {
 struct Options {
   int tokens = 1000;
   int prompt = 8;
-  std::vector<int> lengths = {8, 128, 256, 512, 1024};
+  std::vector<int> lengths = {8, 128, 256, 512, 768, 1000};
+  int measure_steps = 48;
   int layers = 24, hidden = 1024, heads = 16, reps = 2;
 };
 
@@ -50,15 +52,24 @@ Options Parse(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     const char* v = argv[i + 1];
-    if (k == "--tokens") o.tokens = ArgInt(v);
-    else if (k == "--prompt") o.prompt = ArgInt(v);
-    else if (k == "--layers") o.layers = ArgInt(v);
-    else if (k == "--hidden") o.hidden = ArgInt(v);
-    else if (k == "--heads") o.heads = ArgInt(v);
-    else if (k == "--reps") o.reps = ArgInt(v);
+    if (k == "--tokens")
+      o.tokens = ArgInt(v);
+    else if (k == "--prompt")
+      o.prompt = ArgInt(v);
+    else if (k == "--layers")
+      o.layers = ArgInt(v);
+    else if (k == "--hidden")
+      o.hidden = ArgInt(v);
+    else if (k == "--heads")
+      o.heads = ArgInt(v);
+    else if (k == "--measure-steps")
+      o.measure_steps = ArgInt(v);
+    else if (k == "--reps")
+      o.reps = ArgInt(v);
     else if (k == "--lengths") {
       o.lengths.clear();
-      for (absl::string_view s : absl::StrSplit(v, ',')) o.lengths.push_back(ArgInt(std::string(s).c_str()));
+      for (absl::string_view s : absl::StrSplit(v, ','))
+        o.lengths.push_back(ArgInt(std::string(s).c_str()));
     } else {
       std::fprintf(stderr, "unknown flag %s\n", k.c_str());
       std::exit(2);
@@ -68,7 +79,8 @@ Options Parse(int argc, char** argv) {
 }
 
 // Solves the 3x3 normal equations for t = a + b L + c L^2.
-void FitQuadratic(const std::vector<double>& x, const std::vector<double>& y, double* a, double* b, double* c) {
+void FitQuadratic(const std::vector<double>& x, const std::vector<double>& y, double* a, double* b,
+                  double* c) {
   double S[3][4] = {};
   for (size_t i = 0; i < x.size(); ++i) {
     const double p[3] = {1, x[i], x[i] * x[i]};
@@ -96,8 +108,8 @@ void FitQuadratic(const std::vector<double>& x, const std::vector<double>& y, do
 int Main(int argc, char** argv) {
   const Options o = Parse(argc, argv);
   const int max_len = o.prompt + o.tokens;
-  const std::string dir = "/tmp/kvrelay-bench-gpt2-" + std::to_string(o.layers) + "x" + std::to_string(o.hidden) +
-                          "-" + std::to_string(std::max(1024, max_len));
+  const std::string dir = "/tmp/kvrelay-bench-gpt2-" + std::to_string(o.layers) + "x" +
+                          std::to_string(o.hidden) + "-" + std::to_string(std::max(1024, max_len));
   if (!FileExists(dir + "/model.safetensors")) {
     model::MakeModelOptions m;
     m.family = model::Family::kGpt2;
@@ -120,11 +132,14 @@ int Main(int argc, char** argv) {
   }
   const model::Model& m = **model;
   const int V = m.config().vocab_size;
-  auto kv = std::move(*kvcache::KvPool::Create(m.KvLayout(kernels::DType::kF32, 16),
-                                               2 * kvcache::BlocksFor(std::max(max_len, 1024), 16) + 2));
-  std::printf("model: GPT-2 shape %d layers, hidden %d, %d heads, %.0fM parameters (f32), isa %s, %d threads\n",
-              o.layers, o.hidden, o.heads, m.weights().parameter_count / 1e6,
-              kernels::IsaName(kernels::ActiveKernels().isa), pool.num_threads());
+  auto kv =
+      std::move(*kvcache::KvPool::Create(m.KvLayout(kernels::DType::kF32, 16),
+                                         2 * kvcache::BlocksFor(std::max(max_len, 1024), 16) + 2));
+  std::printf(
+      "model: GPT-2 shape %d layers, hidden %d, %d heads, %.0fM parameters (f32), isa %s, %d "
+      "threads\n",
+      o.layers, o.hidden, o.heads, m.weights().parameter_count / 1e6,
+      kernels::IsaName(kernels::ActiveKernels().isa), pool.num_threads());
 
   // Cached: prefill the prompt, then one decode step per token (greedy).
   std::vector<int32_t> seq;
@@ -134,17 +149,19 @@ int Main(int argc, char** argv) {
   const double t0 = NowSeconds();
   (void)m.Forward({model::SeqChunk{absl::MakeConstSpan(seq), 0, table, true}}, kv->view(), &logits);
   for (int step = 0; step < o.tokens; ++step) {
-    const int32_t next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    const int32_t next =
+        static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
     seq.push_back(next);
     if (step + 1 == o.tokens) break;
     logits.clear();
-    (void)m.Forward({model::SeqChunk{absl::MakeConstSpan(&seq.back(), 1), static_cast<int64_t>(seq.size() - 1),
-                                     table, true}},
+    (void)m.Forward({model::SeqChunk{absl::MakeConstSpan(&seq.back(), 1),
+                                     static_cast<int64_t>(seq.size() - 1), table, true}},
                     kv->view(), &logits);
   }
   const double cached = NowSeconds() - t0;
   kv->Free(table);
-  std::printf("cached:    %d tokens in %.2f s (measured), %.1f ms/token\n", o.tokens, cached, cached * 1e3 / o.tokens);
+  std::printf("cached:    %d tokens in %.2f s (measured), %.1f ms/token\n", o.tokens, cached,
+              cached * 1e3 / o.tokens);
 
   // Recompute: a full forward over L tokens, for each measured L.
   std::vector<double> xs, ys;
@@ -159,7 +176,8 @@ int Main(int argc, char** argv) {
     for (int r = 0; r < o.reps; ++r) {
       logits.clear();
       const double s0 = NowSeconds();
-      (void)m.Forward({model::SeqChunk{absl::MakeConstSpan(seq.data(), L), 0, t, true}}, kv->view(), &logits);
+      (void)m.Forward({model::SeqChunk{absl::MakeConstSpan(seq.data(), L), 0, t, true}}, kv->view(),
+                      &logits);
       best = std::min(best, NowSeconds() - s0);
     }
     kv->Free(t);
@@ -170,10 +188,29 @@ int Main(int argc, char** argv) {
   double a, b, c;
   FitQuadratic(xs, ys, &a, &b, &c);
   double total = 0;
-  for (int L = o.prompt; L < o.prompt + o.tokens; ++L) total += a + b * L + c * static_cast<double>(L) * L;
+  for (int L = o.prompt; L < o.prompt + o.tokens; ++L)
+    total += a + b * L + c * static_cast<double>(L) * L;
   std::printf("fit:       t(L) = %.4g + %.4g L + %.4g L^2 s\n", a, b, c);
-  std::printf("recompute: %d tokens ~ %.0f s (extrapolated: sum of t(L) for L = %d..%d)\n", o.tokens, total,
-              o.prompt, o.prompt + o.tokens - 1);
+  std::printf("recompute: %d tokens ~ %.0f s (extrapolated: sum of t(L) for L = %d..%d)\n",
+              o.tokens, total, o.prompt, o.prompt + o.tokens - 1);
+  // Check the fit against real recompute steps: the first `measure_steps` steps of the
+  // generation, each a full forward pass over the sequence so far.
+  if (o.measure_steps > 0) {
+    const int steps = std::min(o.measure_steps, o.tokens);
+    double measured = 0, predicted = 0;
+    for (int L = o.prompt; L < o.prompt + steps; ++L) {
+      std::vector<int32_t> t = *kv->Allocate(kvcache::BlocksFor(L, 16));
+      logits.clear();
+      const double s0 = NowSeconds();
+      (void)m.Forward({model::SeqChunk{absl::MakeConstSpan(seq.data(), L), 0, t, true}}, kv->view(),
+                      &logits);
+      measured += NowSeconds() - s0;
+      kv->Free(t);
+      predicted += a + b * L + c * static_cast<double>(L) * L;
+    }
+    std::printf("check:     first %d recompute steps measured %.2f s, fit predicts %.2f s\n", steps,
+                measured, predicted);
+  }
   std::printf("ratio:     recompute / cached = %.1fx\n", total / cached);
   return 0;
 }

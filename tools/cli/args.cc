@@ -16,7 +16,8 @@ absl::Status Args::Parse(int argc, char** argv, int first) {
   for (int i = first; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg.rfind("--", 0) != 0) {
-      return absl::InvalidArgumentError(absl::StrCat("unexpected argument '", arg, "' (flags start with --)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unexpected argument '", arg, "' (flags start with --)"));
     }
     std::string name = arg.substr(2), value;
     bool has_value = false;
@@ -26,26 +27,31 @@ absl::Status Args::Parse(int argc, char** argv, int first) {
       has_value = true;
     }
     auto it = specs_.find(name);
-    if (it == specs_.end()) return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name));
+    if (it == specs_.end())
+      return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name));
     const Spec& spec = it->second;
     if (spec.kind == Kind::kBool) {
       if (!has_value) value = "true";
       if (value != "true" && value != "false") {
-        return absl::InvalidArgumentError(absl::StrCat("--", name, " takes true or false, got '", value, "'"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("--", name, " takes true or false, got '", value, "'"));
       }
     } else if (!has_value) {
-      if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat("--", name, " needs a value"));
+      if (i + 1 >= argc)
+        return absl::InvalidArgumentError(absl::StrCat("--", name, " needs a value"));
       value = argv[++i];
     }
     if (spec.kind == Kind::kInt) {
       long long v;
       if (!absl::SimpleAtoi(value, &v)) {
-        return absl::InvalidArgumentError(absl::StrCat("--", name, " takes an integer, got '", value, "'"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("--", name, " takes an integer, got '", value, "'"));
       }
     } else if (spec.kind == Kind::kFloat) {
       double v;
       if (!absl::SimpleAtod(value, &v)) {
-        return absl::InvalidArgumentError(absl::StrCat("--", name, " takes a number, got '", value, "'"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("--", name, " takes a number, got '", value, "'"));
       }
     }
     auto& vals = values_[name];
@@ -87,7 +93,8 @@ std::string Args::Help() const {
   std::string out;
   for (const std::string& n : order_) {
     const Spec& s = specs_.at(n);
-    absl::StrAppend(&out, absl::StrFormat("  --%-22s %s%s\n", n, s.help, s.repeatable ? " (repeatable)" : ""));
+    absl::StrAppend(
+        &out, absl::StrFormat("  --%-22s %s%s\n", n, s.help, s.repeatable ? " (repeatable)" : ""));
   }
   return out;
 }

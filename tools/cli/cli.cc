@@ -36,7 +36,8 @@ absl::StatusOr<std::string> EnsureDemoModel(std::ostream& err) {
   options.vocab = 1024;
   absl::Status s = model::MakeModel(options, tmp);
   if (!s.ok()) return s;
-  if (std::rename(tmp.c_str(), dir.c_str()) != 0 && !FileExists(JoinPath(dir, "model.safetensors"))) {
+  if (std::rename(tmp.c_str(), dir.c_str()) != 0 &&
+      !FileExists(JoinPath(dir, "model.safetensors"))) {
     return absl::InternalError("cannot move " + tmp + " to " + dir);
   }
   std::error_code ignored;

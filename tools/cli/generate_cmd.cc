@@ -3,12 +3,12 @@
 #include <memory>
 #include <ostream>
 
+#include "absl/strings/numbers.h"
 #include "common/kvcache/kv_pool.h"
 #include "common/model/generator.h"
 #include "common/model/model.h"
 #include "common/sampling/sampler.h"
 #include "common/tokenizer/tokenizer.h"
-#include "absl/strings/numbers.h"
 #include "common/util/file.h"
 #include "kernels/ops.h"
 #include "nlohmann/json.hpp"
@@ -21,7 +21,8 @@ namespace {
 void DeclareFlags(Args& args) {
   using K = Args::Kind;
   args.Flag("model", K::kString, "Hugging Face model folder (default: the demo model)")
-      .Flag("prompt", K::kString, "prompt text; several are successive turns of one conversation", true)
+      .Flag("prompt", K::kString, "prompt text; several are successive turns of one conversation",
+            true)
       .Flag("max-tokens", K::kInt, "tokens to generate per turn (default 16)")
       .Flag("temperature", K::kFloat, "0 = greedy (default 0)")
       .Flag("top-k", K::kInt, "keep the k most likely tokens (0 = off)")
@@ -36,7 +37,8 @@ void DeclareFlags(Args& args) {
       .Flag("logprobs", K::kInt, "top-N logprobs per generated token (0-20, default 0)")
       .Flag("kv-dtype", K::kString, "KV cache dtype: f32 | f16 | bf16 | int8 (default f32)")
       .Flag("block-size", K::kInt, "tokens per KV block (default 16)")
-      .Flag("kv-blocks", K::kInt, "KV pool size in blocks (default: enough for the context, max 8192 tokens)")
+      .Flag("kv-blocks", K::kInt,
+            "KV pool size in blocks (default: enough for the context, max 8192 tokens)")
       .Flag("prefill-chunk", K::kInt, "tokens per prefill step (default 256)")
       .Flag("threads", K::kInt, "CPU threads (default: all cores)")
       .Flag("isa", K::kString, "CPU kernels: auto | avx2 | scalar (default auto)")
@@ -61,11 +63,13 @@ absl::Status ReadSampling(const Args& args, sampling::SamplingParams* p) {
   p->ignore_eos = args.GetBool("ignore-eos");
   for (const std::string& s : args.GetAll("stop-token-id")) {
     int32_t id;
-    if (!absl::SimpleAtoi(s, &id)) return absl::InvalidArgumentError("--stop-token-id " + s + " is not a token id");
+    if (!absl::SimpleAtoi(s, &id))
+      return absl::InvalidArgumentError("--stop-token-id " + s + " is not a token id");
     p->stop_token_ids.push_back(id);
   }
   const long long logprobs = args.GetInt("logprobs", 0);
-  if (logprobs < 0 || logprobs > 20) return absl::InvalidArgumentError("--logprobs must be in [0, 20]");
+  if (logprobs < 0 || logprobs > 20)
+    return absl::InvalidArgumentError("--logprobs must be in [0, 20]");
   p->logprobs = static_cast<int>(logprobs);
   return sampling::ValidateSamplingParams(*p);
 }
@@ -80,15 +84,18 @@ int Fail(std::ostream& err, const std::string& what, int code = 1) {
 int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err) {
   Args args;
   DeclareFlags(args);
-  if (absl::Status s = args.Parse(argc, argv, 2); !s.ok()) return Fail(err, std::string(s.message()), 2);
+  if (absl::Status s = args.Parse(argc, argv, 2); !s.ok())
+    return Fail(err, std::string(s.message()), 2);
   if (args.GetBool("help")) {
-    out << "usage: kvrelay generate [--model DIR] --prompt TEXT [--prompt TEXT ...] [flags]\n" << args.Help();
+    out << "usage: kvrelay generate [--model DIR] --prompt TEXT [--prompt TEXT ...] [flags]\n"
+        << args.Help();
     return 0;
   }
   const std::vector<std::string> prompts = args.GetAll("prompt");
   if (prompts.empty()) return Fail(err, "--prompt TEXT is required", 2);
   sampling::SamplingParams params;
-  if (absl::Status s = ReadSampling(args, &params); !s.ok()) return Fail(err, std::string(s.message()), 2);
+  if (absl::Status s = ReadSampling(args, &params); !s.ok())
+    return Fail(err, std::string(s.message()), 2);
   kernels::DType kv_dtype;
   const std::string kv_name = args.GetString("kv-dtype", "f32");
   if (!kernels::ParseDType(kv_name, &kv_dtype)) {
@@ -123,11 +130,12 @@ int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err) {
   if (!tok.ok()) return Fail(err, std::string(tok.status().message()));
   const model::ModelConfig& cfg = (*model)->config();
 
-  const long long default_blocks =
-      kvcache::BlocksFor(std::min(cfg.max_position_embeddings, 8192), static_cast<int>(block_size)) + 1;
+  const long long default_blocks = kvcache::BlocksFor(std::min(cfg.max_position_embeddings, 8192),
+                                                      static_cast<int>(block_size)) +
+                                   1;
   const long long kv_blocks = args.GetInt("kv-blocks", default_blocks);
-  absl::StatusOr<std::unique_ptr<kvcache::KvPool>> kv =
-      kvcache::KvPool::Create((*model)->KvLayout(kv_dtype, static_cast<int>(block_size)), kv_blocks);
+  absl::StatusOr<std::unique_ptr<kvcache::KvPool>> kv = kvcache::KvPool::Create(
+      (*model)->KvLayout(kv_dtype, static_cast<int>(block_size)), kv_blocks);
   if (!kv.ok()) return Fail(err, std::string(kv.status().message()));
   model::Generator gen(model->get(), kv->get(), static_cast<int>(chunk));
 
@@ -135,7 +143,8 @@ int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err) {
   std::vector<int32_t> history;  // previous turns' prompt + output
   for (size_t turn = 0; turn < prompts.size(); ++turn) {
     std::vector<int32_t> prompt = history;
-    const std::vector<int32_t> fresh = (*tok)->Encode(prompts[turn], /*add_special_tokens=*/turn == 0);
+    const std::vector<int32_t> fresh =
+        (*tok)->Encode(prompts[turn], /*add_special_tokens=*/turn == 0);
     prompt.insert(prompt.end(), fresh.begin(), fresh.end());
 
     tokenizer::StreamingDetokenizer detok(tok->get(), /*skip_special_tokens=*/true);
@@ -148,7 +157,9 @@ int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err) {
       text += piece;
       return true;
     });
-    if (!r.ok()) return Fail(err, "turn " + std::to_string(turn + 1) + ": " + std::string(r.status().message()));
+    if (!r.ok())
+      return Fail(err,
+                  "turn " + std::to_string(turn + 1) + ": " + std::string(r.status().message()));
     const std::string tail = detok.Flush();
     text += tail;
     if (!json) {

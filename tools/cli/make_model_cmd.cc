@@ -20,7 +20,8 @@ int RunMakeModel(int argc, char** argv, std::ostream& out, std::ostream& err) {
       .Flag("heads", K::kInt, "attention heads (default 4)")
       .Flag("kv-heads", K::kInt, "key/value heads, llama family (default 2)")
       .Flag("intermediate", K::kInt, "MLP size (default llama 8/3 hidden, gpt2 4 hidden)")
-      .Flag("vocab", K::kInt, "vocabulary size (default 512; the BPE tokenizer is trained up to it)")
+      .Flag("vocab", K::kInt,
+            "vocabulary size (default 512; the BPE tokenizer is trained up to it)")
       .Flag("max-pos", K::kInt, "context length (default 2048)")
       .Flag("dtype", K::kString, "weights: f32 | f16 | bf16 (default f32)")
       .Flag("tie-embeddings", K::kBool, "llama family: tie lm_head to the embedding")

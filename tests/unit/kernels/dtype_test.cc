@@ -36,8 +36,9 @@ double F16Value(uint16_t h) {
   const int exp = (h >> 10) & 0x1f;
   const int mant = h & 0x3ff;
   if (exp == 0) return sign * std::ldexp(static_cast<double>(mant), -24);
-  if (exp == 31) return mant ? std::numeric_limits<double>::quiet_NaN()
-                             : sign * std::numeric_limits<double>::infinity();
+  if (exp == 31)
+    return mant ? std::numeric_limits<double>::quiet_NaN()
+                : sign * std::numeric_limits<double>::infinity();
   return sign * std::ldexp(static_cast<double>(mant | 0x400), exp - 25);
 }
 
@@ -55,10 +56,13 @@ TEST(DTypeTest, SizesAndNames) {
 }
 
 TEST(DTypeTest, ParseDTypeAcceptsKnownNames) {
-  struct Case { const char* name; DType want; };
+  struct Case {
+    const char* name;
+    DType want;
+  };
   const Case cases[] = {
-      {"f32", DType::kF32},   {"float32", DType::kF32},   {"f16", DType::kF16},
-      {"float16", DType::kF16}, {"bf16", DType::kBF16}, {"bfloat16", DType::kBF16},
+      {"f32", DType::kF32},     {"float32", DType::kF32}, {"f16", DType::kF16},
+      {"float16", DType::kF16}, {"bf16", DType::kBF16},   {"bfloat16", DType::kBF16},
       {"int8", DType::kI8},
   };
   for (const Case& c : cases) {
@@ -117,9 +121,9 @@ TEST(DTypeTest, F32ToF16KnownValues) {
   EXPECT_EQ(F32ToF16(-2.0f), 0xc000);
   EXPECT_EQ(F32ToF16(0.5f), 0x3800);
   EXPECT_EQ(F32ToF16(65504.0f), 0x7bff);                  // max finite
-  EXPECT_EQ(F32ToF16(std::ldexp(1.0f, -14)), 0x0400);    // min normal
-  EXPECT_EQ(F32ToF16(std::ldexp(1.0f, -24)), 0x0001);    // min subnormal
-  EXPECT_EQ(F32ToF16(std::ldexp(1023.0f, -24)), 0x03ff); // max subnormal
+  EXPECT_EQ(F32ToF16(std::ldexp(1.0f, -14)), 0x0400);     // min normal
+  EXPECT_EQ(F32ToF16(std::ldexp(1.0f, -24)), 0x0001);     // min subnormal
+  EXPECT_EQ(F32ToF16(std::ldexp(1023.0f, -24)), 0x03ff);  // max subnormal
   EXPECT_EQ(F32ToF16(-std::ldexp(3.0f, -24)), 0x8003);
 }
 
@@ -146,8 +150,8 @@ TEST(DTypeTest, F32ToF16InfNaNAndOverflow) {
 TEST(DTypeTest, F32ToF16RoundsToNearestEven) {
   // Around 1.0 the f16 step is 2^-10.
   const float ulp = std::ldexp(1.0f, -10);
-  EXPECT_EQ(F32ToF16(1.0f + ulp / 2), 0x3c00);                      // tie -> even (down)
-  EXPECT_EQ(F32ToF16(1.0f + 3 * ulp / 2), 0x3c02);                  // tie -> even (up)
+  EXPECT_EQ(F32ToF16(1.0f + ulp / 2), 0x3c00);                        // tie -> even (down)
+  EXPECT_EQ(F32ToF16(1.0f + 3 * ulp / 2), 0x3c02);                    // tie -> even (up)
   EXPECT_EQ(F32ToF16(std::nextafter(1.0f + ulp / 2, 2.0f)), 0x3c01);  // above tie
   EXPECT_EQ(F32ToF16(std::nextafter(1.0f + ulp / 2, 0.0f)), 0x3c00);  // below tie
   EXPECT_EQ(F32ToF16(-(1.0f + 3 * ulp / 2)), 0xbc02);
@@ -158,11 +162,11 @@ TEST(DTypeTest, F32ToF16RoundsToNearestEven) {
   EXPECT_EQ(F32ToF16(sub / 2), 0x0000);                        // tie between 0 and 1 -> 0
   EXPECT_EQ(F32ToF16(std::nextafter(sub / 2, 1.0f)), 0x0001);  // just above -> 1
   EXPECT_EQ(F32ToF16(std::nextafter(sub / 2, 0.0f)), 0x0000);
-  EXPECT_EQ(F32ToF16(sub * 1.5f), 0x0002);                     // tie 1|2 -> 2
-  EXPECT_EQ(F32ToF16(sub * 2.5f), 0x0002);                     // tie 2|3 -> 2
+  EXPECT_EQ(F32ToF16(sub * 1.5f), 0x0002);  // tie 1|2 -> 2
+  EXPECT_EQ(F32ToF16(sub * 2.5f), 0x0002);  // tie 2|3 -> 2
   EXPECT_EQ(F32ToF16(-sub * 2.5f), 0x8002);
-  EXPECT_EQ(F32ToF16(std::ldexp(1.0f, -30)), 0x0000);          // underflow to zero
-  EXPECT_EQ(F32ToF16(-std::ldexp(1.0f, -30)), 0x8000);         // keeps the sign
+  EXPECT_EQ(F32ToF16(std::ldexp(1.0f, -30)), 0x0000);   // underflow to zero
+  EXPECT_EQ(F32ToF16(-std::ldexp(1.0f, -30)), 0x8000);  // keeps the sign
   EXPECT_EQ(F32ToF16(std::numeric_limits<float>::denorm_min()), 0x0000);
   // Largest subnormal + half step rounds to min normal (even).
   EXPECT_EQ(F32ToF16(std::ldexp(1023.5f, -24)), 0x0400);

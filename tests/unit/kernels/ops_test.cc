@@ -63,7 +63,8 @@ Stored Store(const std::vector<float>& v, DType t) {
         break;
       }
       case DType::kI8: {  // raw integers (the tables take int8 unscaled)
-        const int8_t q = static_cast<int8_t>(std::lround(std::clamp(v[i] * 127.0f, -127.0f, 127.0f)));
+        const int8_t q =
+            static_cast<int8_t>(std::lround(std::clamp(v[i] * 127.0f, -127.0f, 127.0f)));
         s.bytes[i] = static_cast<uint8_t>(q);
         s.value[i] = q;
         break;
@@ -109,9 +110,8 @@ class OpsIsaTest : public ::testing::TestWithParam<Isa> {
 
 std::string IsaParamName(const ::testing::TestParamInfo<Isa>& info) { return IsaName(info.param); }
 
-#define KVRELAY_INSTANTIATE_ISA(Suite)                                                        \
-  INSTANTIATE_TEST_SUITE_P(Isa, Suite, ::testing::Values(Isa::kScalar, Isa::kAvx2), \
-                           IsaParamName)
+#define KVRELAY_INSTANTIATE_ISA(Suite) \
+  INSTANTIATE_TEST_SUITE_P(Isa, Suite, ::testing::Values(Isa::kScalar, Isa::kAvx2), IsaParamName)
 
 // Pools shared by the tests (creating threads per case is slow).
 ThreadPool* Pool(int threads) {
@@ -224,8 +224,8 @@ TEST_P(OpsMatMulTest, BatchInvariantBitIdentical) {
         const std::vector<float> x = RandVec(rng, kRows * in, -2.0f, 2.0f);
         const std::vector<float> bias = RandVec(rng, out);
         for (const float* b : {static_cast<const float*>(nullptr), bias.data()}) {
-          const std::string what = std::string("dtype=") + DTypeName(wt) + " in=" +
-                                   std::to_string(in) + " out=" + std::to_string(out) +
+          const std::string what = std::string("dtype=") + DTypeName(wt) +
+                                   " in=" + std::to_string(in) + " out=" + std::to_string(out) +
                                    " bias=" + (b ? "1" : "0");
           std::vector<float> full(kRows * out);
           MatMul(nullptr, x.data(), kRows, in, w.data(), wt, out, b, full.data());
@@ -280,7 +280,8 @@ TEST_P(OpsKernelTableTest, MatMulWritesOnlyItsRange) {
     const std::vector<float> x = RandVec(rng, rows * in);
     std::vector<double> ref, mag;
     RefMatMul(x, rows, in, w.value, out, nullptr, &ref, &mag);
-    for (auto [o0, o1] : {std::pair<int64_t, int64_t>{0, 70}, {3, 40}, {33, 34}, {5, 5}, {31, 69}}) {
+    for (auto [o0, o1] :
+         {std::pair<int64_t, int64_t>{0, 70}, {3, 40}, {33, 34}, {5, 5}, {31, 69}}) {
       const float kSentinel = -12345.0f;
       std::vector<float> y(rows * ldy, kSentinel);
       k.matmul(x.data(), rows, in, w.data(), wt, o0, o1, y.data(), ldy);
@@ -487,7 +488,8 @@ TEST_P(OpsElementwiseTest, GeluTanhMatchesReference) {
   GeluTanh(y.data(), static_cast<int64_t>(y.size()));
   for (size_t i = 0; i < x.size(); ++i) {
     const double v = x[i];
-    const double want = 0.5 * v * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
+    const double want =
+        0.5 * v * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
     ASSERT_NEAR(y[i], want, 1e-5 * std::fabs(want) + 1e-6) << "x=" << v;
     // And it is close to the exact erf GELU (sanity check of the constants).
     ASSERT_NEAR(y[i], 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0))), 2e-3) << "x=" << v;
@@ -517,7 +519,8 @@ TEST_P(OpsElementwiseTest, AddEmbeddingAndToF32) {
 
 std::vector<float> InvFreq(int head_dim, double theta = 10000.0) {
   std::vector<float> f(head_dim / 2);
-  for (int i = 0; i < head_dim / 2; ++i) f[i] = static_cast<float>(std::pow(theta, -2.0 * i / head_dim));
+  for (int i = 0; i < head_dim / 2; ++i)
+    f[i] = static_cast<float>(std::pow(theta, -2.0 * i / head_dim));
   return f;
 }
 
@@ -648,7 +651,8 @@ TEST(OpsPagedKvLayoutTest, RowsTileThePoolExactly) {
               mark(view.row(b, l, kv, s, h), L.head_dim * L.elem_bytes());
               if (t == DType::kI8) mark(reinterpret_cast<uint8_t*>(view.scale(b, l, kv, s, h)), 4);
             }
-    for (size_t i = 0; i < owner.size(); ++i) ASSERT_EQ(owner[i], 1) << DTypeName(t) << " byte " << i;
+    for (size_t i = 0; i < owner.size(); ++i)
+      ASSERT_EQ(owner[i], 1) << DTypeName(t) << " byte " << i;
   }
 }
 
@@ -664,12 +668,25 @@ struct TestPool {
 };
 
 // Value of element i of a stored row (dequantized for int8).
-float ReadKv(const PagedKvView& kv, int64_t block, int layer, int which, int slot, int head, int i) {
+float ReadKv(const PagedKvView& kv, int64_t block, int layer, int which, int slot, int head,
+             int i) {
   const uint8_t* p = kv.row(block, layer, which, slot, head);
   switch (kv.layout.dtype) {
-    case DType::kF32: { float f; std::memcpy(&f, p + 4 * i, 4); return f; }
-    case DType::kF16: { uint16_t h; std::memcpy(&h, p + 2 * i, 2); return F16ToF32(h); }
-    case DType::kBF16: { uint16_t h; std::memcpy(&h, p + 2 * i, 2); return Bf16ToF32(h); }
+    case DType::kF32: {
+      float f;
+      std::memcpy(&f, p + 4 * i, 4);
+      return f;
+    }
+    case DType::kF16: {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      return F16ToF32(h);
+    }
+    case DType::kBF16: {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      return Bf16ToF32(h);
+    }
     case DType::kI8: {
       float s;
       std::memcpy(&s, kv.scale(block, layer, which, slot, head), 4);
@@ -707,7 +724,8 @@ TEST(OpsWriteKvTest, RoundTripPerDType) {
             const std::vector<float>& src = which == 0 ? ks[idx] : vs[idx];
             for (int h = 0; h < L.num_kv_heads; ++h) {
               float amax = 0;
-              for (int i = 0; i < L.head_dim; ++i) amax = std::max(amax, std::fabs(src[h * L.head_dim + i]));
+              for (int i = 0; i < L.head_dim; ++i)
+                amax = std::max(amax, std::fabs(src[h * L.head_dim + i]));
               for (int i = 0; i < L.head_dim; ++i) {
                 const float want = src[h * L.head_dim + i];
                 const float got = ReadKv(pool.view, b, l, which, s, h, i);
@@ -760,7 +778,8 @@ TEST(OpsWriteKvTest, TouchesOnlyItsSlot) {
         const size_t off = pool.view.row(block, layer, which, slot, h) - base;
         for (size_t i = 0; i < L.head_dim * L.elem_bytes(); ++i) expected[off + i] = true;
         if (t == DType::kI8) {
-          const size_t soff = reinterpret_cast<uint8_t*>(pool.view.scale(block, layer, which, slot, h)) - base;
+          const size_t soff =
+              reinterpret_cast<uint8_t*>(pool.view.scale(block, layer, which, slot, h)) - base;
           for (size_t i = 0; i < 4; ++i) expected[soff + i] = true;
         }
       }
@@ -771,8 +790,10 @@ TEST(OpsWriteKvTest, TouchesOnlyItsSlot) {
     }
     // And the data went where DESIGN §3 says: [block][layer][k|v][token][kv_head][head_dim].
     const size_t seg = L.segment_bytes();
-    const size_t k_off = block * L.block_bytes() + (layer * 2 + 0) * seg + (slot * 2 + 1) * 8 * L.elem_bytes();
-    const size_t v_off = block * L.block_bytes() + (layer * 2 + 1) * seg + (slot * 2 + 1) * 8 * L.elem_bytes();
+    const size_t k_off =
+        block * L.block_bytes() + (layer * 2 + 0) * seg + (slot * 2 + 1) * 8 * L.elem_bytes();
+    const size_t v_off =
+        block * L.block_bytes() + (layer * 2 + 1) * seg + (slot * 2 + 1) * 8 * L.elem_bytes();
     if (t == DType::kF32) {
       EXPECT_EQ(std::memcmp(base + k_off, k.data() + 8, 32), 0);
       EXPECT_EQ(std::memcmp(base + v_off, v.data() + 8, 32), 0);
@@ -958,8 +979,8 @@ TEST_P(OpsPagedAttentionTest, MatchesNaiveReference) {
     const double loose = c.dtype == DType::kF32 ? 1e-5 : c.dtype == DType::kF16 ? 5e-3 : 5e-2;
     for (size_t e = 0; e < out.size(); ++e) {
       const int64_t t = static_cast<int64_t>(e) / (f.num_heads * c.head_dim);
-      ASSERT_NEAR(out[e], ref[e], tol) << CaseName(c) << " seq=" << f.q_seq[t] << " pos=" << f.q_pos[t]
-                                       << " elem=" << e;
+      ASSERT_NEAR(out[e], ref[e], tol)
+          << CaseName(c) << " seq=" << f.q_seq[t] << " pos=" << f.q_pos[t] << " elem=" << e;
       ASSERT_NEAR(out[e], orig[e], loose) << CaseName(c) << " (vs unquantised)";
     }
   }
@@ -982,7 +1003,8 @@ TEST_P(OpsPagedAttentionTest, OneCallEqualsPerTokenCallsAndThreadCounts) {
       const int64_t t1 = std::min(f.n(), t0 + 7);
       f.Run(nullptr, t0, t1, chunked.data() + t0 * per_tok);
     }
-    ASSERT_TRUE(BitEqual(all.data(), chunked.data(), static_cast<int64_t>(all.size()))) << CaseName(c);
+    ASSERT_TRUE(BitEqual(all.data(), chunked.data(), static_cast<int64_t>(all.size())))
+        << CaseName(c);
     for (int threads : {1, 2, 3, 8}) {
       std::vector<float> par(f.q.size(), NAN);
       f.Run(Pool(threads), 0, f.n(), par.data());
@@ -1004,8 +1026,8 @@ TEST_P(OpsPagedAttentionTest, IsCausal) {
   const int64_t cut = 10;
   const std::vector<float> big(2 * 16, 1e3f);
   for (int64_t p = cut + 1; p < f.seq_len[s]; ++p)
-    WriteKv(f.pool->view, f.tables[s][p / 4], static_cast<int>(p % 4), AttnFixture::kLayer, big.data(),
-            big.data());
+    WriteKv(f.pool->view, f.tables[s][p / 4], static_cast<int>(p % 4), AttnFixture::kLayer,
+            big.data(), big.data());
   std::vector<float> after(f.q.size());
   f.Run(nullptr, 0, f.n(), after.data());
   for (int64_t t = 0; t < f.n(); ++t) {

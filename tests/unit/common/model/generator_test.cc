@@ -38,7 +38,8 @@ TEST(GeneratorTest, GreedyIsDeterministicAndMatchesPromptLogits) {
   for (int32_t tok : a->token_ids) {
     auto logits = gen.PromptLogits(seq);
     ASSERT_TRUE(logits.ok());
-    const int32_t argmax = static_cast<int32_t>(std::max_element(logits->begin(), logits->end()) - logits->begin());
+    const int32_t argmax =
+        static_cast<int32_t>(std::max_element(logits->begin(), logits->end()) - logits->begin());
     EXPECT_EQ(tok, argmax);
     seq.push_back(tok);
   }
@@ -62,7 +63,8 @@ TEST(GeneratorTest, StopsOnStopTokenAndOnCallback) {
   EXPECT_LE(stopped->token_ids.size(), 4u);
   EXPECT_EQ(stopped->token_ids.back(), free_run->token_ids[3]);
   int calls = 0;
-  auto aborted = gen.Generate(prompt, sampling::SamplingParams{}, [&](int32_t) { return ++calls < 2; });
+  auto aborted =
+      gen.Generate(prompt, sampling::SamplingParams{}, [&](int32_t) { return ++calls < 2; });
   ASSERT_TRUE(aborted.ok());
   EXPECT_EQ(aborted->finish_reason, "abort");
   EXPECT_EQ(aborted->token_ids.size(), 2u);

@@ -11,7 +11,8 @@
 namespace kvrelay::model {
 namespace {
 
-const char* kFiles[] = {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors"};
+const char* kFiles[] = {"config.json", "generation_config.json", "tokenizer.json",
+                        "model.safetensors"};
 
 TEST(MakeModelTest, SameSeedSameBytesOtherSeedOtherWeights) {
   for (Family f : {Family::kLlama, Family::kGpt2}) {

@@ -36,7 +36,8 @@ class Seq {
     if (scatter) std::reverse(blocks_.begin(), blocks_.end());
   }
   ~Seq() { pool_->Free(blocks_); }
-  SeqChunk Chunk(const std::vector<int32_t>& tokens, int64_t start, int64_t len, bool logits = true) const {
+  SeqChunk Chunk(const std::vector<int32_t>& tokens, int64_t start, int64_t len,
+                 bool logits = true) const {
     SeqChunk c;
     c.tokens = absl::MakeConstSpan(tokens.data() + start, len);
     c.start_pos = start;
@@ -57,7 +58,8 @@ std::unique_ptr<kvcache::KvPool> MakePool(const Model& m, DType dt, int block_si
   return std::move(*p);
 }
 
-std::vector<float> Logits(const Model& m, kvcache::KvPool* pool, const std::vector<SeqChunk>& batch) {
+std::vector<float> Logits(const Model& m, kvcache::KvPool* pool,
+                          const std::vector<SeqChunk>& batch) {
   std::vector<float> out;
   absl::Status s = m.Forward(batch, pool->view(), &out);
   EXPECT_TRUE(s.ok()) << s;
@@ -65,7 +67,8 @@ std::vector<float> Logits(const Model& m, kvcache::KvPool* pool, const std::vect
 }
 
 // Full recompute of tokens[0..n) in a fresh sequence; logits of the last token.
-std::vector<float> Recompute(const Model& m, kvcache::KvPool* pool, const std::vector<int32_t>& tokens, int64_t n) {
+std::vector<float> Recompute(const Model& m, kvcache::KvPool* pool,
+                             const std::vector<int32_t>& tokens, int64_t n) {
   Seq s(pool, n);
   return Logits(m, pool, {s.Chunk(tokens, 0, n)});
 }
@@ -134,19 +137,22 @@ TEST_P(ModelTest, BatchedIsBitIdenticalToAlone) {
   const std::vector<int> lens = {5, 17, 1, 33, 9};
   const int kSteps = 6;
   std::vector<std::vector<int32_t>> toks;
-  for (size_t i = 0; i < lens.size(); ++i) toks.push_back(RandomTokens(lens[i] + kSteps, m.config().vocab_size, 10 + i));
+  for (size_t i = 0; i < lens.size(); ++i)
+    toks.push_back(RandomTokens(lens[i] + kSteps, m.config().vocab_size, 10 + i));
 
   // Alone: prefill, then decode step by step.
   std::vector<std::vector<std::vector<float>>> alone(lens.size());
   for (size_t i = 0; i < lens.size(); ++i) {
     Seq s(pool.get(), lens[i] + kSteps);
     alone[i].push_back(Logits(m, pool.get(), {s.Chunk(toks[i], 0, lens[i])}));
-    for (int k = 0; k < kSteps; ++k) alone[i].push_back(Logits(m, pool.get(), {s.Chunk(toks[i], lens[i] + k, 1)}));
+    for (int k = 0; k < kSteps; ++k)
+      alone[i].push_back(Logits(m, pool.get(), {s.Chunk(toks[i], lens[i] + k, 1)}));
   }
   // Together: all prefills in one batch, then all decode steps batched; plus a mixed step
   // (sequence 0 decodes while sequence 1 is still prefilling its second half).
   std::vector<std::unique_ptr<Seq>> seqs;
-  for (size_t i = 0; i < lens.size(); ++i) seqs.push_back(std::make_unique<Seq>(pool.get(), lens[i] + kSteps));
+  for (size_t i = 0; i < lens.size(); ++i)
+    seqs.push_back(std::make_unique<Seq>(pool.get(), lens[i] + kSteps));
   std::vector<SeqChunk> batch;
   for (size_t i = 0; i < lens.size(); ++i) batch.push_back(seqs[i]->Chunk(toks[i], 0, lens[i]));
   std::vector<float> out = Logits(m, pool.get(), batch);
@@ -157,7 +163,8 @@ TEST_P(ModelTest, BatchedIsBitIdenticalToAlone) {
   }
   for (int k = 0; k < kSteps; ++k) {
     batch.clear();
-    for (size_t i = 0; i < lens.size(); ++i) batch.push_back(seqs[i]->Chunk(toks[i], lens[i] + k, 1));
+    for (size_t i = 0; i < lens.size(); ++i)
+      batch.push_back(seqs[i]->Chunk(toks[i], lens[i] + k, 1));
     out = Logits(m, pool.get(), batch);
     for (size_t i = 0; i < lens.size(); ++i) {
       std::vector<float> row(out.begin() + i * V, out.begin() + (i + 1) * V);
@@ -196,7 +203,8 @@ TEST_P(ModelTest, ReducedPrecisionKv) {
     DType dt;
     float tol;  // max |logit difference| vs f32 KV, logits are O(1) for these models
   };
-  for (const Case& c : {Case{DType::kF16, 2e-3f}, Case{DType::kBF16, 2e-2f}, Case{DType::kI8, 5e-2f}}) {
+  for (const Case& c :
+       {Case{DType::kF16, 2e-3f}, Case{DType::kBF16, 2e-2f}, Case{DType::kI8, 5e-2f}}) {
     auto pool = MakePool(m, c.dt, 16, 100);
     auto pool32 = MakePool(m, DType::kF32, 16, 100);
     const int kPrompt = 20, kSteps = 8;
@@ -282,7 +290,7 @@ TEST(RopeTest, Llama3ScalingMatchesReference) {
     }
     EXPECT_NEAR(scaled[i], want, 1e-6 * std::fabs(want) + 1e-12) << i;
   }
-  EXPECT_EQ(scaled[0], plain[0]);       // high frequency: unchanged
+  EXPECT_EQ(scaled[0], plain[0]);                 // high frequency: unchanged
   EXPECT_NEAR(scaled[31], plain[31] / 8, 1e-12);  // low frequency: divided by factor
 }
 

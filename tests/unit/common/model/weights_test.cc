@@ -16,7 +16,8 @@ using ::testing::HasSubstr;
 
 float At(const Linear& l, int64_t o, int64_t i) {
   float v;
-  kernels::ToF32(static_cast<const uint8_t*>(l.w) + (o * l.in + i) * kernels::DTypeSize(l.dtype), l.dtype, 1, &v);
+  kernels::ToF32(static_cast<const uint8_t*>(l.w) + (o * l.in + i) * kernels::DTypeSize(l.dtype),
+                 l.dtype, 1, &v);
   return v;
 }
 
@@ -36,7 +37,8 @@ TEST(WeightsTest, Gpt2Conv1DIsTransposedAndTied) {
   for (int64_t i : {0L, 5L, H - 1}) {
     for (int64_t o : {0L, 7L, 3 * H - 1}) {
       float want;
-      kernels::ToF32(static_cast<const uint8_t*>(raw.data) + (i * 3 * H + o) * 4, raw.dtype, 1, &want);
+      kernels::ToF32(static_cast<const uint8_t*>(raw.data) + (i * 3 * H + o) * 4, raw.dtype, 1,
+                     &want);
       EXPECT_EQ(At(qkv, o, i), want) << i << "," << o;
     }
   }
@@ -50,7 +52,8 @@ TEST(WeightsTest, LlamaQkvAndGateUpAreStacked) {
   auto cfg = *LoadModelConfig(dir);
   auto w = std::move(*LoadWeights(cfg, std::move(*WeightStore::Open(dir))));
   auto store = std::move(*WeightStore::Open(dir));
-  const int64_t H = cfg.hidden_size, nq = cfg.num_heads * cfg.head_dim, nkv = cfg.num_kv_heads * cfg.head_dim;
+  const int64_t H = cfg.hidden_size, nq = cfg.num_heads * cfg.head_dim,
+                nkv = cfg.num_kv_heads * cfg.head_dim;
   TensorInfo k = *store->Get("model.layers.0.self_attn.k_proj.weight", {nkv, H});
   const Linear& qkv = w->layers[0].qkv;
   EXPECT_EQ(qkv.out, nq + 2 * nkv);

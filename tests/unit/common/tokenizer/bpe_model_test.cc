@@ -91,7 +91,7 @@ TEST(BpeModelTest, CachesShortWords) {
   EXPECT_EQ((*m)->cache_size_for_test(), 1u);
 }
 
-TEST(BpeModelTest, LongWordIsFast) {
+TEST(BpeModelTest, LongWordEncodes) {
   auto m = BpeModel::FromJson(SmallModel());
   ASSERT_TRUE(m.ok());
   std::string word;

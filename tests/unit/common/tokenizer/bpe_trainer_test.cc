@@ -2,8 +2,6 @@
 
 #include <gtest/gtest.h>
 
-#include <chrono>
-#include <cstdio>
 #include <string>
 
 #include "common/tokenizer/tokenizer.h"
@@ -112,14 +110,13 @@ TEST_P(TrainerTest, JsonHasTheHuggingFaceLayout) {
   EXPECT_GT(trained.json.find("\"model\""), trained.json.find("\"decoder\""));
 }
 
-TEST_P(TrainerTest, TrainsQuickly) {
-  const auto start = std::chrono::steady_clock::now();
+TEST_P(TrainerTest, TrainsVocab1024) {
+  // Training time is measured in tests/bench/tokenizer_bench.cc.
   const TrainedTokenizer trained = Train(GetParam(), 1024);
-  const double ms =
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   EXPECT_FALSE(trained.json.empty());
-  EXPECT_LT(ms, 5000.0);  // ~tens of ms in Release; generous for sanitizer builds
-  std::printf("trained vocab 1024 in %.1f ms\n", ms);
+  auto t = Tokenizer::FromJson(trained.json, "trained/tokenizer.json");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->vocab_size(), 1024);
 }
 
 TEST_P(TrainerTest, SmallCorpusStopsEarly) {

@@ -2,7 +2,6 @@
 
 #include <gtest/gtest.h>
 
-#include <chrono>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -186,19 +185,14 @@ TEST(Llama2FixtureTest, RoundTrip) {
   }
 }
 
-TEST(Llama2FixtureTest, LongTextWithoutPreTokenizerIsFast) {
+TEST(Llama2FixtureTest, LongTextWithoutPreTokenizerEncodes) {
   // With pre_tokenizer null the whole text is a single BPE word.
   auto t = Load(Llama2Fixture(false).dump());
   ASSERT_NE(t, nullptr);
   std::string text;
   for (int i = 0; i < 2000; ++i) text += "hello world hi ";
-  const auto start = std::chrono::steady_clock::now();
   const std::vector<int32_t> ids = t->Encode(text, false);
-  const double ms =
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   EXPECT_EQ(ids.size(), 2000u * 4 + 1);  // ▁hello ▁world ▁h <0x69> per repeat, final ▁
-  EXPECT_LT(ms, 50.0);
-  std::printf("encode %zu bytes as one word: %.2f ms\n", text.size(), ms);
   EXPECT_EQ(t->Decode(ids, false), text);
 }
 
@@ -263,7 +257,7 @@ TEST_P(ByteLevelTest, BosFromPostProcessor) {
   }
 }
 
-TEST_P(ByteLevelTest, EncodesLongPromptQuicklyAndThreadSafely) {
+TEST_P(ByteLevelTest, EncodesLongPromptConsistentlyAndThreadSafely) {
   auto t = Trained(GetParam());
   ASSERT_NE(t, nullptr);
   std::string prompt;
@@ -271,20 +265,14 @@ TEST_P(ByteLevelTest, EncodesLongPromptQuicklyAndThreadSafely) {
   // Trim to ~4,096 tokens.
   std::vector<int32_t> ids = t->Encode(prompt, false);
   prompt = t->Decode(std::vector<int32_t>(ids.begin(), ids.begin() + 4096), false);
-  // Time a freshly loaded tokenizer (cold word cache) and a warm one.
+  // A freshly loaded tokenizer (cold word cache) and a warm one agree.
+  // Encode speed is measured in tests/bench/tokenizer_bench.cc.
   auto fresh = Trained(GetParam());
   ASSERT_NE(fresh, nullptr);
-  auto start = std::chrono::steady_clock::now();
   const std::vector<int32_t> expected = fresh->Encode(prompt, false);
-  const double cold_ms =
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-  start = std::chrono::steady_clock::now();
   EXPECT_EQ(fresh->Encode(prompt, false), expected);
-  const double warm_ms =
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   EXPECT_GE(expected.size(), 4000u);
-  EXPECT_LT(cold_ms, 50.0);  // a few ms in Release; generous for loaded/sanitizer builds
-  std::printf("encode %zu tokens: cold %.2f ms, warm %.2f ms\n", expected.size(), cold_ms, warm_ms);
+  EXPECT_EQ(fresh->Decode(expected, false), prompt);
 
   std::vector<std::thread> threads;
   std::vector<int> ok(4, 0);

@@ -30,7 +30,9 @@ Args Make() {
 
 TEST(ArgsTest, ParsesAllForms) {
   Args a = Make();
-  ASSERT_TRUE(Parse(a, {"--name", "v", "--n=3", "--x", "0.5", "--json", "--prompt", "a, b", "--prompt=c"}).ok());
+  ASSERT_TRUE(
+      Parse(a, {"--name", "v", "--n=3", "--x", "0.5", "--json", "--prompt", "a, b", "--prompt=c"})
+          .ok());
   EXPECT_EQ(a.GetString("name", ""), "v");
   EXPECT_EQ(a.GetInt("n", 0), 3);
   EXPECT_DOUBLE_EQ(a.GetFloat("x", 0), 0.5);

@@ -10,8 +10,8 @@
 namespace kvrelay::cli {
 namespace {
 
-using ::testing::HasSubstr;
 using nlohmann::json;
+using ::testing::HasSubstr;
 
 int RunCmd(std::vector<std::string> argv, std::string* out, std::string* err) {
   argv.insert(argv.begin(), {"kvrelay", "generate"});
@@ -36,16 +36,17 @@ std::string Dir(int variant) { return testing::ModelDir(testing::TinyVariants()[
 TEST(GenerateCmdTest, JsonTurnsCarryTheConversation) {
   for (int variant : {0, 4}) {  // llama and gpt2
     std::string out, err;
-    ASSERT_EQ(RunCmd({"--model", Dir(variant), "--prompt", "Hello there", "--prompt", " And again, ümlaut 🙂",
-                   "--max-tokens", "6", "--ignore-eos", "--logprobs", "2", "--json"},
-                  &out, &err),
+    ASSERT_EQ(RunCmd({"--model", Dir(variant), "--prompt", "Hello there", "--prompt",
+                      " And again, ümlaut 🙂", "--max-tokens", "6", "--ignore-eos", "--logprobs",
+                      "2", "--json"},
+                     &out, &err),
               0)
         << err;
     std::vector<json> turns = Lines(out);
     ASSERT_EQ(turns.size(), 2u);
     for (const json& t : turns) {
-      for (const char* k : {"prompt_token_ids", "token_ids", "text", "logprobs", "cached_tokens", "prefill_ms",
-                            "decode_ms_per_token"}) {
+      for (const char* k : {"prompt_token_ids", "token_ids", "text", "logprobs", "cached_tokens",
+                            "prefill_ms", "decode_ms_per_token"}) {
         EXPECT_TRUE(t.contains(k)) << k;
       }
       EXPECT_EQ(t["token_ids"].size(), 6u);
@@ -54,7 +55,8 @@ TEST(GenerateCmdTest, JsonTurnsCarryTheConversation) {
       EXPECT_EQ(t["cached_tokens"], 0);
     }
     // Turn 2's prompt = turn 1's prompt + output + the new text.
-    std::vector<int> p1 = turns[0]["prompt_token_ids"], o1 = turns[0]["token_ids"], p2 = turns[1]["prompt_token_ids"];
+    std::vector<int> p1 = turns[0]["prompt_token_ids"], o1 = turns[0]["token_ids"],
+                     p2 = turns[1]["prompt_token_ids"];
     std::vector<int> prefix = p1;
     prefix.insert(prefix.end(), o1.begin(), o1.end());
     ASSERT_GT(p2.size(), prefix.size());
@@ -64,12 +66,19 @@ TEST(GenerateCmdTest, JsonTurnsCarryTheConversation) {
 
 TEST(GenerateCmdTest, GreedyIsTheSameWithEveryKernelAndChunkSetting) {
   std::string ref, out, err;
-  ASSERT_EQ(RunCmd({"--model", Dir(0), "--prompt", "The quick brown fox", "--max-tokens", "8", "--json"}, &ref, &err), 0)
+  ASSERT_EQ(
+      RunCmd({"--model", Dir(0), "--prompt", "The quick brown fox", "--max-tokens", "8", "--json"},
+             &ref, &err),
+      0)
       << err;
   const json r = Lines(ref)[0];
-  for (std::vector<std::string> extra : std::vector<std::vector<std::string>>{
-           {"--prefill-chunk", "1"}, {"--block-size", "1"}, {"--threads", "1"}, {"--kv-blocks", "40"}}) {
-    std::vector<std::string> args = {"--model", Dir(0), "--prompt", "The quick brown fox", "--max-tokens", "8", "--json"};
+  for (std::vector<std::string> extra :
+       std::vector<std::vector<std::string>>{{"--prefill-chunk", "1"},
+                                             {"--block-size", "1"},
+                                             {"--threads", "1"},
+                                             {"--kv-blocks", "40"}}) {
+    std::vector<std::string> args = {"--model",      Dir(0), "--prompt", "The quick brown fox",
+                                     "--max-tokens", "8",    "--json"};
     args.insert(args.end(), extra.begin(), extra.end());
     ASSERT_EQ(RunCmd(args, &out, &err), 0) << err;
     EXPECT_EQ(Lines(out)[0]["token_ids"], r["token_ids"]) << extra[0];
@@ -78,7 +87,10 @@ TEST(GenerateCmdTest, GreedyIsTheSameWithEveryKernelAndChunkSetting) {
 
 TEST(GenerateCmdTest, PlainTextStreamsThePromptAndOutput) {
   std::string out, err;
-  ASSERT_EQ(RunCmd({"--model", Dir(0), "--prompt", "Once upon", "--max-tokens", "4", "--kv-dtype", "int8"}, &out, &err), 0)
+  ASSERT_EQ(RunCmd({"--model", Dir(0), "--prompt", "Once upon", "--max-tokens", "4", "--kv-dtype",
+                    "int8"},
+                   &out, &err),
+            0)
       << err;
   EXPECT_EQ(out.rfind("Once upon", 0), 0u);
   EXPECT_EQ(out.back(), '\n');
@@ -94,13 +106,19 @@ TEST(GenerateCmdTest, ErrorsAreOneClearLine) {
   const std::string m = Dir(0);
   for (const Case& c : std::vector<Case>{
            {{"--model", m}, 2, "--prompt TEXT is required"},
-           {{"--model", "/nonexistent/model", "--prompt", "x"}, 1, "/nonexistent/model: no such folder"},
+           {{"--model", "/nonexistent/model", "--prompt", "x"},
+            1,
+            "/nonexistent/model: no such folder"},
            {{"--model", m, "--prompt", "x", "--temperature", "-1"}, 2, "temperature"},
            {{"--model", m, "--prompt", "x", "--kv-dtype", "f8"}, 2, "--kv-dtype"},
            {{"--model", m, "--prompt", "x", "--bogus"}, 2, "unknown flag --bogus"},
-           {{"--model", m, "--prompt", "x", "--max-tokens", "lots"}, 2, "--max-tokens takes an integer"},
+           {{"--model", m, "--prompt", "x", "--max-tokens", "lots"},
+            2,
+            "--max-tokens takes an integer"},
            {{"--model", m, "--prompt", "x", "--kv-blocks", "0"}, 1, "num_blocks"},
-           {{"--model", m, "--prompt", "x", "--stop-token-id", "99999999999"}, 2, "--stop-token-id"},
+           {{"--model", m, "--prompt", "x", "--stop-token-id", "99999999999"},
+            2,
+            "--stop-token-id"},
            {{"--model", m, "--prompt", "x", "--max-tokens", "99999999999"}, 2, "--max-tokens"},
            {{"--model", m, "--prompt", "x", "--logprobs", "21"}, 2, "--logprobs"},
        }) {
@@ -113,7 +131,8 @@ TEST(GenerateCmdTest, ErrorsAreOneClearLine) {
 TEST(GenerateCmdTest, CorruptModelFilesNameTheFile) {
   const std::string src = Dir(0);
   const std::string dir = testing::MakeTempDir("kvr_corrupt_");
-  for (const char* f : {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors"}) {
+  for (const char* f :
+       {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors"}) {
     ASSERT_TRUE(WriteFile(dir + "/" + f, *ReadFile(src + "/" + f)).ok());
   }
   std::string weights = *ReadFile(src + "/model.safetensors");

@@ -28,9 +28,10 @@ TEST(MakeModelCmdTest, WritesBothFamiliesDeterministically) {
   std::string out, err;
   for (const char* fam : {"llama", "gpt2"}) {
     for (const char* sub : {"/a", "/b"}) {
-      ASSERT_EQ(RunCmd({"--family", fam, "--seed", "3", "--out", base + "/" + fam + sub, "--layers", "1",
-                     "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--vocab", "320", "--dtype", "bf16"},
-                    &out, &err),
+      ASSERT_EQ(RunCmd({"--family", fam, "--seed", "3", "--out", base + "/" + fam + sub, "--layers",
+                        "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--vocab", "320",
+                        "--dtype", "bf16"},
+                       &out, &err),
                 0)
           << err;
     }
@@ -54,7 +55,8 @@ TEST(MakeModelCmdTest, ErrorsAreOneClearLine) {
   EXPECT_THAT(err, HasSubstr("--hidden takes an integer"));
   EXPECT_EQ(RunCmd({"--dtype", "int8", "--out", "/tmp/x"}, &out, &err), 2);
   EXPECT_THAT(err, HasSubstr("--dtype"));
-  EXPECT_EQ(RunCmd({"--heads", "5", "--out", testing::MakeTempDir("kvr_mmc_") + "/m"}, &out, &err), 1);
+  EXPECT_EQ(RunCmd({"--heads", "5", "--out", testing::MakeTempDir("kvr_mmc_") + "/m"}, &out, &err),
+            1);
   EXPECT_THAT(err, HasSubstr("--heads"));
   EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1);
 }
