@@ -104,16 +104,8 @@ void MatMulT(const float* x, int64_t rows, int64_t in, const void* w, int64_t o0
 
 void MatMulAvx2(const float* x, int64_t rows, int64_t in, const void* w, DType wt, int64_t o0,
                 int64_t o1, float* y, int64_t ldy) {
-  switch (wt) {
-    case DType::kF32:
-      return MatMulT<DType::kF32>(x, rows, in, w, o0, o1, y, ldy);
-    case DType::kF16:
-      return MatMulT<DType::kF16>(x, rows, in, w, o0, o1, y, ldy);
-    case DType::kBF16:
-      return MatMulT<DType::kBF16>(x, rows, in, w, o0, o1, y, ldy);
-    case DType::kI8:
-      return MatMulT<DType::kI8>(x, rows, in, w, o0, o1, y, ldy);
-  }
+  return WithDType(
+      wt, [&](auto t) { return MatMulT<decltype(t)::value>(x, rows, in, w, o0, o1, y, ldy); });
 }
 
 template <DType T>
@@ -134,30 +126,12 @@ void DotRowsT(const float* q, const void* k, int64_t stride, int count, int64_t 
 
 void DotKvRowsAvx2(const float* q, const void* k, int64_t stride, int count, DType kt, int64_t n,
                    float* out) {
-  switch (kt) {
-    case DType::kF32:
-      return DotRowsT<DType::kF32>(q, k, stride, count, n, out);
-    case DType::kF16:
-      return DotRowsT<DType::kF16>(q, k, stride, count, n, out);
-    case DType::kBF16:
-      return DotRowsT<DType::kBF16>(q, k, stride, count, n, out);
-    case DType::kI8:
-      return DotRowsT<DType::kI8>(q, k, stride, count, n, out);
-  }
+  return WithDType(
+      kt, [&](auto t) { return DotRowsT<decltype(t)::value>(q, k, stride, count, n, out); });
 }
 
 float DotKvAvx2(const float* q, const void* k, DType kt, int64_t n) {
-  switch (kt) {
-    case DType::kF32:
-      return DotT<DType::kF32>(q, k, n);
-    case DType::kF16:
-      return DotT<DType::kF16>(q, k, n);
-    case DType::kBF16:
-      return DotT<DType::kBF16>(q, k, n);
-    case DType::kI8:
-      return DotT<DType::kI8>(q, k, n);
-  }
-  return 0.0f;
+  return WithDType(kt, [&](auto t) { return DotT<decltype(t)::value>(q, k, n); });
 }
 
 template <DType T>
@@ -191,29 +165,12 @@ void AxpyRowsT(const float* a, const void* v, int64_t stride, int count, int64_t
 
 void AxpyKvRowsAvx2(const float* a, const void* v, int64_t stride, int count, DType vt, int64_t n,
                     float* out) {
-  switch (vt) {
-    case DType::kF32:
-      return AxpyRowsT<DType::kF32>(a, v, stride, count, n, out);
-    case DType::kF16:
-      return AxpyRowsT<DType::kF16>(a, v, stride, count, n, out);
-    case DType::kBF16:
-      return AxpyRowsT<DType::kBF16>(a, v, stride, count, n, out);
-    case DType::kI8:
-      return AxpyRowsT<DType::kI8>(a, v, stride, count, n, out);
-  }
+  return WithDType(
+      vt, [&](auto t) { return AxpyRowsT<decltype(t)::value>(a, v, stride, count, n, out); });
 }
 
 void AxpyKvAvx2(float a, const void* v, DType vt, int64_t n, float* out) {
-  switch (vt) {
-    case DType::kF32:
-      return AxpyT<DType::kF32>(a, v, n, out);
-    case DType::kF16:
-      return AxpyT<DType::kF16>(a, v, n, out);
-    case DType::kBF16:
-      return AxpyT<DType::kBF16>(a, v, n, out);
-    case DType::kI8:
-      return AxpyT<DType::kI8>(a, v, n, out);
-  }
+  return WithDType(vt, [&](auto t) { return AxpyT<decltype(t)::value>(a, v, n, out); });
 }
 
 }  // namespace

@@ -57,21 +57,6 @@ std::vector<ModelVariant> TinyVariants() {
   return v;
 }
 
-std::string MakeTempDir(const std::string& prefix) {
-  std::string base = ::testing::TempDir();
-  if (base.empty()) base = "/tmp/";
-  if (base.back() != '/') base += '/';
-  std::string templ = base + prefix + "XXXXXX";
-  std::vector<char> buf(templ.begin(), templ.end());
-  buf.push_back('\0');
-  char* d = ::mkdtemp(buf.data());
-  if (d == nullptr) {
-    ADD_FAILURE() << "mkdtemp failed for " << templ;
-    return templ;
-  }
-  return d;
-}
-
 namespace {
 std::mutex g_mu;
 std::map<std::string, std::string>& Dirs() {

@@ -11,6 +11,7 @@
 #include "common/model/model.h"
 #include "common/model/model_maker.h"
 #include "kernels/thread_pool.h"
+#include "tests/testing/temp_dir.h"
 
 namespace kvrelay::testing {
 
@@ -23,9 +24,6 @@ inline void PrintTo(const ModelVariant& v, std::ostream* os) { *os << v.name; }
 // llama GQA, llama MHA + tied embeddings, llama-3 rope scaling, qwen2 (q/k/v bias),
 // mistral, gpt2; all tiny (2 layers, hidden 64) and seeded.
 std::vector<ModelVariant> TinyVariants();
-
-// A fresh temp dir under ::testing::TempDir() (or $TMPDIR), unique per call.
-std::string MakeTempDir(const std::string& prefix);
 
 // Writes the variant's model folder once per process and returns its path.
 std::string ModelDir(const ModelVariant& variant);

@@ -10,6 +10,7 @@
 #include "common/util/file.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/temp_dir.h"
 
 namespace kvrelay::model {
 namespace {
@@ -17,24 +18,7 @@ namespace {
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
-// A fresh directory under the gtest temp dir, removed at scope exit.
-class ScopedTempDir {
- public:
-  ScopedTempDir() {
-    std::string tmpl = JoinPath(::testing::TempDir(), "kvr_config_test_XXXXXX");
-    char* p = ::mkdtemp(tmpl.data());
-    EXPECT_NE(p, nullptr);
-    path_ = tmpl;
-  }
-  ~ScopedTempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
+using testing::ScopedTempDir;
 
 constexpr const char* kPath = "/models/x/config.json";
 

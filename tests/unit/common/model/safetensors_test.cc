@@ -14,6 +14,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/dtype.h"
+#include "tests/testing/temp_dir.h"
 
 namespace kvrelay::model {
 namespace {
@@ -22,24 +23,7 @@ using kernels::DType;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
-class ScopedTempDir {
- public:
-  ScopedTempDir() {
-    std::string tmpl = JoinPath(::testing::TempDir(), "kvr_safetensors_test_XXXXXX");
-    char* p = ::mkdtemp(tmpl.data());
-    EXPECT_NE(p, nullptr);
-    path_ = tmpl;
-  }
-  ~ScopedTempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-  std::string File(const std::string& name) const { return JoinPath(path_, name); }
-
- private:
-  std::string path_;
-};
+using testing::ScopedTempDir;
 
 // Raw file bytes: u64 LE header length, header, data.
 std::string RawFile(const std::string& header, const std::string& data) {
