@@ -12,6 +12,26 @@ namespace kvrelay::model {
 
 using kernels::DType;
 
+namespace {
+
+// A float buffer that only grows.
+class Buffer {
+ public:
+  float* Get(int64_t n) {
+    if (static_cast<int64_t>(v_.size()) < n) v_.resize(n);
+    return v_.data();
+  }
+
+ private:
+  std::vector<float> v_;
+};
+
+struct Workspace {
+  Buffer x, h, qkv, q, attn, mlp, act, tmp, last, normed;
+};
+
+}  // namespace
+
 std::vector<float> RopeInvFreq(const ModelConfig& c) {
   const int half = c.head_dim / 2;
   std::vector<float> inv(half);
@@ -130,10 +150,20 @@ absl::Status Model::Forward(absl::Span<const SeqChunk> batch, const kernels::Pag
   const int64_t qkv_dim = (nh + 2 * nkv) * hd;
   const int64_t I = c.intermediate_size;
   const bool llama = c.family == Family::kLlama;
-  std::vector<float> x(T * H), h(T * H), qkv(T * qkv_dim), q(T * nh * hd), attn(T * nh * hd);
-  std::vector<float> mlp(T * (llama ? 2 * I : I)), act(llama ? T * I : 0), tmp(T * H);
+  // Activation buffers are reused across calls on this thread: fresh multi-megabyte
+  // allocations each step would cost more in page faults than some of the ops. Every
+  // buffer is fully written before it is read.
+  thread_local Workspace ws;
+  float* x = ws.x.Get(T * H);
+  float* h = ws.h.Get(T * H);
+  float* qkv = ws.qkv.Get(T * qkv_dim);
+  float* q = ws.q.Get(T * nh * hd);
+  float* attn = ws.attn.Get(T * nh * hd);
+  float* mlp = ws.mlp.Get(T * (llama ? 2 * I : I));
+  float* act = ws.act.Get(llama ? T * I : 0);
+  float* tmp = ws.tmp.Get(T * H);
 
-  kernels::EmbeddingGather(ids.data(), T, w.embed, w.embed_dtype, H, x.data());
+  kernels::EmbeddingGather(ids.data(), T, w.embed, w.embed_dtype, H, x);
   if (!llama) {
     for (int64_t t = 0; t < T; ++t) kernels::AddInPlace(&x[t * H], &w.pos_embed[pos[t] * H], H);
   }
@@ -152,8 +182,8 @@ absl::Status Model::Forward(absl::Span<const SeqChunk> batch, const kernels::Pag
 
   for (int layer = 0; layer < c.num_layers; ++layer) {
     const LayerWeights& lw = w.layers[layer];
-    norm(lw.norm1_w, lw.norm1_b, x.data(), T, h.data());
-    linear(lw.qkv, h.data(), T, qkv.data());
+    norm(lw.norm1_w, lw.norm1_b, x, T, h);
+    linear(lw.qkv, h, T, qkv);
     for (int64_t t = 0; t < T; ++t) {
       float* row = &qkv[t * qkv_dim];
       float* qr = row;
@@ -167,31 +197,32 @@ absl::Status Model::Forward(absl::Span<const SeqChunk> batch, const kernels::Pag
       kernels::WriteKv(kv, tables[t][pos[t] / L.block_size],
                        static_cast<int>(pos[t] % L.block_size), layer, kr, vr);
     }
-    kernels::PagedAttention(pool_, kv, layer, q.data(), T, tables.data(), pos.data(),
-                            static_cast<int>(nh), scale, attn.data());
-    linear(lw.o, attn.data(), T, tmp.data());
-    kernels::AddInPlace(x.data(), tmp.data(), T * H);
+    kernels::PagedAttention(pool_, kv, layer, q, T, tables.data(), pos.data(), static_cast<int>(nh),
+                            scale, attn);
+    linear(lw.o, attn, T, tmp);
+    kernels::AddInPlace(x, tmp, T * H);
 
-    norm(lw.norm2_w, lw.norm2_b, x.data(), T, h.data());
-    linear(lw.up, h.data(), T, mlp.data());
+    norm(lw.norm2_w, lw.norm2_b, x, T, h);
+    linear(lw.up, h, T, mlp);
     if (llama) {
-      kernels::SiluMul(mlp.data(), T, I, act.data());
+      kernels::SiluMul(mlp, T, I, act);
     } else {
-      kernels::GeluTanh(mlp.data(), T * I);
+      kernels::GeluTanh(mlp, T * I);
     }
-    linear(lw.down, llama ? act.data() : mlp.data(), T, tmp.data());
-    kernels::AddInPlace(x.data(), tmp.data(), T * H);
+    linear(lw.down, llama ? act : mlp, T, tmp);
+    kernels::AddInPlace(x, tmp, T * H);
   }
 
   const int64_t S = static_cast<int64_t>(logit_rows.size());
   if (S == 0) return absl::OkStatus();
-  std::vector<float> last(S * H), normed(S * H);
+  float* last = ws.last.Get(S * H);
+  float* normed = ws.normed.Get(S * H);
   for (int64_t i = 0; i < S; ++i)
     std::memcpy(&last[i * H], &x[logit_rows[i] * H], sizeof(float) * H);
-  norm(w.final_norm_w, w.final_norm_b, last.data(), S, normed.data());
+  norm(w.final_norm_w, w.final_norm_b, last, S, normed);
   const size_t off = logits->size();
   logits->resize(off + static_cast<size_t>(S) * c.vocab_size);
-  linear(w.lm_head, normed.data(), S, logits->data() + off);
+  linear(w.lm_head, normed, S, logits->data() + off);
   return absl::OkStatus();
 }
 

@@ -58,8 +58,8 @@ inline float Tail(const float* x, const void* w, int64_t i, int64_t n, float s) 
 // R rows of x (length in, contiguous) against O rows of w (`stride` bytes apart,
 // starting at wb): y[r * ldy + q] for r < R, q < O.
 template <DType T, int R, int O>
-inline void Block(const float* x, int64_t in, const uint8_t* wb, size_t stride, float* y,
-                  int64_t ldy) {
+__attribute__((noinline)) void Block(const float* x, int64_t in, const uint8_t* wb, size_t stride,
+                                     float* y, int64_t ldy) {
   __m256 acc[R][O];
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < O; ++q) acc[r][q] = _mm256_setzero_ps();
