@@ -66,6 +66,8 @@ void AddInPlace(float* x, const float* y, int64_t n);
 void SiluMul(const float* gate_up, int64_t rows, int64_t inter, float* out);
 // GPT-2 "gelu_new" (tanh approximation), in place.
 void GeluTanh(float* x, int64_t n);
+// Exact GELU, 0.5 x (1 + erf(x / sqrt 2)) (HF "gelu"), in place.
+void GeluErf(float* x, int64_t n);
 
 // Rotary position embedding (rotate-half convention, as HF Llama) applied in place to
 // `num_heads` heads of `head_dim` for one token at `position`. inv_freq has head_dim/2 entries.

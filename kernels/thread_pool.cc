@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <string>
+#include <system_error>
 
 namespace kvrelay::kernels {
 
@@ -11,7 +12,13 @@ ThreadPool::ThreadPool(int num_threads) {
   if (num_threads <= 0) num_threads = static_cast<int>(std::thread::hardware_concurrency());
   num_threads_ = std::max(1, num_threads);
   for (int i = 1; i < num_threads_; ++i) {
-    workers_.emplace_back([this] { WorkerLoop(); });
+    try {
+      workers_.emplace_back([this] { WorkerLoop(); });
+    } catch (const std::system_error&) {
+      // The system would not give us another thread: run with those we have.
+      num_threads_ = i;
+      break;
+    }
     const std::string name = "kvr-pool-" + std::to_string(i);
     pthread_setname_np(workers_.back().native_handle(), name.c_str());
   }

@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 
 #include <cstring>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 
@@ -18,6 +19,13 @@ absl::StatusOr<std::unique_ptr<KvPool>> KvPool::Create(const kernels::PagedKvLay
   if (num_blocks <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("kv pool: num_blocks must be > 0, got ", num_blocks));
+  }
+  if (num_blocks > std::numeric_limits<int32_t>::max() ||
+      static_cast<uint64_t>(num_blocks) >
+          std::numeric_limits<size_t>::max() / layout.block_bytes()) {
+    return absl::InvalidArgumentError(absl::StrCat("kv pool: num_blocks ", num_blocks,
+                                                   " is too large (block ids are 32-bit and ",
+                                                   layout.block_bytes(), " bytes each)"));
   }
   std::unique_ptr<KvPool> pool(new KvPool());
   pool->bytes_ = layout.block_bytes() * static_cast<size_t>(num_blocks);

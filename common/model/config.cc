@@ -233,7 +233,7 @@ absl::Status ParseLlama(const Json& j, const std::string& path, ModelConfig* c) 
   // implemented; within the window it equals full attention, so the usable context
   // is clamped to the window and results stay exact.
   const Json* window = Find(j, "sliding_window");
-  bool use_window = window != nullptr && window->is_number_integer();
+  bool use_window = window != nullptr && window->is_number_integer() && c->model_type != "llama";
   if (c->model_type == "qwen2") {
     const Json* use = Find(j, "use_sliding_window");
     use_window = use_window && use != nullptr && use->is_boolean() && use->get<bool>();
@@ -287,6 +287,16 @@ absl::Status ParseGpt2(const Json& j, const std::string& path, ModelConfig* c) {
   if (!tie) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": gpt2 with tie_word_embeddings=false is not supported"));
+  }
+  // Attention-scaling variants the forward pass does not implement: refuse rather than
+  // silently compute something else.
+  bool scale_attn_weights = true, scale_by_layer = false;
+  KVR_RETURN_IF_ERROR(GetBool(j, "scale_attn_weights", path, &scale_attn_weights));
+  KVR_RETURN_IF_ERROR(GetBool(j, "scale_attn_by_inverse_layer_idx", path, &scale_by_layer));
+  if (!scale_attn_weights || scale_by_layer) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path,
+        ": scale_attn_weights=false and scale_attn_by_inverse_layer_idx=true are not supported"));
   }
   c->tie_word_embeddings = true;
   c->attention_bias = true;

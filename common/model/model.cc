@@ -99,6 +99,7 @@ absl::Status Model::Forward(absl::Span<const SeqChunk> batch, const kernels::Pag
   const ModelConfig& c = config_;
   const Weights& w = *weights_;
   const auto& L = kv.layout;
+  if (logits == nullptr) return absl::InvalidArgumentError("forward: logits output is null");
   if (L.num_layers != c.num_layers || L.num_kv_heads != c.num_kv_heads ||
       L.head_dim != c.head_dim) {
     return absl::InvalidArgumentError("forward: KV pool layout does not match the model");
@@ -106,7 +107,6 @@ absl::Status Model::Forward(absl::Span<const SeqChunk> batch, const kernels::Pag
   // Flatten the batch into T token rows, validating as we go.
   int64_t T = 0;
   for (const SeqChunk& s : batch) T += static_cast<int64_t>(s.tokens.size());
-  if (T == 0) return absl::OkStatus();
   std::vector<int32_t> ids(T);
   std::vector<int64_t> pos(T);
   std::vector<const int32_t*> tables(T);
@@ -116,6 +116,10 @@ absl::Status Model::Forward(absl::Span<const SeqChunk> batch, const kernels::Pag
     for (size_t si = 0; si < batch.size(); ++si) {
       const SeqChunk& s = batch[si];
       if (s.start_pos < 0) return absl::InvalidArgumentError("forward: negative start position");
+      if (s.tokens.empty() && s.want_logits) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("forward: sequence ", si, " wants logits but has no tokens"));
+      }
       const int64_t end = s.start_pos + static_cast<int64_t>(s.tokens.size());
       if (end > c.max_position_embeddings) {
         return absl::InvalidArgumentError(
@@ -142,9 +146,11 @@ absl::Status Model::Forward(absl::Span<const SeqChunk> batch, const kernels::Pag
         pos[t] = s.start_pos + static_cast<int64_t>(i);
         tables[t] = s.block_table.data();
       }
-      if (s.want_logits && !s.tokens.empty()) logit_rows.push_back(t - 1);
+      if (s.want_logits) logit_rows.push_back(t - 1);
     }
   }
+
+  if (T == 0) return absl::OkStatus();
 
   const int64_t H = c.hidden_size, hd = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
   const int64_t qkv_dim = (nh + 2 * nkv) * hd;
@@ -207,7 +213,11 @@ absl::Status Model::Forward(absl::Span<const SeqChunk> batch, const kernels::Pag
     if (llama) {
       kernels::SiluMul(mlp, T, I, act);
     } else {
-      kernels::GeluTanh(mlp, T * I);
+      if (c.hidden_act == "gelu") {
+        kernels::GeluErf(mlp, T * I);  // exact form (transformers GELUActivation)
+      } else {
+        kernels::GeluTanh(mlp, T * I);  // gelu_new / gelu_pytorch_tanh
+      }
     }
     linear(lw.down, llama ? act : mlp, T, tmp);
     kernels::AddInPlace(x, tmp, T * H);

@@ -82,20 +82,53 @@ class TensorWriter {
   std::vector<TensorToWrite> tensors_;
 };
 
+// Parameters make-model would write for `c` (every tensor is built in memory first).
+int64_t ParameterCount(const ModelConfig& c) {
+  const int64_t H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;
+  const int64_t nq = static_cast<int64_t>(c.num_heads) * c.head_dim;
+  const int64_t nkv = static_cast<int64_t>(c.num_kv_heads) * c.head_dim;
+  const int64_t per_layer =
+      c.family == Family::kGpt2 ? 4 * H * H + 2 * H * I : 2 * H * (nq + nkv) + 3 * H * I;
+  return c.num_layers * per_layer + V * H * (c.tie_word_embeddings ? 1 : 2) +
+         (c.family == Family::kGpt2 ? int64_t{c.max_position_embeddings} * H : 0);
+}
+
+absl::Status CheckSize(const ModelConfig& c, kernels::DType dtype) {
+  const int64_t params = ParameterCount(c);
+  const int64_t bytes = params * static_cast<int64_t>(kernels::DTypeSize(dtype));
+  if (bytes > (int64_t{16} << 30)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("make-model: ", params, " parameters (", bytes >> 20,
+                     " MiB) is more than make-model writes (16 GiB)"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<ModelConfig> ConfigFor(const MakeModelOptions& o, int bos_token_id,
                                       std::vector<int> eos_token_ids) {
   auto bad = [](const std::string& m) { return absl::InvalidArgumentError("make-model: " + m); };
-  if (o.layers <= 0) return bad(absl::StrCat("--layers must be > 0, got ", o.layers));
-  if (o.hidden <= 0) return bad(absl::StrCat("--hidden must be > 0, got ", o.hidden));
+  if (o.layers <= 0 || o.layers > 4096) {
+    return bad(absl::StrCat("--layers must be in [1, 4096], got ", o.layers));
+  }
+  if (o.hidden <= 0 || o.hidden > (1 << 20)) {
+    return bad(absl::StrCat("--hidden must be in [1, 2^20], got ", o.hidden));
+  }
+  if (o.intermediate < 0 || o.intermediate > (1 << 24)) {
+    return bad(absl::StrCat("--intermediate must be in [0, 2^24], got ", o.intermediate));
+  }
   if (o.heads <= 0 || o.hidden % o.heads != 0) {
     return bad(
         absl::StrCat("--heads must be > 0 and divide --hidden (", o.hidden, "), got ", o.heads));
   }
   if ((o.hidden / o.heads) % 2 != 0) return bad("--hidden / --heads (head size) must be even");
-  if (o.max_pos <= 0) return bad(absl::StrCat("--max-pos must be > 0, got ", o.max_pos));
-  if (o.vocab < 300) return bad(absl::StrCat("--vocab must be >= 300, got ", o.vocab));
+  if (o.max_pos <= 0 || o.max_pos > (1 << 24)) {
+    return bad(absl::StrCat("--max-pos must be in [1, 2^24], got ", o.max_pos));
+  }
+  if (o.vocab < 300 || o.vocab > (1 << 24)) {
+    return bad(absl::StrCat("--vocab must be in [300, 2^24], got ", o.vocab));
+  }
   if (o.dtype == DType::kI8) return bad("--dtype must be f32, f16 or bf16");
   ModelConfig c;
   c.family = o.family;
@@ -119,6 +152,7 @@ absl::StatusOr<ModelConfig> ConfigFor(const MakeModelOptions& o, int bos_token_i
     c.attention_bias = true;
     c.mlp_bias = true;
     c.hidden_act = "gelu_new";
+    KVR_RETURN_IF_ERROR(CheckSize(c, o.dtype));
     return c;
   }
   c.model_type = o.model_type.empty() ? "llama" : o.model_type;
@@ -143,14 +177,19 @@ absl::StatusOr<ModelConfig> ConfigFor(const MakeModelOptions& o, int bos_token_i
     c.rope_scaling.high_freq_factor = 4.0f;
     c.rope_scaling.original_max_position_embeddings = std::max(16, o.max_pos / 4);
   }
+  KVR_RETURN_IF_ERROR(CheckSize(c, o.dtype));
   return c;
 }
 
 absl::Status MakeModel(const MakeModelOptions& o, const std::string& out_dir) {
+  // Validate the shape (and its size) before spending time on the tokenizer.
+  KVR_RETURN_IF_ERROR(ConfigFor(o, -1, {}).status());
   tokenizer::BpeTrainOptions topt;
   topt.style = o.family == Family::kGpt2 ? tokenizer::ByteLevelStyle::kGpt2
                                          : tokenizer::ByteLevelStyle::kLlama3;
-  topt.vocab_size = o.vocab;
+  // The built-in corpus yields ~1k tokens; a larger model vocab is padded, as real
+  // checkpoints often are.
+  topt.vocab_size = std::min(o.vocab, 1 << 16);
   KVR_ASSIGN_OR_RETURN(tokenizer::TrainedTokenizer tok, tokenizer::TrainByteLevelBpe(topt));
   KVR_ASSIGN_OR_RETURN(ModelConfig c, ConfigFor(o, tok.bos_token_id, tok.eos_token_ids));
 

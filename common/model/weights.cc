@@ -16,8 +16,17 @@ class Loader {
  public:
   Loader(const ModelConfig& c, Weights* w) : c_(c), w_(w) {}
 
+  // The tensor, with its data aligned for its element type: safetensors does not
+  // promise aligned offsets, and typed loads of misaligned data are undefined.
   absl::StatusOr<TensorInfo> Get(const std::string& name, std::vector<int64_t> shape) {
-    return w_->store->Get(prefix_ + name, shape);
+    KVR_ASSIGN_OR_RETURN(TensorInfo t, w_->store->Get(prefix_ + name, shape));
+    if (reinterpret_cast<uintptr_t>(t.data) % kernels::DTypeSize(t.dtype) != 0) {
+      auto buf = std::make_unique<std::vector<uint8_t>>(
+          static_cast<const uint8_t*>(t.data), static_cast<const uint8_t*>(t.data) + t.nbytes);
+      t.data = buf->data();
+      w_->owned.push_back(std::move(buf));
+    }
+    return t;
   }
   bool Has(const std::string& name) const { return w_->store->Has(prefix_ + name); }
   void set_prefix(std::string p) { prefix_ = std::move(p); }

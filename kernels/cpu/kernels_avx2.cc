@@ -1,5 +1,8 @@
-// AVX2 + FMA + F16C inner loops. This file is compiled with -mavx2 -mfma -mf16c;
-// nothing in it may run unless DetectIsa() found those features.
+// AVX2 + FMA + F16C inner loops; nothing in them may run unless DetectIsa() found
+// those features. With GCC the target is set by a pragma *after* the includes, so the
+// header inline functions this file also instantiates (dtype conversions, std::fma …)
+// stay baseline x86-64 and a weak copy of them can never smuggle AVX instructions into
+// the scalar path. Other compilers get -mavx2 -mfma -mf16c for the file (CMake).
 //
 // Every dot product uses one 8-lane accumulator (lane l sums elements i % 8 == l in
 // order of i), one fixed horizontal reduction and a scalar tail, whichever
@@ -11,6 +14,11 @@
 #include <cstdint>
 
 #include "kernels/cpu/kernel_tables.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
 
 namespace kvrelay::kernels::cpu {
 namespace {
@@ -180,3 +188,7 @@ const KernelTable kAvx2Table = {Isa::kAvx2,  &MatMulAvx2,    &DotKvAvx2,
 const bool kHaveAvx2Table = true;
 
 }  // namespace kvrelay::kernels::cpu
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif

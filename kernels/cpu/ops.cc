@@ -148,6 +148,11 @@ void GeluTanh(float* x, int64_t n) {
   }
 }
 
+void GeluErf(float* x, int64_t n) {
+  constexpr float kInvSqrt2 = 0.7071067811865476f;
+  for (int64_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * kInvSqrt2));
+}
+
 void Rope(float* x, int num_heads, int head_dim, int64_t position, const float* inv_freq) {
   const int half = head_dim / 2;
   const float pos = static_cast<float>(position);
@@ -180,13 +185,17 @@ void StoreRow(const float* src, int64_t n, DType t, uint8_t* dst, float* scale) 
       for (int64_t i = 0; i < n; ++i) reinterpret_cast<uint16_t*>(dst)[i] = F32ToBf16(src[i]);
       return;
     case DType::kI8: {
+      // The scale comes from the finite values; +-inf saturate to +-127 and NaN stores 0
+      // (a NaN must never reach the int8 conversion, which would be undefined).
       float amax = 0.0f;
-      for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(src[i]));
+      for (int64_t i = 0; i < n; ++i) {
+        if (std::isfinite(src[i])) amax = std::max(amax, std::fabs(src[i]));
+      }
       const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
       // Divide rather than multiply by 1/s: for tiny amax (< ~3.7e-37) 1/s overflows to inf,
-      // which would turn every nonzero element into +-127 and zeros into NaN (UB on the cast).
+      // which would turn every nonzero element into +-127 and zeros into NaN.
       for (int64_t i = 0; i < n; ++i) {
-        const float q = std::nearbyint(src[i] / s);
+        const float q = std::isnan(src[i]) ? 0.0f : std::nearbyint(src[i] / s);
         reinterpret_cast<int8_t*>(dst)[i] = static_cast<int8_t>(std::clamp(q, -127.0f, 127.0f));
       }
       *scale = s;

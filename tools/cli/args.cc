@@ -12,6 +12,14 @@ Args& Args::Flag(const std::string& name, Kind kind, const std::string& help, bo
   return *this;
 }
 
+Args& Args::IntFlag(const std::string& name, long long min, long long max, const std::string& help,
+                    bool repeatable) {
+  Flag(name, Kind::kInt, help, repeatable);
+  specs_[name].min = min;
+  specs_[name].max = max;
+  return *this;
+}
+
 absl::Status Args::Parse(int argc, char** argv, int first) {
   for (int i = first; i < argc; ++i) {
     std::string arg = argv[i];
@@ -46,6 +54,10 @@ absl::Status Args::Parse(int argc, char** argv, int first) {
       if (!absl::SimpleAtoi(value, &v)) {
         return absl::InvalidArgumentError(
             absl::StrCat("--", name, " takes an integer, got '", value, "'"));
+      }
+      if (v < spec.min || v > spec.max) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--", name, " must be in [", spec.min, ", ", spec.max, "], got ", v));
       }
     } else if (spec.kind == Kind::kFloat) {
       double v;

@@ -4,6 +4,7 @@
 // name the flag.
 #pragma once
 
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -17,6 +18,9 @@ class Args {
   enum class Kind { kString, kInt, kFloat, kBool };
   // Declares a flag (name without dashes). `repeatable` flags keep every value.
   Args& Flag(const std::string& name, Kind kind, const std::string& help, bool repeatable = false);
+  // An integer flag whose values must lie in [min, max] (checked by Parse).
+  Args& IntFlag(const std::string& name, long long min, long long max, const std::string& help,
+                bool repeatable = false);
 
   // Parses argv[first..argc). Positional arguments are an error.
   absl::Status Parse(int argc, char** argv, int first);
@@ -37,6 +41,8 @@ class Args {
     Kind kind;
     std::string help;
     bool repeatable;
+    long long min = std::numeric_limits<long long>::min();
+    long long max = std::numeric_limits<long long>::max();
   };
   std::vector<std::string> order_;
   std::map<std::string, Spec> specs_;

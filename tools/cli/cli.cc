@@ -35,12 +35,15 @@ absl::StatusOr<std::string> EnsureDemoModel(std::ostream& err) {
   options.kv_heads = 4;
   options.vocab = 1024;
   absl::Status s = model::MakeModel(options, tmp);
-  if (!s.ok()) return s;
+  std::error_code ignored;
+  if (!s.ok()) {
+    std::filesystem::remove_all(tmp, ignored);
+    return s;
+  }
   if (std::rename(tmp.c_str(), dir.c_str()) != 0 &&
       !FileExists(JoinPath(dir, "model.safetensors"))) {
     return absl::InternalError("cannot move " + tmp + " to " + dir);
   }
-  std::error_code ignored;
   std::filesystem::remove_all(tmp, ignored);  // only left when another run won the rename
   return dir;
 }

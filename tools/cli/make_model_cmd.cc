@@ -1,4 +1,5 @@
 // kvrelay make-model --family llama|gpt2 --seed S --out DIR [shape flags]
+#include <limits>
 #include <ostream>
 
 #include "common/model/model_maker.h"
@@ -13,16 +14,16 @@ int RunMakeModel(int argc, char** argv, std::ostream& out, std::ostream& err) {
   Args args;
   args.Flag("family", K::kString, "llama | gpt2 (default llama)")
       .Flag("model-type", K::kString, "llama family: llama | mistral | qwen2 (default llama)")
-      .Flag("seed", K::kInt, "random seed (default 0)")
+      .IntFlag("seed", 0, std::numeric_limits<long long>::max(), "random seed (default 0)")
       .Flag("out", K::kString, "output folder (required)")
-      .Flag("layers", K::kInt, "transformer layers (default 2)")
-      .Flag("hidden", K::kInt, "hidden size (default 64)")
-      .Flag("heads", K::kInt, "attention heads (default 4)")
-      .Flag("kv-heads", K::kInt, "key/value heads, llama family (default 2)")
-      .Flag("intermediate", K::kInt, "MLP size (default llama 8/3 hidden, gpt2 4 hidden)")
-      .Flag("vocab", K::kInt,
-            "vocabulary size (default 512; the BPE tokenizer is trained up to it)")
-      .Flag("max-pos", K::kInt, "context length (default 2048)")
+      .IntFlag("layers", 1, 1024, "transformer layers (default 2)")
+      .IntFlag("hidden", 2, 1 << 16, "hidden size (default 64)")
+      .IntFlag("heads", 1, 1024, "attention heads (default 4)")
+      .IntFlag("kv-heads", 1, 1024, "key/value heads, llama family (default 2)")
+      .IntFlag("intermediate", 0, 1 << 20, "MLP size (default llama 8/3 hidden, gpt2 4 hidden)")
+      .IntFlag("vocab", 300, 1 << 22,
+               "vocabulary size (default 512; the BPE tokenizer is trained up to it)")
+      .IntFlag("max-pos", 1, 1 << 22, "context length (default 2048)")
       .Flag("dtype", K::kString, "weights: f32 | f16 | bf16 (default f32)")
       .Flag("tie-embeddings", K::kBool, "llama family: tie lm_head to the embedding")
       .Flag("rope-llama3", K::kBool, "llama: Llama-3 rope scaling (factor 8)")

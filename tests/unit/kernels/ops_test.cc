@@ -496,6 +496,23 @@ TEST_P(OpsElementwiseTest, GeluTanhMatchesReference) {
   }
 }
 
+TEST_P(OpsElementwiseTest, GeluErfMatchesReference) {
+  std::mt19937 rng(26);
+  std::vector<float> x = RandVec(rng, 999, -6.0f, 6.0f);
+  x[0] = 0.0f;
+  x[1] = -2.7f;  // where the tanh approximation is furthest from the exact form
+  std::vector<float> y = x;
+  GeluErf(y.data(), static_cast<int64_t>(y.size()));
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double v = x[i];
+    const double want = 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
+    ASSERT_NEAR(y[i], want, 1e-6 * std::fabs(want) + 1e-6) << "x=" << v;
+  }
+  std::vector<float> t = {-2.7f};
+  GeluTanh(t.data(), 1);
+  EXPECT_GT(std::fabs(t[0] - y[1]), 1e-4f);  // the two forms really differ
+}
+
 TEST_P(OpsElementwiseTest, AddEmbeddingAndToF32) {
   std::mt19937 rng(25);
   std::vector<float> a = RandVec(rng, 33), b = RandVec(rng, 33), c = a;
@@ -827,6 +844,24 @@ TEST(OpsWriteKvTest, Int8ZeroAndTinyRows) {
     EXPECT_EQ(q[2], 0) << mag;
     EXPECT_EQ(q[3], -127) << mag;
   }
+}
+
+TEST(OpsWriteKvTest, Int8NonFiniteValuesAreDefined) {
+  PagedKvLayout L;
+  L.dtype = DType::kI8;
+  L.num_layers = 1;
+  L.block_size = 1;
+  L.num_kv_heads = 1;
+  L.head_dim = 4;
+  TestPool pool(L, 1);
+  const float x[4] = {INFINITY, -INFINITY, NAN, 0.5f};
+  WriteKv(pool.view, 0, 0, 0, x, x);
+  const int8_t* q = reinterpret_cast<const int8_t*>(pool.view.row(0, 0, 0, 0, 0));
+  EXPECT_EQ(q[0], 127);
+  EXPECT_EQ(q[1], -127);
+  EXPECT_EQ(q[2], 0);
+  EXPECT_EQ(q[3], 127);  // the scale comes from the finite values only
+  EXPECT_FLOAT_EQ(*pool.view.scale(0, 0, 0, 0, 0), 0.5f / 127.0f);
 }
 
 // ---------------------------------------------------------------------------- PagedAttention

@@ -57,6 +57,14 @@ TEST(KvPoolTest, RejectsEmptyGeometry) {
   EXPECT_EQ(KvPool::Create(l, 4).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(KvPoolTest, RejectsBlockCountsThatWouldOverflow) {
+  for (int64_t n : {int64_t{1} << 31, int64_t{1} << 48, int64_t{1} << 62}) {
+    auto pool = KvPool::Create(Layout(), n);
+    EXPECT_EQ(pool.status().code(), absl::StatusCode::kInvalidArgument) << n;
+    EXPECT_NE(pool.status().message().find("too large"), std::string::npos);
+  }
+}
+
 TEST(KvPoolTest, BlocksFor) {
   EXPECT_EQ(BlocksFor(0, 16), 0);
   EXPECT_EQ(BlocksFor(1, 16), 1);

@@ -169,6 +169,24 @@ TEST(ConfigTest, SlidingWindowClampsTheContext) {
   c = ParseModelConfig(qwen, kPath);
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->max_position_embeddings, 32768);
+  // Llama has no sliding window: a stray field changes nothing.
+  std::string llama = json;
+  llama.replace(llama.find("mistral"), 7, "llama");
+  c = ParseModelConfig(llama, kPath);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->max_position_embeddings, 32768);
+}
+
+TEST(ConfigTest, Gpt2AttentionScalingVariantsAreRejected) {
+  for (const char* extra :
+       {R"("scale_attn_weights": false)", R"("scale_attn_by_inverse_layer_idx": true)"}) {
+    const std::string json = std::string(R"({"model_type": "gpt2", "vocab_size": 100, "n_embd": 64,
+      "n_head": 4, "n_layer": 2, "n_positions": 128, )") +
+                             extra + "}";
+    absl::StatusOr<ModelConfig> c = ParseModelConfig(json, kPath);
+    EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument) << extra;
+    EXPECT_THAT(c.status().message(), HasSubstr(kPath));
+  }
 }
 
 TEST(ConfigTest, ParsesQwen2WithAttentionBias) {

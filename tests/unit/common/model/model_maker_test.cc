@@ -78,6 +78,16 @@ TEST(MakeModelTest, BadOptionsNameTheOption) {
   s = MakeModel(o, testing::MakeTempDir("kvr_mm_") + "/y");
   EXPECT_THAT(s.message(), ::testing::HasSubstr("--kv-heads"));
   o = MakeModelOptions();
+  o.hidden = 1 << 14;
+  o.vocab = 1 << 22;  // 64G parameters: refused before anything is allocated
+  s = MakeModel(o, testing::MakeTempDir("kvr_mm_") + "/big");
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), ::testing::HasSubstr("16 GiB"));
+  o = MakeModelOptions();
+  o.hidden = 1 << 21;
+  s = MakeModel(o, testing::MakeTempDir("kvr_mm_") + "/wide");
+  EXPECT_THAT(s.message(), ::testing::HasSubstr("--hidden must be in"));
+  o = MakeModelOptions();
   o.model_type = "falcon";
   s = MakeModel(o, testing::MakeTempDir("kvr_mm_") + "/z");
   EXPECT_THAT(s.message(), ::testing::HasSubstr("--model-type"));

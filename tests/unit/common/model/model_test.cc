@@ -252,6 +252,12 @@ TEST_P(ModelTest, RejectsBadInput) {
   st = m.Forward({past}, pool->view(), &out);
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(st.message(), ::testing::HasSubstr("context length"));
+  SeqChunk empty = s.Chunk(ok, 0, 0);
+  st = m.Forward({empty}, pool->view(), &out);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(st.message(), ::testing::HasSubstr("no tokens"));
+  EXPECT_EQ(m.Forward({s.Chunk(ok, 0, 1)}, pool->view(), nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
   auto other = kvcache::KvPool::Create(m.KvLayout(DType::kF32, 16), 2);
   ASSERT_TRUE(other.ok());
   kernels::PagedKvView wrong = (*other)->view();

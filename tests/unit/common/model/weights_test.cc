@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "common/model/model.h"
 #include "common/model/model_maker.h"
 #include "common/util/file.h"
 #include "gmock/gmock.h"
@@ -95,6 +96,47 @@ TEST(WeightsTest, MissingTensorIsNamed) {
   ASSERT_FALSE(w.ok());
   EXPECT_EQ(w.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(w.status().message(), HasSubstr("model.layers.2."));
+}
+
+}  // namespace
+}  // namespace kvrelay::model
+
+namespace kvrelay::model {
+namespace {
+
+// Safetensors offsets need not be aligned: a 2-byte tensor first shifts every f32 tensor
+// after it off its 4-byte alignment. Loading must still work and give the same model.
+TEST(WeightsTest, MisalignedTensorsLoadAndComputeTheSame) {
+  testing::ModelVariant v = testing::TinyVariants()[0];
+  const std::string src = testing::ModelDir(v);
+  const std::string dir = testing::MakeTempDir("kvr_misaligned_");
+  for (const char* f : {"config.json", "generation_config.json", "tokenizer.json"}) {
+    ASSERT_TRUE(WriteFile(dir + "/" + f, *ReadFile(src + "/" + f)).ok());
+  }
+  auto file = std::move(*SafetensorsFile::Open(src + "/model.safetensors"));
+  std::vector<TensorToWrite> tensors;
+  tensors.push_back(TensorToWrite{"odd_f16", kernels::DType::kF16, {1}, std::string(2, '\0')});
+  for (const auto& [name, t] : file->tensors()) {
+    tensors.push_back(TensorToWrite{name, t.dtype, t.shape,
+                                    std::string(static_cast<const char*>(t.data), t.nbytes)});
+  }
+  ASSERT_TRUE(WriteSafetensors(dir + "/model.safetensors", tensors).ok());
+  auto shifted = std::move(*SafetensorsFile::Open(dir + "/model.safetensors"));
+  const TensorInfo& any = shifted->tensors().at("model.norm.weight");
+  ASSERT_NE(reinterpret_cast<uintptr_t>(any.data) % 4, 0u) << "the fixture is not misaligned";
+
+  auto a = Model::Load(src, testing::TestPool());
+  auto b = Model::Load(dir, testing::TestPool());
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  auto pool = std::move(*kvcache::KvPool::Create((*a)->KvLayout(kernels::DType::kF32, 16), 4));
+  std::vector<int32_t> tokens = {1, 2, 3, 4, 5};
+  std::vector<int32_t> blocks = {0};
+  std::vector<float> la, lb;
+  SeqChunk c{absl::MakeConstSpan(tokens), 0, blocks, true};
+  ASSERT_TRUE((*a)->Forward({c}, pool->view(), &la).ok());
+  ASSERT_TRUE((*b)->Forward({c}, pool->view(), &lb).ok());
+  EXPECT_EQ(la, lb);
 }
 
 }  // namespace

@@ -115,7 +115,7 @@ TEST(GenerateCmdTest, ErrorsAreOneClearLine) {
            {{"--model", m, "--prompt", "x", "--max-tokens", "lots"},
             2,
             "--max-tokens takes an integer"},
-           {{"--model", m, "--prompt", "x", "--kv-blocks", "0"}, 1, "num_blocks"},
+           {{"--model", m, "--prompt", "x", "--kv-blocks", "0"}, 2, "--kv-blocks must be in [1, "},
            {{"--model", m, "--prompt", "x", "--stop-token-id", "99999999999"},
             2,
             "--stop-token-id"},
