@@ -53,11 +53,10 @@ Fixture& Get() {
     f->model = std::move(*model::Model::Load(dir, f->pool.get()));
     f->kv = std::move(*kvcache::KvPool::Create(f->model->KvLayout(kernels::DType::kF32, 16), 2048));
     f->memcpy_bw = MemcpyBandwidth();
-    std::fprintf(
-        stderr,
-        "model: %.1fM parameters, %.1f MB of weights read per step; isa %s; memcpy %.2f GB/s\n",
-        f->model->weights().parameter_count / 1e6, f->model->weights().parameter_bytes / 1e6,
-        kernels::IsaName(kernels::ActiveKernels().isa), f->memcpy_bw / 1e9);
+    std::fprintf(stderr, "model: %.1fM parameters, %.1f MB of weights; isa %s; memcpy %.2f GB/s\n",
+                 f->model->weights().parameter_count / 1e6,
+                 f->model->weights().parameter_bytes / 1e6,
+                 kernels::IsaName(kernels::ActiveKernels().isa), f->memcpy_bw / 1e9);
     return f;
   }();
   return *f;
