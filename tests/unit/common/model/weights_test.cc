@@ -8,6 +8,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/ops.h"
+#include "nlohmann/json.hpp"
 #include "tests/testing/test_models.h"
 
 namespace kvrelay::model {
@@ -131,6 +132,49 @@ TEST(WeightsTest, MisalignedTensorsLoadAndComputeTheSame) {
   ASSERT_TRUE(b.ok()) << b.status();
   auto pool = std::move(*kvcache::KvPool::Create((*a)->KvLayout(kernels::DType::kF32, 16), 4));
   std::vector<int32_t> tokens = {1, 2, 3, 4, 5};
+  std::vector<int32_t> blocks = {0};
+  std::vector<float> la, lb;
+  SeqChunk c{absl::MakeConstSpan(tokens), 0, blocks, true};
+  ASSERT_TRUE((*a)->Forward({c}, pool->view(), &la).ok());
+  ASSERT_TRUE((*b)->Forward({c}, pool->view(), &lb).ok());
+  EXPECT_EQ(la, lb);
+}
+
+}  // namespace
+}  // namespace kvrelay::model
+
+namespace kvrelay::model {
+namespace {
+
+// A model split into two shards with model.safetensors.index.json loads and computes
+// exactly what the single-file model does.
+TEST(WeightsTest, ShardedModelComputesTheSame) {
+  testing::ModelVariant v = testing::TinyVariants()[4];  // gpt2
+  const std::string src = testing::ModelDir(v);
+  const std::string dir = testing::MakeTempDir("kvr_sharded_");
+  for (const char* f : {"config.json", "generation_config.json", "tokenizer.json"}) {
+    ASSERT_TRUE(WriteFile(dir + "/" + f, *ReadFile(src + "/" + f)).ok());
+  }
+  auto file = std::move(*SafetensorsFile::Open(src + "/model.safetensors"));
+  std::vector<TensorToWrite> shard[2];
+  nlohmann::json index;
+  int i = 0;
+  for (const auto& [name, t] : file->tensors()) {
+    const int s = i++ % 2;
+    shard[s].push_back(TensorToWrite{name, t.dtype, t.shape,
+                                     std::string(static_cast<const char*>(t.data), t.nbytes)});
+    index["weight_map"][name] = "model-0000" + std::to_string(s + 1) + "-of-00002.safetensors";
+  }
+  ASSERT_TRUE(WriteSafetensors(dir + "/model-00001-of-00002.safetensors", shard[0]).ok());
+  ASSERT_TRUE(WriteSafetensors(dir + "/model-00002-of-00002.safetensors", shard[1]).ok());
+  ASSERT_TRUE(WriteFile(dir + "/model.safetensors.index.json", index.dump()).ok());
+
+  auto a = Model::Load(src, testing::TestPool());
+  auto b = Model::Load(dir, testing::TestPool());
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  auto pool = std::move(*kvcache::KvPool::Create((*a)->KvLayout(kernels::DType::kF32, 16), 4));
+  std::vector<int32_t> tokens = {7, 8, 9, 10, 11, 12};
   std::vector<int32_t> blocks = {0};
   std::vector<float> la, lb;
   SeqChunk c{absl::MakeConstSpan(tokens), 0, blocks, true};
