@@ -28,7 +28,11 @@ class Tokenizer {
   // never split. With add_special_tokens the post-processor's template (e.g. BOS) is applied.
   virtual std::vector<int32_t> Encode(absl::string_view text, bool add_special_tokens) const = 0;
 
-  // Decodes ids to text. Invalid UTF-8 bytes are replaced by U+FFFD.
+  // Decodes ids to text. Invalid UTF-8 bytes are replaced by U+FFFD, one per maximal
+  // invalid subsequence. (HF's ByteFallback decoder instead turns a whole run of <0xNN>
+  // tokens into one U+FFFD per token as soon as any of it is invalid, which rewrites text
+  // already streamed — "<0x7F><0xE5>a" is "\x7F\uFFFDa" here, "\uFFFD\uFFFDa" in HF. We keep
+  // Decode() equal to what StreamingDetokenizer emits; valid byte runs decode identically.)
   virtual std::string Decode(const std::vector<int32_t>& ids, bool skip_special_tokens) const = 0;
 
   virtual int32_t vocab_size() const = 0;  // 1 + largest id (model vocab and added tokens)
