@@ -360,48 +360,36 @@ class ReplaceDecoder final : public Decoder {
   std::string content_;
 };
 
-// "<0xAB>" -> 0xAB, or -1.
-int ParseByteToken(absl::string_view token) {
-  if (token.size() != 6 || token.substr(0, 3) != "<0x" || token[5] != '>') return -1;
-  int value = 0;
-  for (char c : token.substr(3, 2)) {
-    value <<= 4;
-    if (c >= '0' && c <= '9') {
-      value |= c - '0';
-    } else if (c >= 'A' && c <= 'F') {
-      value |= c - 'A' + 10;
-    } else if (c >= 'a' && c <= 'f') {
-      value |= c - 'a' + 10;
-    } else {
-      return -1;
-    }
-  }
-  return value;
-}
-
 class ByteFallbackDecoder final : public Decoder {
  public:
+  // tokenizers/src/decoders/byte_fallback.rs: a run of consecutive byte tokens
+  // becomes its string if the bytes are valid UTF-8, else one U+FFFD per token.
   void DecodeChain(std::vector<std::string>* tokens) const override {
     std::vector<std::string> out;
+    out.reserve(tokens->size());
     std::string bytes;
-    bool in_bytes = false;
+    auto flush_bytes = [&] {
+      if (bytes.empty()) return;
+      if (IsValidUtf8(bytes)) {
+        out.push_back(bytes);
+      } else {
+        for (size_t k = 0; k < bytes.size(); ++k) out.emplace_back(kReplacementChar);
+      }
+      bytes.clear();
+    };
     for (std::string& token : *tokens) {
-      const int byte = ParseByteToken(token);
+      const int byte = ParseByteFallbackToken(token);
       if (byte >= 0) {
         bytes.push_back(static_cast<char>(byte));
-        in_bytes = true;
         continue;
       }
-      if (in_bytes) {
-        out.push_back(ToValidUtf8Lossy(bytes));
-        bytes.clear();
-        in_bytes = false;
-      }
+      flush_bytes();
       out.push_back(std::move(token));
     }
-    if (in_bytes) out.push_back(ToValidUtf8Lossy(bytes));
+    flush_bytes();
     *tokens = std::move(out);
   }
+  bool UsesByteFallback() const override { return true; }
 };
 
 class FuseDecoder final : public Decoder {
@@ -444,6 +432,12 @@ class SequenceDecoder final : public Decoder {
       : parts_(std::move(parts)) {}
   void DecodeChain(std::vector<std::string>* tokens) const override {
     for (const auto& p : parts_) p->DecodeChain(tokens);
+  }
+  bool UsesByteFallback() const override {
+    for (const auto& p : parts_) {
+      if (p->UsesByteFallback()) return true;
+    }
+    return false;
   }
 
  private:
@@ -555,6 +549,21 @@ absl::StatusOr<PostTemplate> ParsePostProcessorImpl(const json& j) {
 }
 
 }  // namespace
+
+int ParseByteFallbackToken(absl::string_view token) {
+  if (token.size() != 6 || token.substr(0, 3) != "<0x" || token[5] != '>') return -1;
+  auto hex = [](char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+  };
+  // Rust's u8::from_str_radix(&token[3..5], 16), which also accepts a '+' sign.
+  if (token[3] == '+') return hex(token[4]);
+  const int hi = hex(token[3]);
+  const int lo = hex(token[4]);
+  return hi < 0 || lo < 0 ? -1 : hi * 16 + lo;
+}
 
 absl::StatusOr<std::unique_ptr<Normalizer>> ParseNormalizer(const json& j) {
   return CatchJson("normalizer", [&] { return ParseNormalizerImpl(j); });

@@ -58,13 +58,19 @@ class Decoder {
  public:
   virtual ~Decoder() = default;
   virtual void DecodeChain(std::vector<std::string>* tokens) const = 0;
+  // True when the chain contains a ByteFallback decoder.
+  virtual bool UsesByteFallback() const { return false; }
 };
 
 // Supported: ByteLevel, Metaspace, Sequence, Replace, ByteFallback, Fuse, Strip.
-// `json` null -> nullptr. Note: ByteFallback replaces ill-formed byte runs per
-// maximal subpart with U+FFFD (HF emits one U+FFFD per byte); this keeps
-// streaming detokenization consistent with Decode for arbitrary id sequences.
+// `json` null -> nullptr. ByteFallback follows HF exactly: a run of consecutive
+// "<0xNN>" tokens decodes to its bytes when they are valid UTF-8, and otherwise
+// to one U+FFFD per token of the run ([<0x41>, <0xFF>] -> "\uFFFD\uFFFD").
 absl::StatusOr<std::unique_ptr<Decoder>> ParseDecoder(const nlohmann::json& json);
+
+// The byte of a byte-fallback token "<0xNN>" (as HF's ByteFallback decoder reads
+// it), or -1 when `token` is not one.
+int ParseByteFallbackToken(absl::string_view token);
 
 // ---------------------------------------------------------------------------
 // Post-processor for a single sequence: ids added before and after it.

@@ -127,6 +127,21 @@ std::string Pattern::ReplaceAll(absl::string_view text, absl::string_view conten
   return out;
 }
 
+bool IsWordCharacter(uint32_t codepoint) {
+  if (codepoint < 0x80) {
+    return (codepoint >= '0' && codepoint <= '9') || (codepoint >= 'a' && codepoint <= 'z') ||
+           (codepoint >= 'A' && codepoint <= 'Z') || codepoint == '_';
+  }
+  static const Regex* const kWord = [] {
+    auto regex = Regex::Compile(R"([\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\p{Join_Control}])");
+    return regex.ok() ? std::move(regex).value().release() : nullptr;
+  }();
+  if (kWord == nullptr) return true;  // unreachable: the pattern is valid
+  std::string ch;
+  AppendCodepoint(codepoint, &ch);
+  return !kWord->FindAll(ch).empty();
+}
+
 bool ParseSplitBehavior(absl::string_view name, SplitBehavior* behavior) {
   // HF serializes the enum in PascalCase; older files used snake_case.
   if (name == "Removed" || name == "removed") {

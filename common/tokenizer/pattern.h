@@ -2,6 +2,7 @@
 // semantics (SplitDelimiterBehavior). Internal to the tokenizer library.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
@@ -55,6 +56,13 @@ class Pattern {
   std::string literal_;
   std::shared_ptr<const Regex> regex_;  // null for a literal
 };
+
+// A word character as Rust's regex `\w` (Unicode): Alphabetic, Mark, Decimal_Number,
+// Connector_Punctuation ('_', U+203F, ...) or Join_Control. Hugging Face tests `\w`
+// for the single_word flag of added tokens. (This differs slightly from Rust's
+// char::is_alphanumeric || '_': that also accepts other numbers such as U+00B2 '²',
+// but not non-alphabetic marks nor connector punctuation other than '_'.)
+bool IsWordCharacter(uint32_t codepoint);
 
 enum class SplitBehavior { kRemoved, kIsolated, kMergedWithPrevious, kMergedWithNext, kContiguous };
 

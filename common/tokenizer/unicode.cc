@@ -113,6 +113,37 @@ void AppendCodepoint(uint32_t cp, std::string* out) {
   }
 }
 
+size_t DecodeUtf8At(absl::string_view text, size_t pos, uint32_t* codepoint) {
+  const size_t len = ValidUtf8SequenceLength(text, pos);
+  if (len == 0) return 0;
+  const auto b0 = static_cast<uint8_t>(text[pos]);
+  static constexpr uint8_t kLeadMask[] = {0, 0x7F, 0x1F, 0x0F, 0x07};
+  uint32_t cp = b0 & kLeadMask[len];
+  for (size_t k = 1; k < len; ++k) cp = (cp << 6) | (static_cast<uint8_t>(text[pos + k]) & 0x3F);
+  *codepoint = cp;
+  return len;
+}
+
+size_t DecodeUtf8Before(absl::string_view text, size_t end, uint32_t* codepoint) {
+  if (end > text.size()) return 0;
+  size_t begin = end;
+  // Step back over at most three continuation bytes to the lead byte.
+  while (begin > 0 && end - begin < 4) {
+    --begin;
+    if ((static_cast<uint8_t>(text[begin]) & 0xC0) != 0x80) break;
+  }
+  if (begin == end) return 0;
+  const size_t len = DecodeUtf8At(text, begin, codepoint);
+  return begin + len == end ? len : 0;
+}
+
+bool IsUnicodeWhitespace(uint32_t c) {
+  if (c <= 0x20) return c == 0x20 || (c >= 0x09 && c <= 0x0D);
+  if (c < 0x85) return false;
+  return c == 0x85 || c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) || c == 0x2028 ||
+         c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
 const ByteUnicodeMap& ByteUnicodeMap::Get() {
   static const ByteUnicodeMap* const kMap = new ByteUnicodeMap();
   return *kMap;

@@ -31,6 +31,18 @@ bool EndsWithIncompleteUtf8(absl::string_view text);
 
 void AppendCodepoint(uint32_t codepoint, std::string* out);
 
+// Decodes the well-formed character starting at text[pos]. Returns its length in
+// bytes (and sets *codepoint), or 0 when there is no well-formed character there.
+size_t DecodeUtf8At(absl::string_view text, size_t pos, uint32_t* codepoint);
+
+// Decodes the well-formed character ending just before text[end]. Returns its
+// length in bytes (and sets *codepoint), or 0 when there is none.
+size_t DecodeUtf8Before(absl::string_view text, size_t end, uint32_t* codepoint);
+
+// Unicode White_Space: Rust's char::is_whitespace and regex \s (U+0009..U+000D,
+// U+0020, U+0085, U+00A0, U+1680, U+2000..U+200A, U+2028, U+2029, U+202F, U+205F, U+3000).
+bool IsUnicodeWhitespace(uint32_t codepoint);
+
 // GPT-2 bytes_to_unicode(): every byte maps to one printable code point
 // ('!'..'~', '¡'..'¬', '®'..'ÿ' map to themselves; the rest to U+0100 + n).
 class ByteUnicodeMap {

@@ -143,8 +143,54 @@ TEST(DecoderTest, SentencePieceSequence) {
       {"type": "ByteFallback"}, {"type": "Fuse"},
       {"type": "Strip", "content": " ", "start": 1, "stop": 0}]})");
   EXPECT_EQ(DecodeWith(seq, {kMeta + "hello", kMeta + "w", "<0xC3>", "<0xA9>"}), "hello w\xC3\xA9");
-  EXPECT_EQ(DecodeWith(seq, {"<0xE4>", "<0xB8>", "x"}), "\xEF\xBF\xBDx");
+  // An invalid run: one U+FFFD per byte token (HF), not per maximal subpart.
+  EXPECT_EQ(DecodeWith(seq, {"<0xE4>", "<0xB8>", "x"}), "\xEF\xBF\xBD\xEF\xBF\xBDx");
   EXPECT_EQ(DecodeWith(seq, {kMeta, kMeta + "a"}), " a");
+}
+
+// The decoder's own output tokens, unjoined.
+std::vector<std::string> DecodeChainWith(const json& config, std::vector<std::string> tokens) {
+  auto dec = ParseDecoder(config);
+  EXPECT_TRUE(dec.ok()) << dec.status();
+  (*dec)->DecodeChain(&tokens);
+  return tokens;
+}
+
+// The cases of tokenizers/src/decoders/byte_fallback.rs, plus a few more.
+TEST(DecoderTest, ByteFallbackMatchesHuggingFace) {
+  using V = std::vector<std::string>;
+  const std::string r = "\xEF\xBF\xBD";  // U+FFFD
+  const json bf = json::parse(R"({"type": "ByteFallback"})");
+  EXPECT_EQ(DecodeChainWith(bf, {"Hey", "friend!"}), (V{"Hey", "friend!"}));
+  EXPECT_EQ(DecodeChainWith(bf, {"<0x61>"}), (V{"a"}));
+  EXPECT_EQ(DecodeChainWith(bf, {"<0xe5>"}), (V{r}));
+  EXPECT_EQ(DecodeChainWith(bf, {"<0xe5>", "<0x8f>"}), (V{r, r}));
+  EXPECT_EQ(DecodeChainWith(bf, {"<0xe5>", "<0x8f>", "<0xab>"}), (V{"\xE5\x8F\xAB"}));  // 叫
+  EXPECT_EQ(DecodeChainWith(bf, {"<0xe5>", "<0x8f>", "<0xab>", "a"}), (V{"\xE5\x8F\xAB", "a"}));
+  EXPECT_EQ(DecodeChainWith(bf, {"<0xe5>", "<0x8f>", "a"}), (V{r, r, "a"}));
+  // A valid prefix does not survive an invalid byte later in the same run.
+  EXPECT_EQ(DecodeChainWith(bf, {"<0x41>", "<0xFF>"}), (V{r, r}));
+  EXPECT_EQ(DecodeChainWith(bf, {"<0xE5>", "<0x8F>", "<0xAB>", "<0xE5>"}), (V{r, r, r, r}));
+  // Runs are separated by any other token.
+  EXPECT_EQ(DecodeChainWith(bf, {"<0xFF>", "b", "<0xC3>", "<0xA9>"}), (V{r, "b", "\xC3\xA9"}));
+  // Not byte tokens: wrong length or not hex. Rust's from_str_radix accepts a '+'.
+  EXPECT_EQ(DecodeChainWith(bf, {"<0x6>", "<0x611>", "<0xG1>", "<0x-1>", "<1x61>"}),
+            (V{"<0x6>", "<0x611>", "<0xG1>", "<0x-1>", "<1x61>"}));
+  EXPECT_EQ(DecodeChainWith(bf, {"<0x+A>"}), (V{"\n"}));
+  EXPECT_EQ(ParseByteFallbackToken("<0x0A>"), 0x0A);
+  EXPECT_EQ(ParseByteFallbackToken("<0xfF>"), 0xFF);
+  EXPECT_EQ(ParseByteFallbackToken("<0x0A"), -1);
+}
+
+TEST(DecoderTest, UsesByteFallback) {
+  auto seq = ParseDecoder(json::parse(R"({"type": "Sequence", "decoders": [
+      {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+      {"type": "ByteFallback"}, {"type": "Fuse"}]})"));
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  EXPECT_TRUE((*seq)->UsesByteFallback());
+  auto bl = ParseDecoder(json::parse(R"({"type": "ByteLevel"})"));
+  ASSERT_TRUE(bl.ok()) << bl.status();
+  EXPECT_FALSE((*bl)->UsesByteFallback());
 }
 
 TEST(DecoderTest, MetaspaceAndStrip) {

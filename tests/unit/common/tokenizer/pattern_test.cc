@@ -113,5 +113,19 @@ TEST(SplitTest, ParseBehavior) {
   EXPECT_FALSE(ParseSplitBehavior("Sideways", &b));
 }
 
+TEST(PatternTest, IsWordCharacterMatchesRustRegexWordClass) {
+  // Alphabetic (any script, including Nl), marks, decimal digits, connector
+  // punctuation and join controls.
+  for (uint32_t c : {uint32_t{'a'}, uint32_t{'Z'}, uint32_t{'0'}, uint32_t{'_'}, 0xE9u, 0x416u,
+                     0x4E2Du, 0x3042u, 0x0663u, 0x0301u, 0x203Fu, 0x200Du, 0x216Bu, 0x1D400u}) {
+    EXPECT_TRUE(IsWordCharacter(c)) << std::hex << c;
+  }
+  // Punctuation, symbols, spaces, other numbers (No), emoji.
+  for (uint32_t c : {uint32_t{'-'}, uint32_t{' '}, uint32_t{'.'}, uint32_t{'$'}, 0xA0u, 0xB2u,
+                     0xBDu, 0x3000u, 0x3002u, 0x2014u, 0x1F600u, 0x200Bu}) {
+    EXPECT_FALSE(IsWordCharacter(c)) << std::hex << c;
+  }
+}
+
 }  // namespace
 }  // namespace kvrelay::tokenizer

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -167,8 +168,18 @@ TEST(Llama2FixtureTest, ByteFallbackForUnknownCharacters) {
   EXPECT_EQ(t->Decode({267, ByteId(0xC3), ByteId(0xA9)}, false), "h\xC3\xA9");
   EXPECT_EQ(t->Decode({1, 271, 276}, true), "hello world");
   EXPECT_EQ(t->Decode({1, 271, 276}, false), "<s> hello world");
-  // An incomplete byte sequence decodes to U+FFFD.
-  EXPECT_EQ(t->Decode({271, ByteId(0xE4), ByteId(0xB8)}, false), "hello\xEF\xBF\xBD");
+  // An incomplete byte sequence decodes to one U+FFFD per byte token (HF).
+  EXPECT_EQ(t->Decode({271, ByteId(0xE4), ByteId(0xB8)}, false), "hello\xEF\xBF\xBD\xEF\xBF\xBD");
+  // A valid prefix of an invalid run is replaced too.
+  EXPECT_EQ(t->Decode({ByteId(0x41), ByteId(0xFF)}, false), "\xEF\xBF\xBD\xEF\xBF\xBD");
+  // Skipped special tokens are dropped before the decoder: the run continues.
+  EXPECT_EQ(t->Decode({ByteId(0xC3), 2, ByteId(0xA9)}, true), "\xC3\xA9");
+  EXPECT_EQ(t->Decode({ByteId(0xC3), 2, ByteId(0xA9)}, false), "\xEF\xBF\xBD</s>\xEF\xBF\xBD");
+  EXPECT_TRUE(t->IsByteFallbackToken(ByteId(0x00)));
+  EXPECT_TRUE(t->IsByteFallbackToken(ByteId(0xFF)));
+  EXPECT_FALSE(t->IsByteFallbackToken(271));
+  EXPECT_FALSE(t->IsByteFallbackToken(1));
+  EXPECT_FALSE(t->IsByteFallbackToken(100000));
 }
 
 TEST(Llama2FixtureTest, RoundTrip) {
@@ -373,6 +384,20 @@ TEST(StreamingDetokenizerTest, PrefixContextSkipsSpecialTokens) {
   EXPECT_EQ(detok.Push(276), " world");
 }
 
+TEST(StreamingDetokenizerTest, PrefixEndingInByteFallbackCharacters) {
+  auto t = Load(Llama2Fixture(false).dump());
+  ASSERT_NE(t, nullptr);
+  // "hello 叫😀": the five-token context would start inside the byte run of 叫.
+  const std::vector<int32_t> prompt = t->Encode("hello \xE5\x8F\xAB\xF0\x9F\x98\x80", true);
+  ASSERT_EQ(prompt.size(), 10u);
+  StreamingDetokenizer detok(t.get(), true);
+  detok.SetPrefix(prompt);
+  EXPECT_EQ(detok.Push(276), " world");
+  EXPECT_EQ(detok.Push(ByteId(0xC3)), "");
+  EXPECT_EQ(detok.Push(ByteId(0xA9)), "");
+  EXPECT_EQ(detok.Flush(), "\xC3\xA9");
+}
+
 TEST(StreamingDetokenizerTest, HoldsBackIncompleteCharacters) {
   auto t = Load(Llama2Fixture(false).dump());
   ASSERT_NE(t, nullptr);
@@ -381,9 +406,105 @@ TEST(StreamingDetokenizerTest, HoldsBackIncompleteCharacters) {
   EXPECT_EQ(detok.Push(ByteId(0xF0)), "");
   EXPECT_EQ(detok.Push(ByteId(0x9F)), "");
   EXPECT_EQ(detok.Push(ByteId(0x98)), "");
-  EXPECT_EQ(detok.Push(ByteId(0x80)), "\xF0\x9F\x98\x80");
+  // Complete, but a further invalid byte would still turn the run into U+FFFDs.
+  EXPECT_EQ(detok.Push(ByteId(0x80)), "");
+  EXPECT_EQ(detok.Push(276), "\xF0\x9F\x98\x80 world");
   EXPECT_EQ(detok.Push(ByteId(0xE4)), "");
   EXPECT_EQ(detok.Flush(), "\xEF\xBF\xBD");
+}
+
+TEST(StreamingDetokenizerTest, ByteFallbackRunInvalidatedByALaterByte) {
+  auto t = Load(Llama2Fixture(false).dump());
+  ASSERT_NE(t, nullptr);
+  const std::string r = "\xEF\xBF\xBD";
+  {
+    // "A" alone would be valid, but the run decodes to two U+FFFD.
+    StreamingDetokenizer detok(t.get(), true);
+    EXPECT_EQ(detok.Push(ByteId(0x41)), "");
+    EXPECT_EQ(detok.Push(ByteId(0xFF)), "");
+    EXPECT_EQ(detok.Flush(), r + r);
+  }
+  {
+    // 叫 then E5: four U+FFFD, emitted when the run ends.
+    StreamingDetokenizer detok(t.get(), true);
+    EXPECT_EQ(detok.Push(271), "hello");
+    for (int b : {0xE5, 0x8F, 0xAB, 0xE5}) EXPECT_EQ(detok.Push(ByteId(b)), "");
+    EXPECT_EQ(detok.Push(276), r + r + r + r + " world");
+    EXPECT_EQ(detok.Flush(), "");
+  }
+  {
+    // A skipped special token inside a run does not end it.
+    StreamingDetokenizer detok(t.get(), /*skip_special_tokens=*/true);
+    EXPECT_EQ(detok.Push(ByteId(0xC3)), "");
+    EXPECT_EQ(detok.Push(2), "");
+    EXPECT_EQ(detok.Push(ByteId(0xA9)), "");
+    EXPECT_EQ(detok.Push(271), "\xC3\xA9 hello");
+  }
+  {
+    // Not skipped, it does.
+    StreamingDetokenizer detok(t.get(), /*skip_special_tokens=*/false);
+    EXPECT_EQ(detok.Push(ByteId(0xC3)), "");
+    EXPECT_EQ(detok.Push(2), r + "</s>");
+    EXPECT_EQ(detok.Push(ByteId(0xA9)), "");
+    EXPECT_EQ(detok.Flush(), r);
+  }
+}
+
+// Random ids drawn mostly from the byte tokens, so that runs of all kinds (valid,
+// invalid, valid then invalid, interrupted by skipped specials) occur often.
+TEST(StreamingDetokenizerTest, RandomByteFallbackRunsMatchDecode) {
+  std::mt19937 rng(99);
+  const std::vector<int> utf8_leads = {0x41, 0xC3, 0xE4, 0xE5, 0xF0, 0x80, 0x8F, 0xA9, 0xFF};
+  for (bool metaspace : {false, true}) {
+    auto t = Load(Llama2Fixture(metaspace).dump());
+    ASSERT_NE(t, nullptr);
+    std::uniform_int_distribution<int> kind(0, 9);
+    std::uniform_int_distribution<int> any_byte(0, 255);
+    std::uniform_int_distribution<int> lead(0, static_cast<int>(utf8_leads.size()) - 1);
+    std::uniform_int_distribution<int32_t> any_id(0, t->vocab_size() - 1);
+    for (int trial = 0; trial < 300; ++trial) {
+      std::vector<int32_t> ids(1 + trial % 40);
+      for (int32_t& id : ids) {
+        const int k = kind(rng);
+        if (k < 3) {
+          id = ByteId(utf8_leads[lead(rng)]);
+        } else if (k < 5) {
+          id = ByteId(0x80 + any_byte(rng) % 0x40);  // continuation byte
+        } else if (k < 6) {
+          id = ByteId(any_byte(rng));
+        } else if (k < 7) {
+          id = static_cast<int32_t>(kind(rng) % 3);  // <unk> <s> </s>
+        } else {
+          id = any_id(rng);
+        }
+      }
+      for (bool skip : {false, true}) {
+        bool valid = false;
+        const std::string streamed = StreamAll(*t, ids, skip, &valid);
+        EXPECT_TRUE(valid);
+        EXPECT_EQ(streamed, t->Decode(ids, skip))
+            << "metaspace " << metaspace << " trial " << trial << " skip " << skip;
+      }
+    }
+  }
+}
+
+// Generated text that spells characters in byte tokens streams exactly, with no
+// U+FFFD in any chunk, one token late at most.
+TEST(StreamingDetokenizerTest, ByteFallbackCharactersStreamAfterTheirRun) {
+  auto t = Load(Llama2Fixture(false).dump());
+  ASSERT_NE(t, nullptr);
+  const std::string text = "hello \xE5\x8F\xAB world \xF0\x9F\x98\x80 \xC3\xA9";
+  const std::vector<int32_t> ids = t->Encode(text, false);
+  StreamingDetokenizer detok(t.get(), true);
+  std::string out;
+  for (int32_t id : ids) {
+    const std::string chunk = detok.Push(id);
+    EXPECT_EQ(chunk.find("\xEF\xBF\xBD"), std::string::npos);
+    out += chunk;
+  }
+  EXPECT_EQ(out, "hello \xE5\x8F\xAB world \xF0\x9F\x98\x80 ");  // é: run still open
+  EXPECT_EQ(detok.Flush(), "\xC3\xA9");
 }
 
 // ---------------------------------------------------------------------------
@@ -459,6 +580,126 @@ TEST(AddedTokensTest, LongestMatchStripAndIdsBeyondVocab) {
   EXPECT_EQ(t->TokenToId("<tool>"), 300);
   EXPECT_EQ(t->IdToToken(300), "<tool>");
   EXPECT_EQ(t->IdToToken(299), std::nullopt);
+}
+
+json AddedTokenJson(int id, const std::string& content, bool special, bool single_word, bool lstrip,
+                    bool rstrip, bool normalized) {
+  return {{"id", id},
+          {"content", content},
+          {"special", special},
+          {"single_word", single_word},
+          {"lstrip", lstrip},
+          {"rstrip", rstrip},
+          {"normalized", normalized}};
+}
+
+bool Contains(const std::vector<int32_t>& ids, int32_t id) {
+  return std::find(ids.begin(), ids.end(), id) != ids.end();
+}
+
+TEST(AddedTokensTest, StripRemovesUnicodeWhitespace) {
+  json root = Llama2Fixture(false);
+  root["added_tokens"].push_back(AddedTokenJson(300, "<tool>", false, false, true, true, false));
+  auto t = Load(root.dump());
+  ASSERT_NE(t, nullptr);
+  // U+3000 ideographic space, U+00A0 no-break space, U+2003 em space, U+0085, tab/newline.
+  EXPECT_EQ(t->Encode("hello\xE3\x80\x80\xC2\xA0\t<tool>\xE2\x80\x83\n\xC2\x85world", false),
+            (std::vector<int32_t>{271, 300, 276}));
+  for (const char* ws : {"\x0B", "\x0C", "\r", "\xE1\x9A\x80", "\xE2\x80\x80", "\xE2\x80\x8A",
+                         "\xE2\x80\xA8", "\xE2\x80\xA9", "\xE2\x80\xAF", "\xE2\x81\x9F"}) {
+    EXPECT_EQ(t->Encode(std::string("hello") + ws + "<tool>" + ws + "world", false),
+              (std::vector<int32_t>{271, 300, 276}))
+        << ws;
+  }
+  // U+200B zero width space is not White_Space: it stays (byte fallback).
+  EXPECT_EQ(t->Encode("hello\xE2\x80\x8B<tool>", false),
+            (std::vector<int32_t>{271, ByteId(0xE2), ByteId(0x80), ByteId(0x8B), 300}));
+  // lstrip does not reach into a previous added token's text.
+  EXPECT_EQ(t->Encode("<tool> <tool>", false), (std::vector<int32_t>{300, 300}));
+  EXPECT_EQ(t->Encode("<s> <tool>", false), (std::vector<int32_t>{1, 300}));
+}
+
+TEST(AddedTokensTest, SingleWordUsesUnicodeWordCharacters) {
+  json root = Llama2Fixture(false);
+  root["added_tokens"].push_back(AddedTokenJson(300, "<w>", false, true, false, false, false));
+  auto t = Load(root.dump());
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(t->Encode("<w>", false), (std::vector<int32_t>{300}));
+  EXPECT_EQ(t->Encode("hello <w> world", false), (std::vector<int32_t>{271, 259, 300, 259, 276}));
+  EXPECT_TRUE(Contains(t->Encode("-<w>.", false), 300));
+  EXPECT_TRUE(Contains(t->Encode("\xE3\x80\x82<w>\xE3\x80\x82", false), 300));  // 。<w>。
+  EXPECT_TRUE(Contains(t->Encode("<w>\xC2\xB2", false), 300));                  // ² is not \w
+  // Word characters on either side: ASCII, '_', digits, letters of any script,
+  // combining marks, connector punctuation, ZWJ.
+  for (const char* side : {"x", "_", "7", "\xC3\xA9", "\xE4\xB8\xAD", "\xD0\x96", "\xCC\x81",
+                           "\xE2\x80\xBF", "\xE2\x80\x8D", "\xD9\xA3"}) {
+    EXPECT_FALSE(Contains(t->Encode(std::string(side) + "<w>", false), 300)) << side;
+    EXPECT_FALSE(Contains(t->Encode(std::string("<w>") + side, false), 300)) << side;
+  }
+}
+
+TEST(AddedTokensTest, RejectedLongestMatchIsSkippedLikeHf) {
+  // Leftmost-longest, non-overlapping: "<q>" is found at 0 and rejected
+  // (single_word, followed by 'z'); the scan resumes after it, so the shorter
+  // "<q" at the same position is not tried.
+  json root = Llama2Fixture(false);
+  root["added_tokens"].push_back(AddedTokenJson(300, "<q", false, false, false, false, false));
+  root["added_tokens"].push_back(AddedTokenJson(301, "<q>", false, true, false, false, false));
+  auto t = Load(root.dump());
+  ASSERT_NE(t, nullptr);
+  const std::vector<int32_t> ids = t->Encode("<q>z", false);
+  EXPECT_FALSE(Contains(ids, 300));
+  EXPECT_FALSE(Contains(ids, 301));
+  // Accepted when followed by a space; "<q" is then found in "<qz". (Every piece
+  // between added tokens gets the normalizer's "▁": " " -> "▁▁", "z" -> "▁z".)
+  EXPECT_EQ(t->Encode("<q> <qz", false),
+            (std::vector<int32_t>{301, 259, 259, 300, 259, ByteId('z')}));
+}
+
+TEST(AddedTokensTest, NormalizedTokensMatchTheNormalizedText) {
+  json root = Llama2Fixture(false);  // Prepend("▁") + Replace(" ", "▁")
+  root["added_tokens"].push_back(
+      AddedTokenJson(300, "<tool call>", false, false, false, false, true));
+  root["added_tokens"].push_back(AddedTokenJson(301, "<raw>", false, false, false, false, false));
+  auto t = Load(root.dump());
+  ASSERT_NE(t, nullptr);
+  // Looked for as "▁<tool▁call>": after a space or at the start of a piece.
+  EXPECT_EQ(t->Encode("hello <tool call> world", false), (std::vector<int32_t>{271, 300, 276}));
+  EXPECT_EQ(t->Encode("<tool call>", false), (std::vector<int32_t>{300}));
+  EXPECT_EQ(t->Encode("<tool call> hello", true), (std::vector<int32_t>{1, 300, 271}));
+  EXPECT_EQ(t->Encode("<raw><tool call>", false), (std::vector<int32_t>{301, 300}));
+  // Not after a letter (the pattern's "▁" is missing), as in HF.
+  EXPECT_FALSE(Contains(t->Encode("hello<tool call>", false), 300));
+  // Non-normalized tokens are found in the raw text first; the pieces between them
+  // are normalized separately (each gets its "▁"), like HF's Llama-2 tokenizer.json.
+  EXPECT_EQ(t->Encode("hello<s> world", false), (std::vector<int32_t>{271, 1, 259, 276}));
+  EXPECT_EQ(t->Encode("hello<raw>world", false), (std::vector<int32_t>{271, 301, 276}));
+  EXPECT_EQ(t->Decode({271, 300, 276}, false), "hello<tool call> world");
+
+  // Without a normalizer the pattern is the content itself.
+  json ms = Llama2Fixture(true);
+  ms["added_tokens"].push_back(
+      AddedTokenJson(300, "<tool call>", false, false, false, false, true));
+  auto m = Load(ms.dump());
+  ASSERT_NE(m, nullptr);
+  EXPECT_EQ(m->Encode("hello <tool call> world", false),
+            (std::vector<int32_t>{271, 259, 300, 276}));
+  EXPECT_EQ(m->Encode("hello<tool call>world", false),
+            (std::vector<int32_t>{271, 300, 264, 273, 275}));
+}
+
+TEST(AddedTokensTest, MissingNormalizedFieldDefaultsToNotSpecial) {
+  json root = Llama2Fixture(false);
+  json normal = {{"id", 300}, {"content", "<a b>"}, {"special", false}};
+  json special = {{"id", 301}, {"content", "<c d>"}, {"special", true}};
+  root["added_tokens"].push_back(normal);
+  root["added_tokens"].push_back(special);
+  auto t = Load(root.dump());
+  ASSERT_NE(t, nullptr);
+  // <a b> is normalized (needs the "▁" before it), <c d> is not.
+  EXPECT_FALSE(Contains(t->Encode("x<a b>", false), 300));
+  EXPECT_TRUE(Contains(t->Encode("x <a b>", false), 300));
+  EXPECT_TRUE(Contains(t->Encode("x<c d>", false), 301));
 }
 
 }  // namespace

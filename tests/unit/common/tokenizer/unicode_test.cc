@@ -74,5 +74,43 @@ TEST(Utf8Test, AppendCodepoint) {
   EXPECT_EQ(s, "A\xC3\xA9\xE4\xB8\xAD\xF0\x9F\x98\x80");
 }
 
+TEST(Utf8Test, DecodeAtAndBefore) {
+  const std::string text = "A\xC3\xA9\xE4\xB8\xAD\xF0\x9F\x98\x80\xFF";
+  uint32_t cp = 0;
+  EXPECT_EQ(DecodeUtf8At(text, 0, &cp), 1u);
+  EXPECT_EQ(cp, 0x41u);
+  EXPECT_EQ(DecodeUtf8At(text, 1, &cp), 2u);
+  EXPECT_EQ(cp, 0xE9u);
+  EXPECT_EQ(DecodeUtf8At(text, 3, &cp), 3u);
+  EXPECT_EQ(cp, 0x4E2Du);
+  EXPECT_EQ(DecodeUtf8At(text, 6, &cp), 4u);
+  EXPECT_EQ(cp, 0x1F600u);
+  EXPECT_EQ(DecodeUtf8At(text, 2, &cp), 0u);   // continuation byte
+  EXPECT_EQ(DecodeUtf8At(text, 10, &cp), 0u);  // 0xFF
+  EXPECT_EQ(DecodeUtf8At(text, 11, &cp), 0u);  // end
+  EXPECT_EQ(DecodeUtf8Before(text, 10, &cp), 4u);
+  EXPECT_EQ(cp, 0x1F600u);
+  EXPECT_EQ(DecodeUtf8Before(text, 6, &cp), 3u);
+  EXPECT_EQ(cp, 0x4E2Du);
+  EXPECT_EQ(DecodeUtf8Before(text, 3, &cp), 2u);
+  EXPECT_EQ(DecodeUtf8Before(text, 1, &cp), 1u);
+  EXPECT_EQ(cp, 0x41u);
+  EXPECT_EQ(DecodeUtf8Before(text, 0, &cp), 0u);
+  EXPECT_EQ(DecodeUtf8Before(text, 11, &cp), 0u);  // after 0xFF
+  EXPECT_EQ(DecodeUtf8Before(text, 5, &cp), 0u);   // inside a character
+  EXPECT_EQ(DecodeUtf8Before("\x80\x80\x80\x80", 4, &cp), 0u);
+}
+
+TEST(Utf8Test, UnicodeWhitespaceIsRustIsWhitespace) {
+  for (uint32_t c : {0x09u, 0x0Au, 0x0Bu, 0x0Cu, 0x0Du, 0x20u, 0x85u, 0xA0u, 0x1680u, 0x2000u,
+                     0x2005u, 0x200Au, 0x2028u, 0x2029u, 0x202Fu, 0x205Fu, 0x3000u}) {
+    EXPECT_TRUE(IsUnicodeWhitespace(c)) << std::hex << c;
+  }
+  for (uint32_t c : {0x00u, 0x08u, 0x0Eu, 0x1Fu, 0x21u, 0x41u, 0x84u, 0x86u, 0x9Fu, 0xA1u, 0x180Eu,
+                     0x200Bu, 0x200Cu, 0x200Du, 0x2060u, 0xFEFFu, 0x3001u}) {
+    EXPECT_FALSE(IsUnicodeWhitespace(c)) << std::hex << c;
+  }
+}
+
 }  // namespace
 }  // namespace kvrelay::tokenizer
