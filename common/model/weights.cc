@@ -14,7 +14,7 @@ using kernels::DType;
 
 class Loader {
  public:
-  Loader(const ModelConfig& c, Weights* w) : c_(c), w_(w) {}
+  explicit Loader(Weights* w) : w_(w) {}
 
   // The tensor, with its data aligned for its element type: safetensors does not
   // promise aligned offsets, and typed loads of misaligned data are undefined.
@@ -102,13 +102,12 @@ class Loader {
   }
 
  private:
-  const ModelConfig& c_;
   Weights* w_;
   std::string prefix_;
 };
 
 absl::Status LoadLlama(const ModelConfig& c, Weights* w) {
-  Loader ld(c, w);
+  Loader ld(w);
   const int64_t H = c.hidden_size, hd = c.head_dim, nq = c.num_heads * hd,
                 nkv = c.num_kv_heads * hd;
   const int64_t I = c.intermediate_size, V = c.vocab_size;
@@ -166,7 +165,7 @@ absl::Status LoadLlama(const ModelConfig& c, Weights* w) {
 }
 
 absl::Status LoadGpt2(const ModelConfig& c, Weights* w) {
-  Loader ld(c, w);
+  Loader ld(w);
   if (!w->store->Has("wte.weight") && w->store->Has("transformer.wte.weight"))
     ld.set_prefix("transformer.");
   const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
