@@ -39,50 +39,11 @@ absl::StatusOr<std::unique_ptr<KvPool>> KvPool::Create(const kernels::PagedKvLay
   pool->view_.layout = layout;
   pool->view_.base = static_cast<uint8_t*>(p);
   pool->view_.num_blocks = num_blocks;
-  for (int32_t b = 0; b < num_blocks; ++b) pool->free_.insert(pool->free_.end(), b);
   return pool;
 }
 
 KvPool::~KvPool() {
   if (view_.base != nullptr) ::munmap(view_.base, bytes_);
-}
-
-absl::StatusOr<std::vector<int32_t>> KvPool::Allocate(int64_t n) {
-  if (n < 0) return absl::InvalidArgumentError("kv pool: negative block count");
-  if (n > num_free()) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("kv pool: need ", n, " blocks, ", num_free(), " free of ", num_blocks()));
-  }
-  std::vector<int32_t> out;
-  out.reserve(n);
-  // First run of n consecutive free ids, if any.
-  int32_t run_start = -1, run_len = 0, prev = -2;
-  for (int32_t b : free_) {
-    if (b == prev + 1) {
-      ++run_len;
-    } else {
-      run_start = b;
-      run_len = 1;
-    }
-    prev = b;
-    if (run_len == n) break;
-  }
-  if (n > 0 && run_len == n) {
-    for (int32_t b = run_start; b < run_start + n; ++b) {
-      free_.erase(b);
-      out.push_back(b);
-    }
-    return out;
-  }
-  while (static_cast<int64_t>(out.size()) < n) {
-    out.push_back(*free_.begin());
-    free_.erase(free_.begin());
-  }
-  return out;
-}
-
-void KvPool::Free(const std::vector<int32_t>& blocks) {
-  for (int32_t b : blocks) free_.insert(b);
 }
 
 }  // namespace kvrelay::kvcache

@@ -1,11 +1,9 @@
-// The paged KV pool: one allocation of num_blocks blocks in the DESIGN §3 layout,
-// plus a simple allocator of block ids (prefers contiguous runs). The prefix cache
-// (reference counts, hashing, LRU) builds on this.
+// The paged KV pool: one allocation of num_blocks blocks in the DESIGN §3 layout.
+// Which blocks are in use is the business of BlockAllocator / PrefixCache.
 #pragma once
 
 #include <cstdint>
 #include <memory>
-#include <set>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -27,17 +25,10 @@ class KvPool {
   int64_t num_blocks() const { return view_.num_blocks; }
   size_t bytes() const { return bytes_; }
 
-  // Block ids for `n` more blocks, lowest-numbered contiguous run first when one fits.
-  // RESOURCE_EXHAUSTED when fewer than n are free. Not thread-safe.
-  absl::StatusOr<std::vector<int32_t>> Allocate(int64_t n);
-  void Free(const std::vector<int32_t>& blocks);
-  int64_t num_free() const { return static_cast<int64_t>(free_.size()); }
-
  private:
   KvPool() = default;
   kernels::PagedKvView view_;
   size_t bytes_ = 0;
-  std::set<int32_t> free_;
 };
 
 // Blocks needed to hold `tokens` tokens.

@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/kvcache/block_hash.h"
+#include "common/kvcache/kv_sequence.h"
 #include "common/util/status.h"
 
 namespace kvrelay::model {
@@ -12,26 +15,6 @@ namespace {
 double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
-
-// Blocks of one sequence, returned to the pool when it goes out of scope.
-class SequenceBlocks {
- public:
-  explicit SequenceBlocks(kvcache::KvPool* pool) : pool_(pool) {}
-  ~SequenceBlocks() { pool_->Free(blocks_); }
-  absl::Status EnsureTokens(int64_t tokens) {
-    const int64_t need = kvcache::BlocksFor(tokens, pool_->layout().block_size) -
-                         static_cast<int64_t>(blocks_.size());
-    if (need <= 0) return absl::OkStatus();
-    KVR_ASSIGN_OR_RETURN(std::vector<int32_t> more, pool_->Allocate(need));
-    blocks_.insert(blocks_.end(), more.begin(), more.end());
-    return absl::OkStatus();
-  }
-  const std::vector<int32_t>& blocks() const { return blocks_; }
-
- private:
-  kvcache::KvPool* pool_;
-  std::vector<int32_t> blocks_;
-};
 
 absl::Status CheckPrompt(const Model& m, const std::vector<int32_t>& prompt) {
   const ModelConfig& c = m.config();
@@ -50,39 +33,51 @@ absl::Status CheckPrompt(const Model& m, const std::vector<int32_t>& prompt) {
   return absl::OkStatus();
 }
 
-// Chunked prefill of prompt[0..n); logits of the last token into *logits.
-absl::Status Prefill(const Model& m, kvcache::KvPool* pool, const std::vector<int32_t>& prompt,
-                     const std::vector<int32_t>& blocks, int chunk, std::vector<float>* logits) {
+// Reuses the cached prefix of `prompt`, prefills the rest in chunks (each chunk's full
+// blocks enter the cache as soon as they are written) and leaves the last token's
+// logits in *logits.
+absl::Status Prefill(const Model& m, kvcache::KvPool* pool, kvcache::KvSequence* seq,
+                     const std::vector<int32_t>& prompt, int chunk, std::vector<float>* logits) {
   const int64_t n = static_cast<int64_t>(prompt.size());
-  for (int64_t start = 0; start < n; start += chunk) {
+  const int64_t cached = seq->AcquirePrefix(prompt);
+  KVR_RETURN_IF_ERROR(seq->Reserve(n));
+  for (int64_t start = cached; start < n; start += chunk) {
     const int64_t len = std::min<int64_t>(chunk, n - start);
     SeqChunk c;
     c.tokens = absl::MakeConstSpan(prompt.data() + start, len);
     c.start_pos = start;
-    c.block_table = blocks;
+    c.block_table = seq->blocks();
     c.want_logits = start + len == n;
     KVR_RETURN_IF_ERROR(m.Forward({c}, pool->view(), logits));
+    seq->Commit(prompt, start + len);
   }
   return absl::OkStatus();
 }
 
 }  // namespace
 
-Generator::Generator(const Model* model, kvcache::KvPool* pool, int prefill_chunk)
-    : model_(model), pool_(pool), prefill_chunk_(std::max(1, prefill_chunk)) {}
+Generator::Generator(const Model* model, kvcache::KvPool* pool, kvcache::PrefixCache* cache,
+                     std::string model_id, int prefill_chunk)
+    : model_(model),
+      pool_(pool),
+      cache_(cache),
+      model_id_(std::move(model_id)),
+      prefill_chunk_(std::max(1, prefill_chunk)) {}
 
-absl::StatusOr<std::vector<float>> Generator::PromptLogits(const std::vector<int32_t>& prompt) {
+absl::StatusOr<std::vector<float>> Generator::PromptLogits(const std::vector<int32_t>& prompt,
+                                                           const std::string& cache_salt,
+                                                           int64_t* cached_tokens) {
   KVR_RETURN_IF_ERROR(CheckPrompt(*model_, prompt));
-  SequenceBlocks seq(pool_);
-  KVR_RETURN_IF_ERROR(seq.EnsureTokens(static_cast<int64_t>(prompt.size())));
+  kvcache::KvSequence seq(cache_, kvcache::RootHash(model_id_, cache_salt));
   std::vector<float> logits;
-  KVR_RETURN_IF_ERROR(Prefill(*model_, pool_, prompt, seq.blocks(), prefill_chunk_, &logits));
+  KVR_RETURN_IF_ERROR(Prefill(*model_, pool_, &seq, prompt, prefill_chunk_, &logits));
+  if (cached_tokens != nullptr) *cached_tokens = seq.cached_tokens();
   return logits;
 }
 
 absl::StatusOr<GenerationResult> Generator::Generate(const std::vector<int32_t>& prompt,
                                                      const sampling::SamplingParams& params,
-                                                     const std::function<bool(int32_t)>& on_token) {
+                                                     const GenerateOptions& options) {
   KVR_RETURN_IF_ERROR(sampling::ValidateSamplingParams(params));
   KVR_RETURN_IF_ERROR(CheckPrompt(*model_, prompt));
   const ModelConfig& c = model_->config();
@@ -90,12 +85,13 @@ absl::StatusOr<GenerationResult> Generator::Generate(const std::vector<int32_t>&
   const int64_t n = static_cast<int64_t>(prompt.size());
 
   GenerationResult result;
-  SequenceBlocks seq(pool_);
-  KVR_RETURN_IF_ERROR(seq.EnsureTokens(n));
+  kvcache::KvSequence seq(cache_, kvcache::RootHash(model_id_, options.cache_salt));
   std::vector<float> logits;
   double t0 = Now();
-  KVR_RETURN_IF_ERROR(Prefill(*model_, pool_, prompt, seq.blocks(), prefill_chunk_, &logits));
+  KVR_RETURN_IF_ERROR(Prefill(*model_, pool_, &seq, prompt, prefill_chunk_, &logits));
   result.prefill_seconds = Now() - t0;
+  result.cached_tokens = seq.cached_tokens();
+  std::vector<int32_t> all = prompt;  // prompt + generated, for the block hashes
 
   auto is_stop = [&](int32_t tok) {
     if (!params.ignore_eos &&
@@ -113,8 +109,11 @@ absl::StatusOr<GenerationResult> Generator::Generate(const std::vector<int32_t>&
                                                 params, prompt, result.token_ids, position);
     result.token_ids.push_back(s.token);
     result.samples.push_back(std::move(s));
+    if (options.keep_logits)
+      result.logits.emplace_back(logits.begin(), logits.begin() + c.vocab_size);
     const int32_t tok = result.token_ids.back();
-    if (on_token && !on_token(tok)) {
+    all.push_back(tok);
+    if (options.on_token && !options.on_token(tok)) {
       result.finish_reason = "abort";
       break;
     }
@@ -127,13 +126,14 @@ absl::StatusOr<GenerationResult> Generator::Generate(const std::vector<int32_t>&
       break;
     }
     // Decode step: feed the new token at `position`.
-    KVR_RETURN_IF_ERROR(seq.EnsureTokens(position + 1));
+    KVR_RETURN_IF_ERROR(seq.Reserve(position + 1));
     logits.clear();
     SeqChunk step;
     step.tokens = absl::MakeConstSpan(&result.token_ids.back(), 1);
     step.start_pos = position;
     step.block_table = seq.blocks();
     KVR_RETURN_IF_ERROR(model_->Forward({step}, pool_->view(), &logits));
+    seq.Commit(all, position + 1);
   }
   result.decode_seconds = Now() - t0;
   return result;

@@ -18,6 +18,8 @@ bool IsDirectory(const std::string& path);
 // Creates a directory and its parents (like mkdir -p).
 absl::Status MakeDirs(const std::string& path);
 std::string JoinPath(const std::string& a, const std::string& b);
+// Last component of a path, ignoring trailing slashes ("/m/llama/" -> "llama").
+std::string BaseName(const std::string& path);
 
 // A read-only memory mapping of a whole file. Movable, not copyable.
 class MappedFile {

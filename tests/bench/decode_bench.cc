@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "common/kvcache/block_allocator.h"
 #include "common/kvcache/kv_pool.h"
 #include "common/model/model.h"
 #include "common/model/model_maker.h"
@@ -25,6 +26,7 @@ struct Fixture {
   std::unique_ptr<kernels::ThreadPool> pool;
   std::unique_ptr<model::Model> model;
   std::unique_ptr<kvcache::KvPool> kv;
+  std::unique_ptr<kvcache::BlockAllocator> blocks;
   double memcpy_bw = 0;
 };
 
@@ -52,6 +54,7 @@ Fixture& Get() {
     f->pool = std::make_unique<kernels::ThreadPool>(0);
     f->model = std::move(*model::Model::Load(dir, f->pool.get()));
     f->kv = std::move(*kvcache::KvPool::Create(f->model->KvLayout(kernels::DType::kF32, 16), 2048));
+    f->blocks = std::make_unique<kvcache::BlockAllocator>(*kvcache::BlockAllocator::Create(2048));
     f->memcpy_bw = MemcpyBandwidth();
     std::fprintf(stderr, "model: %.1fM parameters, %.1f MB of weights; isa %s; memcpy %.2f GB/s\n",
                  f->model->weights().parameter_count / 1e6,
@@ -71,7 +74,8 @@ void BM_Decode(benchmark::State& state) {
   std::vector<std::vector<int32_t>> tables(batch);
   std::vector<int32_t> prompt(context, 0);
   for (int i = 0; i < context; ++i) prompt[i] = (i * 7919) % 32000;
-  for (auto& t : tables) t = *f.kv->Allocate(kvcache::BlocksFor(context + 4096 / 16, bs));
+  for (auto& t : tables)
+    t = *f.blocks->Allocate(kvcache::BlocksFor(context + 4096 / 16, bs), -1, nullptr);
   // Prefill every sequence once.
   for (auto& t : tables) {
     model::SeqChunk c{absl::MakeConstSpan(prompt), 0, t, true};
@@ -91,7 +95,7 @@ void BM_Decode(benchmark::State& state) {
     benchmark::DoNotOptimize(logits.data());
     if (++pos >= context + 200) pos = context;  // stay within the allocated blocks
   }
-  for (auto& t : tables) f.kv->Free(t);
+  for (auto& t : tables) f.blocks->Release(t);
   const auto& L = f.kv->layout();
   const double kv_bytes =
       static_cast<double>(L.token_bytes()) * 2 * L.num_layers * (context + 100) * batch;
@@ -124,14 +128,15 @@ void BM_Prefill(benchmark::State& state) {
   const int n = static_cast<int>(state.range(0));
   std::vector<int32_t> prompt(n);
   for (int i = 0; i < n; ++i) prompt[i] = (i * 104729) % 32000;
-  std::vector<int32_t> table = *f.kv->Allocate(kvcache::BlocksFor(n, f.kv->layout().block_size));
+  std::vector<int32_t> table =
+      *f.blocks->Allocate(kvcache::BlocksFor(n, f.kv->layout().block_size), -1, nullptr);
   std::vector<float> logits;
   for (auto _ : state) {
     logits.clear();
     model::SeqChunk c{absl::MakeConstSpan(prompt), 0, table, true};
     (void)f.model->Forward({c}, f.kv->view(), &logits);
   }
-  f.kv->Free(table);
+  f.blocks->Release(table);
   const auto& c = f.model->config();
   // Matmul FLOPs (2 per weight per token, excluding the embedding gather and counting the
   // lm_head once) plus attention (QK and PV: 2 * 2 * heads * head_dim per attended pair).

@@ -20,6 +20,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "common/kvcache/block_allocator.h"
 #include "common/kvcache/kv_pool.h"
 #include "common/model/model.h"
 #include "common/model/model_maker.h"
@@ -135,6 +136,7 @@ int Main(int argc, char** argv) {
   auto kv =
       std::move(*kvcache::KvPool::Create(m.KvLayout(kernels::DType::kF32, 16),
                                          2 * kvcache::BlocksFor(std::max(max_len, 1024), 16) + 2));
+  auto blocks = *kvcache::BlockAllocator::Create(kv->num_blocks());
   std::printf(
       "model: GPT-2 shape %d layers, hidden %d, %d heads, %.0fM parameters (f32), isa %s, %d "
       "threads\n",
@@ -144,7 +146,7 @@ int Main(int argc, char** argv) {
   // Cached: prefill the prompt, then one decode step per token (greedy).
   std::vector<int32_t> seq;
   for (int i = 0; i < o.prompt; ++i) seq.push_back((i * 7919 + 13) % V);
-  std::vector<int32_t> table = *kv->Allocate(kvcache::BlocksFor(max_len, 16));
+  std::vector<int32_t> table = *blocks.Allocate(kvcache::BlocksFor(max_len, 16), -1, nullptr);
   std::vector<float> logits;
   const double t0 = NowSeconds();
   (void)m.Forward({model::SeqChunk{absl::MakeConstSpan(seq), 0, table, true}}, kv->view(), &logits);
@@ -159,7 +161,7 @@ int Main(int argc, char** argv) {
                     kv->view(), &logits);
   }
   const double cached = NowSeconds() - t0;
-  kv->Free(table);
+  blocks.Release(table);
   std::printf("cached:    %d tokens in %.2f s (measured), %.1f ms/token\n", o.tokens, cached,
               cached * 1e3 / o.tokens);
 
@@ -171,7 +173,7 @@ int Main(int argc, char** argv) {
       std::printf("  L=%d skipped (longer than the generated sequence)\n", L);
       continue;
     }
-    std::vector<int32_t> t = *kv->Allocate(kvcache::BlocksFor(L, 16));
+    std::vector<int32_t> t = *blocks.Allocate(kvcache::BlocksFor(L, 16), -1, nullptr);
     double best = 1e30;
     for (int r = 0; r < o.reps; ++r) {
       logits.clear();
@@ -180,7 +182,7 @@ int Main(int argc, char** argv) {
                       &logits);
       best = std::min(best, NowSeconds() - s0);
     }
-    kv->Free(t);
+    blocks.Release(t);
     std::printf("  L=%5d  %8.3f s\n", L, best);
     xs.push_back(L);
     ys.push_back(best);
@@ -199,13 +201,13 @@ int Main(int argc, char** argv) {
     const int steps = std::min(o.measure_steps, o.tokens);
     double measured = 0, predicted = 0;
     for (int L = o.prompt; L < o.prompt + steps; ++L) {
-      std::vector<int32_t> t = *kv->Allocate(kvcache::BlocksFor(L, 16));
+      std::vector<int32_t> t = *blocks.Allocate(kvcache::BlocksFor(L, 16), -1, nullptr);
       logits.clear();
       const double s0 = NowSeconds();
       (void)m.Forward({model::SeqChunk{absl::MakeConstSpan(seq.data(), L), 0, t, true}}, kv->view(),
                       &logits);
       measured += NowSeconds() - s0;
-      kv->Free(t);
+      blocks.Release(t);
       predicted += a + b * L + c * static_cast<double>(L) * L;
     }
     std::printf("check:     first %d recompute steps measured %.2f s, fit predicts %.2f s\n", steps,

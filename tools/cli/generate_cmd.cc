@@ -6,6 +6,7 @@
 
 #include "absl/strings/numbers.h"
 #include "common/kvcache/kv_pool.h"
+#include "common/kvcache/prefix_cache.h"
 #include "common/model/generator.h"
 #include "common/model/model.h"
 #include "common/sampling/sampler.h"
@@ -41,6 +42,10 @@ void DeclareFlags(Args& args) {
       .IntFlag("kv-blocks", 1, std::numeric_limits<int32_t>::max(),
                "KV pool size in blocks (default: enough for the context, max 8192 tokens)")
       .IntFlag("prefill-chunk", 1, 1 << 20, "tokens per prefill step (default 256)")
+      .Flag("cache-salt", K::kString,
+            "prefix-cache isolation: only requests with the same salt share KV (default none)")
+      .Flag("model-id", K::kString,
+            "model name in the KV block hashes (default: the model folder's name)")
       .IntFlag("threads", 0, 1024, "CPU threads (default: all cores)")
       .Flag("isa", K::kString, "CPU kernels: auto | avx2 | scalar (default auto)")
       .Flag("json", K::kBool, "print one JSON object per turn")
@@ -128,7 +133,17 @@ int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err) {
   absl::StatusOr<std::unique_ptr<kvcache::KvPool>> kv = kvcache::KvPool::Create(
       (*model)->KvLayout(kv_dtype, static_cast<int>(block_size)), kv_blocks);
   if (!kv.ok()) return Fail(err, std::string(kv.status().message()));
-  model::Generator gen(model->get(), kv->get(), static_cast<int>(chunk));
+  kvcache::PrefixCache::Options cache_options;
+  cache_options.num_blocks = kv_blocks;
+  cache_options.block_size = static_cast<int>(block_size);
+  cache_options.incarnation = kvcache::NewIncarnationId();
+  absl::StatusOr<std::unique_ptr<kvcache::PrefixCache>> cache =
+      kvcache::PrefixCache::Create(cache_options);
+  if (!cache.ok()) return Fail(err, std::string(cache.status().message()));
+  model::Generator gen(model->get(), kv->get(), cache->get(),
+                       args.GetString("model-id", BaseName(dir)), static_cast<int>(chunk));
+  model::GenerateOptions gen_options;
+  gen_options.cache_salt = args.GetString("cache-salt", "");
 
   const bool json = args.GetBool("json");
   std::vector<int32_t> history;  // previous turns' prompt + output
@@ -142,12 +157,13 @@ int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err) {
     detok.SetPrefix(prompt);
     if (!json) out << prompts[turn] << std::flush;
     std::string text;  // decoded in the context of the prompt, as streamed
-    absl::StatusOr<model::GenerationResult> r = gen.Generate(prompt, params, [&](int32_t id) {
+    gen_options.on_token = [&](int32_t id) {
       std::string piece = detok.Push(id);
       if (!json) out << piece << std::flush;
       text += piece;
       return true;
-    });
+    };
+    absl::StatusOr<model::GenerationResult> r = gen.Generate(prompt, params, gen_options);
     if (!r.ok())
       return Fail(err,
                   "turn " + std::to_string(turn + 1) + ": " + std::string(r.status().message()));

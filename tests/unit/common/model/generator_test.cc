@@ -14,14 +14,27 @@ const testing::ModelVariant& Variant() {
   return *v;
 }
 
-std::unique_ptr<kvcache::KvPool> Pool(const Model& m, int blocks) {
-  return std::move(*kvcache::KvPool::Create(m.KvLayout(kernels::DType::kF32, 16), blocks));
+// A KV pool with its prefix cache.
+struct Kv {
+  std::unique_ptr<kvcache::KvPool> pool;
+  std::unique_ptr<kvcache::PrefixCache> cache;
+};
+
+Kv MakeKv(const Model& m, int blocks, int block_size = 16) {
+  Kv kv;
+  kv.pool =
+      std::move(*kvcache::KvPool::Create(m.KvLayout(kernels::DType::kF32, block_size), blocks));
+  kvcache::PrefixCache::Options o;
+  o.num_blocks = blocks;
+  o.block_size = block_size;
+  kv.cache = std::move(*kvcache::PrefixCache::Create(o));
+  return kv;
 }
 
 TEST(GeneratorTest, GreedyIsDeterministicAndMatchesPromptLogits) {
   const Model& m = testing::LoadedModel(Variant());
-  auto pool = Pool(m, 64);
-  Generator gen(&m, pool.get(), 7);
+  Kv kv = MakeKv(m, 64);
+  Generator gen(&m, kv.pool.get(), kv.cache.get(), "tiny", 7);
   sampling::SamplingParams p;
   p.max_tokens = 12;
   p.ignore_eos = true;
@@ -33,23 +46,26 @@ TEST(GeneratorTest, GreedyIsDeterministicAndMatchesPromptLogits) {
   EXPECT_EQ(a->token_ids, b->token_ids);
   EXPECT_EQ(a->token_ids.size(), 12u);
   EXPECT_EQ(a->finish_reason, "length");
-  // Each greedy token is the argmax of recomputing the whole prefix (no cache).
+  // Each greedy token is the argmax of recomputing the whole prefix (a fresh salt per
+  // step: nothing is reused).
   std::vector<int32_t> seq = prompt;
   for (int32_t tok : a->token_ids) {
-    auto logits = gen.PromptLogits(seq);
+    int64_t cached = -1;
+    auto logits = gen.PromptLogits(seq, "step" + std::to_string(seq.size()), &cached);
     ASSERT_TRUE(logits.ok());
+    EXPECT_EQ(cached, 0);
     const int32_t argmax =
         static_cast<int32_t>(std::max_element(logits->begin(), logits->end()) - logits->begin());
     EXPECT_EQ(tok, argmax);
     seq.push_back(tok);
   }
-  EXPECT_EQ(pool->num_free(), 64);  // every block returned
+  EXPECT_EQ(kv.cache->counts().in_use, 0);  // every block released
 }
 
 TEST(GeneratorTest, StopsOnStopTokenAndOnCallback) {
   const Model& m = testing::LoadedModel(Variant());
-  auto pool = Pool(m, 64);
-  Generator gen(&m, pool.get());
+  Kv kv = MakeKv(m, 64);
+  Generator gen(&m, kv.pool.get(), kv.cache.get(), "tiny");
   sampling::SamplingParams p;
   p.max_tokens = 10;
   p.ignore_eos = true;
@@ -63,18 +79,19 @@ TEST(GeneratorTest, StopsOnStopTokenAndOnCallback) {
   EXPECT_LE(stopped->token_ids.size(), 4u);
   EXPECT_EQ(stopped->token_ids.back(), free_run->token_ids[3]);
   int calls = 0;
-  auto aborted =
-      gen.Generate(prompt, sampling::SamplingParams{}, [&](int32_t) { return ++calls < 2; });
+  GenerateOptions abort_after_two;
+  abort_after_two.on_token = [&](int32_t) { return ++calls < 2; };
+  auto aborted = gen.Generate(prompt, sampling::SamplingParams{}, abort_after_two);
   ASSERT_TRUE(aborted.ok());
   EXPECT_EQ(aborted->finish_reason, "abort");
   EXPECT_EQ(aborted->token_ids.size(), 2u);
-  EXPECT_EQ(pool->num_free(), 64);
+  EXPECT_EQ(kv.cache->counts().in_use, 0);  // every block released
 }
 
 TEST(GeneratorTest, SeededSamplingIsReproducible) {
   const Model& m = testing::LoadedModel(Variant());
-  auto pool = Pool(m, 64);
-  Generator gen(&m, pool.get());
+  Kv kv = MakeKv(m, 64);
+  Generator gen(&m, kv.pool.get(), kv.cache.get(), "tiny");
   sampling::SamplingParams p;
   p.max_tokens = 16;
   p.temperature = 1.5f;
@@ -100,8 +117,8 @@ TEST(GeneratorTest, SeededSamplingIsReproducible) {
 
 TEST(GeneratorTest, BadInputIsInvalidArgumentAndLeaksNothing) {
   const Model& m = testing::LoadedModel(Variant());
-  auto pool = Pool(m, 64);
-  Generator gen(&m, pool.get());
+  Kv kv = MakeKv(m, 64);
+  Generator gen(&m, kv.pool.get(), kv.cache.get(), "tiny");
   sampling::SamplingParams p;
   auto empty = gen.Generate({}, p);
   EXPECT_EQ(empty.status().code(), absl::StatusCode::kInvalidArgument);
@@ -116,26 +133,26 @@ TEST(GeneratorTest, BadInputIsInvalidArgumentAndLeaksNothing) {
   auto bad_temp = gen.Generate({1, 2}, p);
   EXPECT_EQ(bad_temp.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(bad_temp.status().message(), HasSubstr("temperature"));
-  EXPECT_EQ(pool->num_free(), 64);
+  EXPECT_EQ(kv.cache->counts().in_use, 0);  // every block released
 }
 
 TEST(GeneratorTest, PoolTooSmallIsResourceExhausted) {
   const Model& m = testing::LoadedModel(Variant());
-  auto pool = Pool(m, 2);  // 32 tokens
-  Generator gen(&m, pool.get());
+  Kv kv = MakeKv(m, 2);  // 32 tokens
+  Generator gen(&m, kv.pool.get(), kv.cache.get(), "tiny");
   sampling::SamplingParams p;
   p.max_tokens = 40;
   p.ignore_eos = true;
   auto r = gen.Generate(std::vector<int32_t>(20, 3), p);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_EQ(pool->num_free(), 2);
+  EXPECT_EQ(kv.cache->counts().in_use, 0);  // every block released
 }
 
 TEST(GeneratorTest, StopsAtContextLength) {
   const Model& m = testing::LoadedModel(Variant());
   const int max_pos = m.config().max_position_embeddings;
-  auto pool = Pool(m, max_pos / 16 + 1);
-  Generator gen(&m, pool.get(), 256);
+  Kv kv = MakeKv(m, max_pos / 16 + 1);
+  Generator gen(&m, kv.pool.get(), kv.cache.get(), "tiny", 256);
   sampling::SamplingParams p;
   p.max_tokens = 100;
   p.ignore_eos = true;

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <random>
 
+#include "common/kvcache/block_allocator.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/ops.h"
@@ -26,16 +27,25 @@ std::vector<int32_t> RandomTokens(int n, int vocab, uint32_t seed) {
   return t;
 }
 
+// A KV pool and the allocator of its block ids.
+struct TestPool {
+  std::unique_ptr<kvcache::KvPool> kv;
+  kvcache::BlockAllocator alloc;
+  const kernels::PagedKvView& view() const { return kv->view(); }
+  const kernels::PagedKvLayout& layout() const { return kv->layout(); }
+};
+
 // A sequence with its own blocks in a pool, fed chunk by chunk.
 class Seq {
  public:
-  Seq(kvcache::KvPool* pool, int64_t capacity_tokens, bool scatter = false) : pool_(pool) {
-    auto b = pool->Allocate(kvcache::BlocksFor(capacity_tokens, pool->layout().block_size));
+  Seq(TestPool* pool, int64_t capacity_tokens, bool scatter = false) : pool_(pool) {
+    auto b = pool->alloc.Allocate(kvcache::BlocksFor(capacity_tokens, pool->layout().block_size),
+                                  -1, nullptr);
     EXPECT_TRUE(b.ok()) << b.status();
     blocks_ = *b;
     if (scatter) std::reverse(blocks_.begin(), blocks_.end());
   }
-  ~Seq() { pool_->Free(blocks_); }
+  ~Seq() { pool_->alloc.Release(blocks_); }
   SeqChunk Chunk(const std::vector<int32_t>& tokens, int64_t start, int64_t len,
                  bool logits = true) const {
     SeqChunk c;
@@ -48,18 +58,18 @@ class Seq {
   const std::vector<int32_t>& blocks() const { return blocks_; }
 
  private:
-  kvcache::KvPool* pool_;
+  TestPool* pool_;
   std::vector<int32_t> blocks_;
 };
 
-std::unique_ptr<kvcache::KvPool> MakePool(const Model& m, DType dt, int block_size, int blocks) {
+std::unique_ptr<TestPool> MakePool(const Model& m, DType dt, int block_size, int blocks) {
   auto p = kvcache::KvPool::Create(m.KvLayout(dt, block_size), blocks);
   EXPECT_TRUE(p.ok()) << p.status();
-  return std::move(*p);
+  return std::unique_ptr<TestPool>(
+      new TestPool{std::move(*p), *kvcache::BlockAllocator::Create(blocks)});
 }
 
-std::vector<float> Logits(const Model& m, kvcache::KvPool* pool,
-                          const std::vector<SeqChunk>& batch) {
+std::vector<float> Logits(const Model& m, TestPool* pool, const std::vector<SeqChunk>& batch) {
   std::vector<float> out;
   absl::Status s = m.Forward(batch, pool->view(), &out);
   EXPECT_TRUE(s.ok()) << s;
@@ -67,8 +77,8 @@ std::vector<float> Logits(const Model& m, kvcache::KvPool* pool,
 }
 
 // Full recompute of tokens[0..n) in a fresh sequence; logits of the last token.
-std::vector<float> Recompute(const Model& m, kvcache::KvPool* pool,
-                             const std::vector<int32_t>& tokens, int64_t n) {
+std::vector<float> Recompute(const Model& m, TestPool* pool, const std::vector<int32_t>& tokens,
+                             int64_t n) {
   Seq s(pool, n);
   return Logits(m, pool, {s.Chunk(tokens, 0, n)});
 }

@@ -44,6 +44,14 @@ TEST(FileTest, EmptyFileMaps) {
   EXPECT_EQ(m->size(), 0u);
 }
 
+TEST(FileTest, BaseName) {
+  EXPECT_EQ(BaseName("/m/llama"), "llama");
+  EXPECT_EQ(BaseName("/m/llama//"), "llama");
+  EXPECT_EQ(BaseName("llama"), "llama");
+  EXPECT_EQ(BaseName("/"), "/");
+  EXPECT_EQ(BaseName(""), "");
+}
+
 TEST(FileTest, JoinPath) {
   EXPECT_EQ(JoinPath("a", "b"), "a/b");
   EXPECT_EQ(JoinPath("a/", "b"), "a/b");
