@@ -1,5 +1,8 @@
 #include "common/model/generator.h"
 
+#include <cstring>
+#include <sstream>
+
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/test_models.h"
@@ -20,10 +23,10 @@ struct Kv {
   std::unique_ptr<kvcache::PrefixCache> cache;
 };
 
-Kv MakeKv(const Model& m, int blocks, int block_size = 16) {
+Kv MakeKv(const Model& m, int blocks, int block_size = 16,
+          kernels::DType kv_dtype = kernels::DType::kF32) {
   Kv kv;
-  kv.pool =
-      std::move(*kvcache::KvPool::Create(m.KvLayout(kernels::DType::kF32, block_size), blocks));
+  kv.pool = std::move(*kvcache::KvPool::Create(m.KvLayout(kv_dtype, block_size), blocks));
   kvcache::PrefixCache::Options o;
   o.num_blocks = blocks;
   o.block_size = block_size;
@@ -161,6 +164,174 @@ TEST(GeneratorTest, StopsAtContextLength) {
   EXPECT_EQ(r->finish_reason, "length");
   EXPECT_EQ(r->token_ids.size(), 3u);
 }
+
+// Prefix reuse (issue 3): a request served with cached KV is bit-identical to a cold
+// run — same tokens, same logits bit for bit — for both families and several block
+// sizes and KV dtypes.
+struct ReuseCase {
+  testing::ModelVariant variant;
+  int block_size;
+  kernels::DType kv_dtype;
+};
+void PrintTo(const ReuseCase& c, std::ostream* os) {
+  *os << c.variant.name << "_bs" << c.block_size << "_" << kernels::DTypeName(c.kv_dtype);
+}
+
+std::vector<ReuseCase> ReuseCases() {
+  std::vector<ReuseCase> out;
+  for (const testing::ModelVariant& v : testing::TinyVariants()) {
+    if (v.name != "llama_gqa" && v.name != "gpt2") continue;
+    for (int bs : {1, 4, 16}) out.push_back({v, bs, kernels::DType::kF32});
+    out.push_back({v, 8, kernels::DType::kI8});
+  }
+  return out;
+}
+
+class PrefixReuseTest : public ::testing::TestWithParam<ReuseCase> {
+ protected:
+  const Model& model() const { return testing::LoadedModel(GetParam().variant); }
+  Kv NewKv(int blocks = 128) const {
+    return MakeKv(model(), blocks, GetParam().block_size, GetParam().kv_dtype);
+  }
+  static sampling::SamplingParams Params(int max_tokens) {
+    sampling::SamplingParams p;
+    p.max_tokens = max_tokens;
+    p.ignore_eos = true;
+    return p;
+  }
+  // A run in a fresh pool: nothing to reuse.
+  GenerationResult Cold(const std::vector<int32_t>& prompt, const sampling::SamplingParams& p) {
+    Kv kv = NewKv();
+    Generator gen(&model(), kv.pool.get(), kv.cache.get(), "tiny", 5);
+    GenerateOptions o;
+    o.keep_logits = true;
+    auto r = gen.Generate(prompt, p, o);
+    EXPECT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->cached_tokens, 0);
+    return *std::move(r);
+  }
+  static void ExpectIdentical(const GenerationResult& a, const GenerationResult& b) {
+    EXPECT_EQ(a.token_ids, b.token_ids);
+    ASSERT_EQ(a.logits.size(), b.logits.size());
+    for (size_t i = 0; i < a.logits.size(); ++i) {
+      ASSERT_EQ(a.logits[i].size(), b.logits[i].size());
+      EXPECT_EQ(std::memcmp(a.logits[i].data(), b.logits[i].data(), a.logits[i].size() * 4), 0)
+          << "logits of token " << i << " differ";
+    }
+  }
+  static std::vector<int32_t> Prompt(int n, int32_t salt) {
+    std::vector<int32_t> t(n);
+    for (int i = 0; i < n; ++i) t[i] = (i * 37 + salt * 101 + 11) % 250 + 3;
+    return t;
+  }
+};
+
+TEST_P(PrefixReuseTest, MultiTurnReusesPromptAndOutputExactly) {
+  const int B = GetParam().block_size;
+  Kv kv = NewKv();
+  Generator gen(&model(), kv.pool.get(), kv.cache.get(), "tiny", 5);
+  GenerateOptions o;
+  o.keep_logits = true;
+  const auto p = Params(9);
+  std::vector<int32_t> history = Prompt(21, 1);
+  for (int turn = 0; turn < 3; ++turn) {
+    const std::vector<int32_t> fresh = Prompt(6 + turn, 10 + turn);
+    std::vector<int32_t> prompt = history;
+    prompt.insert(prompt.end(), fresh.begin(), fresh.end());
+    auto warm = gen.Generate(prompt, p, o);
+    ASSERT_TRUE(warm.ok()) << warm.status();
+    // Every full block of the previous turns' prompt and output (whose KV was computed:
+    // all but the last generated token) is reused.
+    const int64_t expected = turn == 0 ? 0 : (static_cast<int64_t>(history.size()) - 1) / B * B;
+    EXPECT_EQ(warm->cached_tokens, expected) << "turn " << turn;
+    ExpectIdentical(*warm, Cold(prompt, p));
+    history = prompt;
+    history.insert(history.end(), warm->token_ids.begin(), warm->token_ids.end());
+  }
+  EXPECT_EQ(kv.cache->counts().in_use, 0);
+  EXPECT_TRUE(kv.cache->Validate().ok());
+}
+
+TEST_P(PrefixReuseTest, SharedPrefixAndFullHitAreExact) {
+  const int B = GetParam().block_size;
+  Kv kv = NewKv();
+  Generator gen(&model(), kv.pool.get(), kv.cache.get(), "tiny", 7);
+  GenerateOptions o;
+  o.keep_logits = true;
+  const auto p = Params(6);
+  const std::vector<int32_t> system = Prompt(19, 3);
+  std::vector<int32_t> a = system, b = system;
+  for (int32_t t : Prompt(5, 4)) a.push_back(t);
+  for (int32_t t : Prompt(9, 5)) b.push_back(t);
+  ASSERT_TRUE(gen.Generate(a, p, o).ok());
+  auto rb = gen.Generate(b, p, o);
+  ASSERT_TRUE(rb.ok());
+  EXPECT_EQ(rb->cached_tokens, 19 / B * B);
+  ExpectIdentical(*rb, Cold(b, p));
+  // The same prompt again: all but the block holding the last token is reused.
+  auto again = gen.Generate(b, p, o);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->cached_tokens, (static_cast<int64_t>(b.size()) - 1) / B * B);
+  ExpectIdentical(*again, *rb);
+}
+
+TEST_P(PrefixReuseTest, SeededSamplingContinuesIdentically) {
+  Kv kv = NewKv();
+  Generator gen(&model(), kv.pool.get(), kv.cache.get(), "tiny", 5);
+  sampling::SamplingParams p = Params(8);
+  p.temperature = 1.3f;
+  p.top_k = 20;
+  p.seed = 77;
+  const std::vector<int32_t> prompt = Prompt(30, 8);
+  ASSERT_TRUE(gen.Generate(prompt, p).ok());
+  GenerateOptions o;
+  o.keep_logits = true;
+  auto warm = gen.Generate(prompt, p, o);
+  ASSERT_TRUE(warm.ok());
+  EXPECT_GT(warm->cached_tokens, 0);
+  ExpectIdentical(*warm, Cold(prompt, p));
+}
+
+TEST_P(PrefixReuseTest, OtherSaltOrModelIdNeverHits) {
+  Kv kv = NewKv();
+  Generator gen(&model(), kv.pool.get(), kv.cache.get(), "tiny", 5);
+  Generator other_model(&model(), kv.pool.get(), kv.cache.get(), "tiny-v2", 5);
+  const auto p = Params(3);
+  const std::vector<int32_t> prompt = Prompt(40, 9);
+  GenerateOptions tenant_a, tenant_b;
+  tenant_a.cache_salt = "a";
+  tenant_b.cache_salt = "b";
+  ASSERT_EQ(gen.Generate(prompt, p, tenant_a)->cached_tokens, 0);
+  EXPECT_EQ(gen.Generate(prompt, p, tenant_b)->cached_tokens, 0);
+  EXPECT_EQ(gen.Generate(prompt, p)->cached_tokens, 0);  // no salt is its own tenant
+  EXPECT_EQ(other_model.Generate(prompt, p, tenant_a)->cached_tokens, 0);
+  EXPECT_GT(gen.Generate(prompt, p, tenant_a)->cached_tokens, 0);
+}
+
+TEST_P(PrefixReuseTest, PoolSmallerThanTheWorkingSetKeepsServing) {
+  const int B = GetParam().block_size;
+  const int blocks = static_cast<int>(kvcache::BlocksFor(48, B)) + 1;  // one request at a time
+  Kv kv = NewKv(blocks);
+  Generator gen(&model(), kv.pool.get(), kv.cache.get(), "tiny", 5);
+  GenerateOptions o;
+  o.keep_logits = true;
+  const auto p = Params(4);
+  for (int r = 0; r < 12; ++r) {
+    const std::vector<int32_t> prompt = Prompt(40, r % 5);  // 5 prompts cycling: evictions
+    auto warm = gen.Generate(prompt, p, o);
+    ASSERT_TRUE(warm.ok()) << "request " << r << ": " << warm.status();
+    if (r < 2) ExpectIdentical(*warm, Cold(prompt, p));
+    ASSERT_TRUE(kv.cache->Validate().ok());
+  }
+  EXPECT_EQ(kv.cache->counts().in_use, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, PrefixReuseTest, ::testing::ValuesIn(ReuseCases()),
+                         [](const ::testing::TestParamInfo<ReuseCase>& info) {
+                           std::ostringstream os;
+                           PrintTo(info.param, &os);
+                           return os.str();
+                         });
 
 }  // namespace
 }  // namespace kvrelay::model

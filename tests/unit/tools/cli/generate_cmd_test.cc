@@ -38,7 +38,7 @@ TEST(GenerateCmdTest, JsonTurnsCarryTheConversation) {
     std::string out, err;
     ASSERT_EQ(RunCmd({"--model", Dir(variant), "--prompt", "Hello there", "--prompt",
                       " And again, ümlaut 🙂", "--max-tokens", "6", "--ignore-eos", "--logprobs",
-                      "2", "--json"},
+                      "2", "--json", "--block-size", "4", "--cache-salt", "tenant-1"},
                      &out, &err),
               0)
         << err;
@@ -52,7 +52,6 @@ TEST(GenerateCmdTest, JsonTurnsCarryTheConversation) {
       EXPECT_EQ(t["token_ids"].size(), 6u);
       ASSERT_EQ(t["logprobs"].size(), 6u);
       EXPECT_EQ(t["logprobs"][0]["top"].size(), 2u);
-      EXPECT_EQ(t["cached_tokens"], 0);
     }
     // Turn 2's prompt = turn 1's prompt + output + the new text.
     std::vector<int> p1 = turns[0]["prompt_token_ids"], o1 = turns[0]["token_ids"],
@@ -61,6 +60,11 @@ TEST(GenerateCmdTest, JsonTurnsCarryTheConversation) {
     prefix.insert(prefix.end(), o1.begin(), o1.end());
     ASSERT_GT(p2.size(), prefix.size());
     EXPECT_TRUE(std::equal(prefix.begin(), prefix.end(), p2.begin()));
+    // Turn 2 reuses every full 4-token block of turn 1's prompt and output whose KV
+    // was computed (all but the last output token).
+    EXPECT_EQ(turns[0]["cached_tokens"], 0);
+    EXPECT_EQ(turns[1]["cached_tokens"], (prefix.size() - 1) / 4 * 4);
+    EXPECT_GT(turns[1]["cached_tokens"].get<int>(), 0);
   }
 }
 
