@@ -7,6 +7,7 @@ PACKAGES=(
   build-essential cmake git pkg-config clang-format
   libabsl-dev nlohmann-json3-dev libxxhash-dev libonig-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  libucx-dev ucx-utils
 )
 
 missing=()
