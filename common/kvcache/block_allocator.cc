@@ -97,8 +97,8 @@ absl::StatusOr<std::vector<int32_t>> BlockAllocator::Allocate(int64_t n, int32_t
   if (n < 0) return absl::InvalidArgumentError("block allocator: negative block count");
   if (n > free_ + cached_free_) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "kv cache: need ", n, " blocks; ", free_, " free and ", cached_free_,
-        " evictable of ", num_blocks_, " (", in_use_, " in use by running sequences)"));
+        "kv cache: need ", n, " blocks; ", free_, " free and ", cached_free_, " evictable of ",
+        num_blocks_, " (", in_use_, " in use by running sequences)"));
   }
   while (free_ < n) {  // evict only what this allocation needs
     const int32_t b = next_[num_blocks_];
@@ -141,9 +141,24 @@ absl::StatusOr<std::vector<int32_t>> BlockAllocator::Allocate(int64_t n, int32_t
 
 void BlockAllocator::Ref(int32_t b) {
   if (refcount_[b] == 0) {
-    // Only cached-free blocks are referenced again; free ones come from Allocate.
-    LruRemove(b);
-    --cached_free_;
+    if (cached_[b]) {
+      LruRemove(b);
+      --cached_free_;
+    } else {  // a free block named by id: cut it out of its run
+      auto it = std::prev(runs_.upper_bound(b));
+      const int32_t start = it->first, len = it->second;
+      by_len_.erase({len, start});
+      runs_.erase(it);
+      if (b > start) {
+        runs_.emplace(start, b - start);
+        by_len_.emplace(b - start, start);
+      }
+      if (b + 1 < start + len) {
+        runs_.emplace(b + 1, start + len - b - 1);
+        by_len_.emplace(start + len - b - 1, b + 1);
+      }
+      --free_;
+    }
     ++in_use_;
   }
   ++refcount_[b];

@@ -41,7 +41,8 @@ class BlockAllocator {
   absl::StatusOr<std::vector<int32_t>> Allocate(int64_t n, int32_t hint,
                                                 std::vector<int32_t>* evicted);
 
-  // +1 reference. A cached-free block leaves the LRU and is in use again.
+  // +1 reference. A cached-free block leaves the LRU and is in use again; a free one
+  // leaves the free runs.
   void Ref(int32_t block);
   // -1 reference on each block, last block first: a sequence's tail enters the LRU
   // before its head, so it is evicted first. At 0 a cached block becomes cached-free
@@ -68,15 +69,15 @@ class BlockAllocator {
 
  private:
   explicit BlockAllocator(int32_t num_blocks);
-  void AddFree(int32_t block);                  // merges with neighbouring runs
-  void TakeFromRun(int32_t start, int32_t k);   // first k ids of the run at start
+  void AddFree(int32_t block);                 // merges with neighbouring runs
+  void TakeFromRun(int32_t start, int32_t k);  // first k ids of the run at start
   void LruPushBack(int32_t block);
   void LruRemove(int32_t block);
 
   int32_t num_blocks_;
   std::vector<int32_t> refcount_;
   std::vector<bool> cached_;
-  std::map<int32_t, int32_t> runs_;             // free runs: start -> length
+  std::map<int32_t, int32_t> runs_;               // free runs: start -> length
   std::set<std::pair<int32_t, int32_t>> by_len_;  // (length, start) of every free run
   int64_t free_ = 0;
   int64_t in_use_ = 0;
