@@ -1,10 +1,14 @@
 #include "common/transfer/ucx/ucx_transport.h"
 
+#include <errno.h>
+#include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
 #include <ucp/api/ucp.h>
 #include <unistd.h>
 
@@ -23,7 +27,9 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "common/util/status.h"
@@ -54,6 +60,78 @@ std::string TransportFromEpInfo(const std::string& info) {
 namespace {
 
 constexpr unsigned kNoticeAmId = 17;
+constexpr char kAddressMagic[] = "kvr-ucx1";
+
+// Who a transport is: its UCX worker address plus the identity of its process
+// (boot id, pid namespace, pid). Peers on the same host and in the same pid namespace
+// are watched through their process (pidfd) instead of UCX's peer-failure mode,
+// which rules out the shared-memory transports (see GetPeer).
+struct PeerIdentity {
+  std::string ucx_address;
+  std::string boot_id;
+  uint64_t pid_ns = 0;
+  int32_t pid = 0;
+};
+
+void PutU64(uint64_t v, std::string* out) {
+  for (int i = 0; i < 8; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
+}
+
+bool GetU64(absl::string_view* in, uint64_t* v) {
+  if (in->size() < 8) return false;
+  *v = 0;
+  for (int i = 0; i < 8; ++i)
+    *v |= static_cast<uint64_t>(static_cast<uint8_t>((*in)[i])) << (8 * i);
+  in->remove_prefix(8);
+  return true;
+}
+
+std::string EncodeIdentity(const PeerIdentity& id) {
+  std::string out(kAddressMagic);
+  PutU64(id.boot_id.size(), &out);
+  out += id.boot_id;
+  PutU64(id.pid_ns, &out);
+  PutU64(static_cast<uint64_t>(static_cast<uint32_t>(id.pid)), &out);
+  PutU64(id.ucx_address.size(), &out);
+  out += id.ucx_address;
+  return out;
+}
+
+absl::StatusOr<PeerIdentity> DecodeIdentity(absl::string_view in) {
+  const auto bad = absl::InvalidArgumentError("ucx: malformed peer address");
+  if (!absl::ConsumePrefix(&in, kAddressMagic)) return bad;
+  PeerIdentity id;
+  uint64_t n = 0, pid = 0;
+  if (!GetU64(&in, &n) || in.size() < n) return bad;
+  id.boot_id = std::string(in.substr(0, n));
+  in.remove_prefix(n);
+  if (!GetU64(&in, &id.pid_ns) || !GetU64(&in, &pid) || !GetU64(&in, &n) || in.size() != n) {
+    return bad;
+  }
+  id.pid = static_cast<int32_t>(pid);
+  id.ucx_address = std::string(in);
+  return id;
+}
+
+PeerIdentity SelfIdentity() {
+  PeerIdentity id;
+  if (FILE* f = ::fopen("/proc/sys/kernel/random/boot_id", "r")) {
+    char buf[64] = {0};
+    if (::fgets(buf, sizeof(buf), f) != nullptr) id.boot_id = buf;
+    ::fclose(f);
+    while (!id.boot_id.empty() && id.boot_id.back() == '\n') id.boot_id.pop_back();
+  }
+  char link[128] = {0};
+  const ssize_t n = ::readlink("/proc/self/ns/pid", link, sizeof(link) - 1);  // "pid:[4026531836]"
+  if (n > 0) {
+    const std::string s(link, n);
+    const size_t open = s.find('[');
+    if (open != std::string::npos)
+      (void)absl::SimpleAtoi(s.substr(open + 1, s.size() - open - 2), &id.pid_ns);
+  }
+  id.pid = static_cast<int32_t>(::getpid());
+  return id;
+}
 
 double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -132,7 +210,10 @@ struct Peer {
   UcxTransport* owner = nullptr;
   std::string address;
   ucp_ep_h ep = nullptr;
-  absl::Status failed;  // not OK once the endpoint failed
+  bool peer_mode = false;  // UCP_ERR_HANDLING_MODE_PEER; else watched through its process
+  int32_t pid = 0;         // same-host peer's process
+  int pidfd = -1;          // its pidfd, when the kernel has them
+  absl::Status failed;     // not OK once the endpoint failed
   absl::flat_hash_map<std::string, ucp_rkey_h> rkeys;
   std::string transport;  // learned after the first completed flush
 };
@@ -327,7 +408,10 @@ class UcxTransport : public KvTransport {
     size_t len = 0;
     s = ucp_worker_get_address(worker_, &worker_address_, &len);
     if (s != UCS_OK) return FromUcs(s, "ucp_worker_get_address");
-    address_.assign(reinterpret_cast<const char*>(worker_address_), len);
+    PeerIdentity self = SelfIdentity();
+    self.ucx_address.assign(reinterpret_cast<const char*>(worker_address_), len);
+    self_ = self;
+    address_ = EncodeIdentity(self);
 
     ucp_am_handler_param_t am{};
     am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
@@ -457,6 +541,7 @@ class UcxTransport : public KvTransport {
       for (auto& t : tasks) t();
       while (ucp_worker_progress(worker_) != 0) {
       }
+      CheckPeerProcesses();
       CloseFailedEndpoints();
       const bool busy = Pump();
       if (stop) break;
@@ -504,22 +589,69 @@ class UcxTransport : public KvTransport {
     auto p = std::make_unique<Peer>();
     p->owner = this;
     p->address = address;
-    ucp_ep_params_t ep{};
-    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                    UCP_EP_PARAM_FIELD_ERR_HANDLER;
-    ep.address = reinterpret_cast<const ucp_address_t*>(address.data());
-    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-    ep.err_handler.cb = &UcxTransport::OnEpError;
-    ep.err_handler.arg = p.get();
-    ucs_status_t s = ucp_ep_create(worker_, &ep, &p->ep);
-    if (s != UCS_OK) {
-      p->ep = nullptr;
-      p->failed = FromUcs(s, "ucp_ep_create");
-      MarkPeerFailed(p->address, p->failed);
-    }
     Peer* raw = p.get();
     peers_.emplace(address, std::move(p));
+    absl::StatusOr<PeerIdentity> id = DecodeIdentity(address);
+    if (!id.ok()) {
+      raw->failed = id.status();
+      MarkPeerFailed(address, raw->failed);
+      return raw;
+    }
+    // UCX 1.13's shared-memory transports (posix, sysv) cannot run in peer-failure
+    // mode, so a peer on this host gets a plain endpoint (shm at memcpy speed) and is
+    // watched through its process instead; remote peers use UCX's peer-failure mode.
+    const bool same_host = !id->boot_id.empty() && id->boot_id == self_.boot_id &&
+                           id->pid_ns != 0 && id->pid_ns == self_.pid_ns;
+    raw->peer_mode = !same_host;
+    if (same_host) {
+      raw->pid = id->pid;
+      raw->pidfd = static_cast<int>(::syscall(SYS_pidfd_open, id->pid, 0));
+      if (raw->pidfd >= 0) {
+        epoll_event ev{};
+        ev.events = EPOLLIN;
+        ev.data.fd = raw->pidfd;
+        ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, raw->pidfd, &ev);
+      }
+      if (!PeerProcessAlive(*raw)) {
+        raw->failed = absl::UnavailableError(absl::StrCat("peer process ", raw->pid, " is gone"));
+        MarkPeerFailed(address, raw->failed);
+        return raw;
+      }
+    }
+    ucp_ep_params_t ep{};
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+    ep.address = reinterpret_cast<const ucp_address_t*>(id->ucx_address.data());
+    ep.err_mode = raw->peer_mode ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
+    if (raw->peer_mode) {
+      ep.field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLER;
+      ep.err_handler.cb = &UcxTransport::OnEpError;
+      ep.err_handler.arg = raw;
+    }
+    ucs_status_t s = ucp_ep_create(worker_, &ep, &raw->ep);
+    if (s != UCS_OK) {
+      raw->ep = nullptr;
+      raw->failed = FromUcs(s, "ucp_ep_create");
+      MarkPeerFailed(address, raw->failed);
+    }
     return raw;
+  }
+
+  static bool PeerProcessAlive(const Peer& p) {
+    if (p.pidfd >= 0) {
+      pollfd pfd{p.pidfd, POLLIN, 0};
+      return ::poll(&pfd, 1, 0) == 0;  // readable once the process has exited
+    }
+    return ::kill(p.pid, 0) == 0 || errno != ESRCH;
+  }
+
+  // Same-host peers whose process is gone fail like a UCX peer failure.
+  void CheckPeerProcesses() {
+    for (auto& [address, p] : peers_) {
+      if (p->pid != 0 && p->failed.ok() && !PeerProcessAlive(*p)) {
+        PeerFailed(p.get(),
+                   absl::UnavailableError(absl::StrCat("peer process ", p->pid, " exited")));
+      }
+    }
   }
 
   static void OnEpError(void* arg, ucp_ep_h ep, ucs_status_t status) {
@@ -550,18 +682,32 @@ class UcxTransport : public KvTransport {
     }
   }
 
+  // Releases a peer's endpoint: forced when the peer failed (outstanding requests
+  // complete with an error), else flushed first, for at most a few seconds.
   void CloseEndpoint(Peer* p) {
-    for (auto& [bytes, rkey] : p->rkeys) ucp_rkey_destroy(rkey);
-    p->rkeys.clear();
     ucp_request_param_t prm{};
-    prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    const bool force = !p->failed.ok();
+    if (force) {
+      prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    }
     ucs_status_ptr_t r = ucp_ep_close_nbx(p->ep, &prm);
     if (UCS_PTR_IS_PTR(r)) {
-      while (ucp_request_check_status(r) == UCS_INPROGRESS) ucp_worker_progress(worker_);
+      const double deadline = Now() + 5;
+      while (ucp_request_check_status(r) == UCS_INPROGRESS && Now() < deadline) {
+        ucp_worker_progress(worker_);
+      }
+      if (ucp_request_check_status(r) == UCS_INPROGRESS) ucp_request_cancel(worker_, r);
       ucp_request_free(r);
     }
+    for (auto& [bytes, rkey] : p->rkeys) ucp_rkey_destroy(rkey);
+    p->rkeys.clear();
     p->ep = nullptr;
+    if (p->pidfd >= 0) {
+      ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, p->pidfd, nullptr);
+      ::close(p->pidfd);
+      p->pidfd = -1;
+    }
     if (p->failed.ok()) p->failed = absl::UnavailableError("endpoint closed");
   }
 
@@ -735,6 +881,7 @@ class UcxTransport : public KvTransport {
   ucp_worker_h worker_ = nullptr;
   ucp_address_t* worker_address_ = nullptr;
   std::string address_;
+  PeerIdentity self_;
   int wake_fd_ = -1, epoll_fd_ = -1;
   bool has_efd_ = false;
   std::thread thread_;
