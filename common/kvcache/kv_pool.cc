@@ -9,8 +9,9 @@
 
 namespace kvrelay::kvcache {
 
-absl::StatusOr<std::unique_ptr<KvPool>> KvPool::Create(const kernels::PagedKvLayout& layout,
-                                                       int64_t num_blocks) {
+namespace {
+
+absl::Status CheckGeometry(const kernels::PagedKvLayout& layout, int64_t num_blocks) {
   if (layout.num_layers <= 0 || layout.block_size <= 0 || layout.num_kv_heads <= 0 ||
       layout.head_dim <= 0) {
     return absl::InvalidArgumentError(
@@ -27,6 +28,14 @@ absl::StatusOr<std::unique_ptr<KvPool>> KvPool::Create(const kernels::PagedKvLay
                                                    " is too large (block ids are 32-bit and ",
                                                    layout.block_bytes(), " bytes each)"));
   }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<KvPool>> KvPool::Create(const kernels::PagedKvLayout& layout,
+                                                       int64_t num_blocks) {
+  if (absl::Status s = CheckGeometry(layout, num_blocks); !s.ok()) return s;
   std::unique_ptr<KvPool> pool(new KvPool());
   pool->bytes_ = layout.block_bytes() * static_cast<size_t>(num_blocks);
   // Anonymous mapping: page aligned, zero filled, pages committed on first touch.
@@ -42,8 +51,26 @@ absl::StatusOr<std::unique_ptr<KvPool>> KvPool::Create(const kernels::PagedKvLay
   return pool;
 }
 
+absl::StatusOr<std::unique_ptr<KvPool>> KvPool::Wrap(const kernels::PagedKvLayout& layout,
+                                                     int64_t num_blocks, uint8_t* base,
+                                                     size_t bytes) {
+  if (absl::Status s = CheckGeometry(layout, num_blocks); !s.ok()) return s;
+  const size_t need = layout.block_bytes() * static_cast<size_t>(num_blocks);
+  if (base == nullptr || bytes < need) {
+    return absl::InvalidArgumentError(absl::StrCat("kv pool: ", num_blocks, " blocks need ", need,
+                                                   " bytes; the memory given has ", bytes));
+  }
+  std::unique_ptr<KvPool> pool(new KvPool());
+  pool->bytes_ = need;
+  pool->owned_ = false;
+  pool->view_.layout = layout;
+  pool->view_.base = base;
+  pool->view_.num_blocks = num_blocks;
+  return pool;
+}
+
 KvPool::~KvPool() {
-  if (view_.base != nullptr) ::munmap(view_.base, bytes_);
+  if (owned_ && view_.base != nullptr) ::munmap(view_.base, bytes_);
 }
 
 }  // namespace kvrelay::kvcache

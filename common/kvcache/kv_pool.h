@@ -16,6 +16,13 @@ class KvPool {
   // INVALID_ARGUMENT when the geometry is empty; RESOURCE_EXHAUSTED when memory can't be had.
   static absl::StatusOr<std::unique_ptr<KvPool>> Create(const kernels::PagedKvLayout& layout,
                                                         int64_t num_blocks);
+  // A pool over memory someone else owns (e.g. registered with a KV transport, so
+  // peers can write into it): at least num_blocks * block_bytes bytes at `base`, which
+  // must outlive the pool. Same checks as Create, plus INVALID_ARGUMENT when the
+  // memory is too small.
+  static absl::StatusOr<std::unique_ptr<KvPool>> Wrap(const kernels::PagedKvLayout& layout,
+                                                      int64_t num_blocks, uint8_t* base,
+                                                      size_t bytes);
   ~KvPool();
   KvPool(const KvPool&) = delete;
   KvPool& operator=(const KvPool&) = delete;
@@ -29,6 +36,7 @@ class KvPool {
   KvPool() = default;
   kernels::PagedKvView view_;
   size_t bytes_ = 0;
+  bool owned_ = true;
 };
 
 // Blocks needed to hold `tokens` tokens.

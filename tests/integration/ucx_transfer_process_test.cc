@@ -184,7 +184,8 @@ TEST_P(UcxProcessTest, RandomRunsArriveByteExactAndCoalesced) {
     ASSERT_EQ(done->code, 0) << "round " << round;
     EXPECT_EQ(done->bytes, src.size() * kBlockBytes);
     int64_t expected_puts = 0;
-    for (const WriteRange& r : *CoalesceBlocks(src, dst, kBlockBytes)) {
+    const std::vector<WriteRange> ranges = *CoalesceBlocks(src, dst, kBlockBytes);
+    for (const WriteRange& r : ranges) {
       expected_puts += static_cast<int64_t>((r.length + chunk - 1) / chunk);
     }
     EXPECT_EQ(done->puts, expected_puts);

@@ -1,5 +1,7 @@
 #include "common/kvcache/kv_pool.h"
 
+#include <vector>
+
 #include "gtest/gtest.h"
 
 namespace kvrelay::kvcache {
@@ -31,6 +33,22 @@ TEST(KvPoolTest, MemoryIsZeroFilledAndWritable) {
   for (size_t i = 0; i < pool->bytes(); ++i) ASSERT_EQ(pool->view().base[i], 0) << i;
   pool->view().base[pool->bytes() - 1] = 7;  // the whole range is mapped
   EXPECT_EQ(pool->view().num_blocks, 3);
+}
+
+TEST(KvPoolTest, WrapsMemoryItDoesNotOwn) {
+  const size_t need = Layout().block_bytes() * 4;
+  std::vector<uint8_t> mem(need + 7, 9);
+  {
+    auto pool = KvPool::Wrap(Layout(), 4, mem.data(), mem.size());
+    ASSERT_TRUE(pool.ok()) << pool.status();
+    EXPECT_EQ((*pool)->view().base, mem.data());
+    EXPECT_EQ((*pool)->bytes(), need);
+  }
+  EXPECT_EQ(mem[0], 9);  // still ours after the pool is gone
+  auto small = KvPool::Wrap(Layout(), 4, mem.data(), need - 1);
+  EXPECT_EQ(small.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(KvPool::Wrap(Layout(), 4, nullptr, need).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(KvPoolTest, RejectsEmptyGeometry) {
