@@ -35,8 +35,7 @@ uint64_t RootHash(absl::string_view model_id, absl::string_view cache_salt) {
 uint64_t ChainHash(uint64_t parent, absl::Span<const int32_t> block_tokens) {
   static const bool kLittle = HostIsLittleEndian();
   if (kLittle) {
-    return XXH3_64bits_withSeed(block_tokens.data(), block_tokens.size() * sizeof(int32_t),
-                                parent);
+    return XXH3_64bits_withSeed(block_tokens.data(), block_tokens.size() * sizeof(int32_t), parent);
   }
   std::vector<unsigned char> le(block_tokens.size() * 4);
   for (size_t i = 0; i < block_tokens.size(); ++i) {
@@ -57,8 +56,7 @@ void ExtendBlockHashes(uint64_t root, absl::Span<const int32_t> tokens, int bloc
   }
 }
 
-std::vector<uint64_t> BlockHashes(uint64_t root, absl::Span<const int32_t> tokens,
-                                  int block_size) {
+std::vector<uint64_t> BlockHashes(uint64_t root, absl::Span<const int32_t> tokens, int block_size) {
   std::vector<uint64_t> hashes;
   ExtendBlockHashes(root, tokens, block_size, &hashes);
   return hashes;

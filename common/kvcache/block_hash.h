@@ -27,8 +27,7 @@ uint64_t RootHash(absl::string_view model_id, absl::string_view cache_salt);
 uint64_t ChainHash(uint64_t parent, absl::Span<const int32_t> block_tokens);
 
 // Hashes of the full blocks of `tokens`: tokens.size() / block_size of them.
-std::vector<uint64_t> BlockHashes(uint64_t root, absl::Span<const int32_t> tokens,
-                                  int block_size);
+std::vector<uint64_t> BlockHashes(uint64_t root, absl::Span<const int32_t> tokens, int block_size);
 
 // Appends to *hashes the hashes of the full blocks of `tokens` that it does not hold
 // yet (continuing the chain from its last element, or from root when empty).

@@ -12,8 +12,8 @@ std::string DebugString(const KvEvent& e) {
   switch (e.type) {
     case KvEvent::Type::kStored:
       return absl::StrCat("#", e.seq, " stored(",
-                          e.parent_hash ? absl::StrCat(*e.parent_hash) : std::string("root"),
-                          ", [", absl::StrJoin(e.hashes, ","), "])");
+                          e.parent_hash ? absl::StrCat(*e.parent_hash) : std::string("root"), ", [",
+                          absl::StrJoin(e.hashes, ","), "])");
     case KvEvent::Type::kRemoved:
       return absl::StrCat("#", e.seq, " removed([", absl::StrJoin(e.hashes, ","), "])");
     case KvEvent::Type::kCleared:

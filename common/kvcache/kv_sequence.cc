@@ -25,7 +25,8 @@ int64_t KvSequence::AcquirePrefix(absl::Span<const int32_t> prompt) {
 }
 
 absl::Status KvSequence::Reserve(int64_t tokens) {
-  const int64_t need = BlocksFor(tokens, cache_->block_size()) - static_cast<int64_t>(blocks_.size());
+  const int64_t need =
+      BlocksFor(tokens, cache_->block_size()) - static_cast<int64_t>(blocks_.size());
   if (need <= 0) return absl::OkStatus();
   const int32_t hint = blocks_.empty() ? -1 : blocks_.back() + 1;
   KVR_ASSIGN_OR_RETURN(std::vector<int32_t> more, cache_->Allocate(need, hint));

@@ -46,8 +46,7 @@ class PrefixCache {
 
   // As Lookup, and takes a reference on each hit block (it is then in use and cannot
   // be evicted until released). Returns their ids in order.
-  std::vector<int32_t> Acquire(absl::Span<const uint64_t> hashes,
-                               absl::Span<const int32_t> tokens);
+  std::vector<int32_t> Acquire(absl::Span<const uint64_t> hashes, absl::Span<const int32_t> tokens);
 
   // n new blocks (refcount 1), preferring the run starting at `hint`; evicts cached
   // blocks nobody uses (LRU first; a `removed` event) only if too few are free.
