@@ -1,6 +1,7 @@
 // KV transfer bandwidth and latency between two processes over UCX (DESIGN §4).
 //
 //   build/bin/transfer_bench [--tls shm|tcp] [--block-bytes N] [--total-mib M] [--reps R]
+//                            [--chunk-kib K]
 //
 // This process is the sender; build/bin/kvrelay_transfer_peer is the receiver. M MiB
 // of KV move as runs of 1, 4, 16 and 64 consecutive blocks (destination runs placed
@@ -35,12 +36,14 @@ int Run(int argc, char** argv) {
   uint64_t block_bytes = 256 << 10;  // 16 tokens of a Llama-3.2-1B-shaped bf16 KV
   int64_t total_mib = 64;
   int reps = 7;
+  int64_t chunk_kib = static_cast<int64_t>(transfer::TransferOptions().chunk_bytes >> 10);
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string f = argv[i];
     if (f == "--tls") tls = argv[i + 1];
     if (f == "--block-bytes") (void)absl::SimpleAtoi(argv[i + 1], &block_bytes);
     if (f == "--total-mib") (void)absl::SimpleAtoi(argv[i + 1], &total_mib);
     if (f == "--reps") (void)absl::SimpleAtoi(argv[i + 1], &reps);
+    if (f == "--chunk-kib") (void)absl::SimpleAtoi(argv[i + 1], &chunk_kib);
   }
   ::setenv("UCX_TLS", tls.c_str(), 1);
   if (tls == "tcp") ::setenv("UCX_NET_DEVICES", "lo", 1);
@@ -78,6 +81,7 @@ int Run(int argc, char** argv) {
 
   transfer::TransferOptions o;
   o.timeout = absl::Seconds(120);
+  o.chunk_bytes = static_cast<uint64_t>(chunk_kib) << 10;
   // Warm-up: connect and touch every destination page once.
   std::vector<int32_t> all(blocks);
   for (int64_t i = 0; i < blocks; ++i) all[i] = static_cast<int32_t>(i);

@@ -7,12 +7,14 @@
 //          the source blocks' checksums (hex csv)
 //   SUMS <blocks csv>              -> "SUMS <hex csv>"   (checksums of own blocks)
 //   NONZERO <blocks csv>           -> "NONZERO <csv|->"  (own blocks not all zero)
+//   ZERO                           -> "ZEROED"           (own pool set to zero)
 //   WAIT <base64 address> <tag> <timeout ms> -> "NOTICE <status code> <payload|->"
 //   QUIT
 // Flags: --blocks N --block-bytes B --fill SEED (0: leave the pool zeroed).
 #include <cstdio>
 #include <cstring>
 #include <iostream>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -105,19 +107,40 @@ int Run(int argc, char** argv) {
                          " 0 0 - -"));
         continue;
       }
-      auto id = (*transport)->Write(mem, *d, *ranges, o, [block_bytes](TransferResult r) {
+      // DONE must follow STARTED, but the callback may run (on the transport's thread)
+      // before Write() returns: whichever comes second prints DONE.
+      struct Order {
+        absl::Mutex mu;
+        bool started = false;
+        std::string done;
+      };
+      auto order = std::make_shared<Order>();
+      auto id = (*transport)->Write(mem, *d, *ranges, o, [block_bytes, order](TransferResult r) {
         const std::vector<int32_t> maybe = DestinationBlocks(r.maybe_written, block_bytes);
-        Say(absl::StrCat("DONE ", static_cast<int>(r.status.code()), " ", r.stats.bytes, " ",
+        std::string done =
+            absl::StrCat("DONE ", static_cast<int>(r.status.code()), " ", r.stats.bytes, " ",
                          r.stats.puts, " ", (r.stats.transport.empty() ? "-" : r.stats.transport),
-                         " ", (maybe.empty() ? "-" : absl::StrJoin(maybe, ","))));
+                         " ", (maybe.empty() ? "-" : absl::StrJoin(maybe, ",")));
+        absl::MutexLock l(&order->mu);
+        if (order->started) {
+          Say(done);
+        } else {
+          order->done = std::move(done);
+        }
       });
       if (!id.ok()) {
         Say(absl::StrCat("DONE ", static_cast<int>(id.status().code()), " 0 0 - -"));
       } else {
-        Say(absl::StrCat("STARTED"));
+        absl::MutexLock l(&order->mu);
+        Say("STARTED");
+        order->started = true;
+        if (!order->done.empty()) Say(order->done);
       }
     } else if (f[0] == "SUMS" && f.size() == 2) {
       Say(absl::StrCat("SUMS ", Hex(BlockChecksums(mem.data(), block_bytes, Ints(f[1])))));
+    } else if (f[0] == "ZERO") {
+      std::memset(mem.data(), 0, mem.size());
+      Say("ZEROED");
     } else if (f[0] == "NONZERO" && f.size() == 2) {
       std::vector<int32_t> nonzero;
       for (int32_t b : Ints(f[1])) {

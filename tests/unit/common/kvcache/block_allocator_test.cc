@@ -71,10 +71,10 @@ TEST(BlockAllocatorTest, PrefersTheSmallestRunThatHoldsEverything) {
 
 TEST(BlockAllocatorTest, HintGrowsASequenceInPlace) {
   auto a = Make(32);
-  auto first = Alloc(a, 4);                 // 0..3
-  auto other = Alloc(a, 4);                 // 4..7
-  a.Release(other);                         // free: [4,32)
-  auto small = Alloc(a, 2, /*hint=*/-1);    // best fit takes 4,5
+  auto first = Alloc(a, 4);               // 0..3
+  auto other = Alloc(a, 4);               // 4..7
+  a.Release(other);                       // free: [4,32)
+  auto small = Alloc(a, 2, /*hint=*/-1);  // best fit takes 4,5
   EXPECT_EQ(small, Range(4, 2));
   a.Release(small);
   EXPECT_EQ(Alloc(a, 3, /*hint=*/4), Range(4, 3));  // continues block 3
@@ -86,8 +86,8 @@ TEST(BlockAllocatorTest, HintGrowsASequenceInPlace) {
 TEST(BlockAllocatorTest, HintRunShorterThanRequestIsTakenFirst) {
   auto a = Make(20);
   auto all = Alloc(a, 20);
-  a.Release(Range(5, 2));    // [5,7)
-  a.Release(Range(12, 6));   // [12,18)
+  a.Release(Range(5, 2));   // [5,7)
+  a.Release(Range(12, 6));  // [12,18)
   auto got = Alloc(a, 4, /*hint=*/5);
   // 5,6 from the hint run, then the best fit for the remaining 2: [12,14).
   EXPECT_EQ(got, (std::vector<int32_t>{5, 6, 12, 13}));

@@ -212,7 +212,7 @@ TEST(KvEventReplicaTest, ReplayReproducesTheCacheExactly) {
       cache = make_cache(++incarnation);
       held.clear();
       ++restarts;
-    } else {  // the reader polls (sometimes it skips polls: see below)
+    } else {                         // the reader polls (sometimes it skips polls: see below)
       if (rng() % 4 == 0) continue;  // busy elsewhere: the log may overflow meanwhile
       while (true) {
         const KvEventBatch batch = cache->ReadEvents(replica.next_seq(), 1 + rng() % 5);
@@ -235,7 +235,7 @@ TEST(KvEventReplicaTest, ReplayReproducesTheCacheExactly) {
   EXPECT_GT(syncs, 500);
   EXPECT_GT(restarts, 50);
   EXPECT_GT(snapshots, restarts + 100);  // log overflows forced snapshots too
-  EXPECT_GT(events_applied, syncs);       // and most syncs replayed events
+  EXPECT_GT(events_applied, syncs);      // and most syncs replayed events
   std::printf("syncs %d, snapshots %d, restarts %d, events applied %lld\n", syncs, snapshots,
               restarts, static_cast<long long>(events_applied));
 }
