@@ -270,14 +270,12 @@ TEST_P(UcxProcessTest, ReceiverKilledMidTransferFailsTheSenderWithinTheTimeout) 
   ASSERT_TRUE(done.WaitForNotificationWithTimeout(o.timeout + absl::Seconds(30)))
       << "the sender hung";
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  if (result.status.ok()) {
-    // Over shared memory the data lands in the dead peer's mapped segment at memcpy
-    // speed and no error can be seen; what matters is that nothing hangs.
-    EXPECT_EQ(GetParam(), "shm") << "a tcp transfer to a killed peer cannot succeed";
-  } else {
-    EXPECT_THAT(result.status.code(), ::testing::AnyOf(absl::StatusCode::kUnavailable,
-                                                       absl::StatusCode::kDeadlineExceeded));
-  }
+  // Over shared memory puts into a dead process's pages raise no error; the transport
+  // watches the receiver's process and fails the transfer all the same.
+  EXPECT_THAT(result.status.code(),
+              ::testing::AnyOf(absl::StatusCode::kUnavailable, absl::StatusCode::kDeadlineExceeded))
+      << result.status;
+  EXPECT_LT(result.stats.bytes, kBlocks * kBlockBytes);
   EXPECT_LT(s, absl::ToDoubleSeconds(o.timeout) + 10);
   // Once the peer is known dead, new transfers to it fail instead of hanging.
   TransferOptions quick;
@@ -293,6 +291,14 @@ TEST_P(UcxProcessTest, SenderKilledFailsTheWaitingReceiver) {
   PoolDescriptor peer;
   auto p = StartPeer(kBlocks, kBlockBytes, 9, &peer);
   ASSERT_TRUE(p);
+  // A first transfer (with its notice) completes, so both endpoints are wired up before
+  // the sender dies. UCX 1.13 aborts the process (an assertion fixed upstream in UCX
+  // PR #8175) when a peer dies while a tcp wireup reply to it is still pending.
+  ASSERT_TRUE(p->WriteLine(WriteCommand({0}, {0}, 1 << 20, 60000, 76, pool_->descriptor())));
+  auto first = ReadDone(*p);
+  ASSERT_TRUE(first && first->code == 0);
+  ASSERT_TRUE(transport_->WaitNotice(peer.peer_address, 76, kReply).ok());
+  ASSERT_TRUE(transport_->Flush(peer, kReply).ok());  // this side's endpoint too
   // The receiver starts waiting (and watching the sender) before the sender dies.
   absl::Notification waited;
   absl::StatusOr<std::string> notice;
@@ -307,7 +313,16 @@ TEST_P(UcxProcessTest, SenderKilledFailsTheWaitingReceiver) {
   for (int i = 0; i < kBlocks; ++i) all[i] = i;
   ASSERT_TRUE(p->WriteLine(WriteCommand(all, all, 64 << 10, 60000, 0, pool_->descriptor())));
   auto started = p->ReadLine(kReply);
-  EXPECT_TRUE(started.has_value());
+  EXPECT_EQ(started, std::optional<std::string>("STARTED"));
+  if (GetParam() == "tcp") {
+    // Over tcp UCX 1.13 emulates puts in software: the receiver acknowledges each one,
+    // and an acknowledgement to a sender that has just died aborts the receiving
+    // process inside UCX (ucp_put_handler: "unexpected error: Endpoint timeout"). So
+    // here the sender dies after its data and before its notice; over shm (one-sided)
+    // it dies mid-transfer.
+    auto data = ReadDone(*p);
+    ASSERT_TRUE(data && data->code == 0);
+  }
   p->Kill(SIGKILL);
   ASSERT_TRUE(p->Wait(kReply).has_value());
   waiter.join();

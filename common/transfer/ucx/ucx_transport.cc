@@ -57,9 +57,29 @@ std::string TransportFromEpInfo(const std::string& info) {
   return !rma.empty() ? rma : am;
 }
 
+bool HasSharedMemoryTransport(const std::string& context_info) {
+  // Resource lines look like
+  //   #      resource 4  :  md 3  dev 3  flags -- posix/memory
+  size_t pos = 0;
+  while ((pos = context_info.find("resource ", pos)) != std::string::npos) {
+    const size_t eol = std::min(context_info.find('\n', pos), context_info.size());
+    const std::string line = context_info.substr(pos, eol - pos);
+    pos = eol;
+    const size_t dashes = line.find("-- ");
+    if (dashes == std::string::npos) continue;
+    const std::string tl = line.substr(dashes + 3, line.find('/', dashes) - dashes - 3);
+    for (const char* shm : {"posix", "sysv", "cma", "xpmem", "knem"}) {
+      if (tl == shm) return true;
+    }
+  }
+  return false;
+}
+
 namespace {
 
 constexpr unsigned kNoticeAmId = 17;
+// How often a same-host peer's process is checked while puts are being issued.
+constexpr double kAliveCheckSeconds = 0.001;
 constexpr char kAddressMagic[] = "kvr-ucx1";
 
 // Who a transport is: its UCX worker address plus the identity of its process
@@ -210,10 +230,11 @@ struct Peer {
   UcxTransport* owner = nullptr;
   std::string address;
   ucp_ep_h ep = nullptr;
-  bool peer_mode = false;  // UCP_ERR_HANDLING_MODE_PEER; else watched through its process
-  int32_t pid = 0;         // same-host peer's process
-  int pidfd = -1;          // its pidfd, when the kernel has them
-  absl::Status failed;     // not OK once the endpoint failed
+  bool peer_mode = false;    // UCP_ERR_HANDLING_MODE_PEER; else watched through its process
+  int32_t pid = 0;           // same-host peer's process
+  int pidfd = -1;            // its pidfd, when the kernel has them
+  double checked_alive = 0;  // when its process was last seen alive
+  absl::Status failed;       // not OK once the endpoint failed
   absl::flat_hash_map<std::string, ucp_rkey_h> rkeys;
   std::string transport;  // learned after the first completed flush
 };
@@ -396,6 +417,17 @@ class UcxTransport : public KvTransport {
     if (s != UCS_OK) {
       context_ = nullptr;
       return FromUcs(s, "ucp_init");
+    }
+    {
+      char* buf = nullptr;
+      size_t buf_len = 0;
+      FILE* f = ::open_memstream(&buf, &buf_len);
+      if (f != nullptr) {
+        ucp_context_print_info(context_, f);
+        ::fclose(f);
+        shm_ = HasSharedMemoryTransport(std::string(buf, buf_len));
+        ::free(buf);
+      }
     }
     ucp_worker_params_t wp{};
     wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
@@ -598,11 +630,13 @@ class UcxTransport : public KvTransport {
       return raw;
     }
     // UCX 1.13's shared-memory transports (posix, sysv) cannot run in peer-failure
-    // mode, so a peer on this host gets a plain endpoint (shm at memcpy speed) and is
-    // watched through its process instead; remote peers use UCX's peer-failure mode.
+    // mode, so when they are enabled a peer on this host gets a plain endpoint (shm at
+    // memcpy speed). Any peer on this host is also watched through its process. Every
+    // other endpoint uses UCX's peer-failure mode: without it a dead peer is a fatal
+    // error inside UCX (e.g. tcp's put emulation on the receiving side).
     const bool same_host = !id->boot_id.empty() && id->boot_id == self_.boot_id &&
                            id->pid_ns != 0 && id->pid_ns == self_.pid_ns;
-    raw->peer_mode = !same_host;
+    raw->peer_mode = !(same_host && shm_);
     if (same_host) {
       raw->pid = id->pid;
       raw->pidfd = static_cast<int>(::syscall(SYS_pidfd_open, id->pid, 0));
@@ -646,12 +680,23 @@ class UcxTransport : public KvTransport {
 
   // Same-host peers whose process is gone fail like a UCX peer failure.
   void CheckPeerProcesses() {
-    for (auto& [address, p] : peers_) {
-      if (p->pid != 0 && p->failed.ok() && !PeerProcessAlive(*p)) {
-        PeerFailed(p.get(),
-                   absl::UnavailableError(absl::StrCat("peer process ", p->pid, " exited")));
-      }
+    for (auto& [address, p] : peers_) PeerGone(p.get(), /*max_age_s=*/0);
+  }
+
+  // For a same-host peer: true, after failing it and its transfers, if its process has
+  // exited. Checks at most every max_age_s. Shared memory gives no error when the
+  // receiver dies (the sender still maps its pages), so puts are interleaved with
+  // these checks, and a transfer completes only if the receiver outlived its flush.
+  bool PeerGone(Peer* p, double max_age_s) {
+    if (p->pid == 0 || !p->failed.ok()) return !p->failed.ok();
+    const double now = Now();
+    if (max_age_s > 0 && now - p->checked_alive < max_age_s) return false;
+    if (PeerProcessAlive(*p)) {
+      p->checked_alive = now;
+      return false;
     }
+    PeerFailed(p, absl::UnavailableError(absl::StrCat("peer process ", p->pid, " exited")));
+    return true;
   }
 
   static void OnEpError(void* arg, ucp_ep_h ep, ucs_status_t status) {
@@ -796,6 +841,7 @@ class UcxTransport : public KvTransport {
   bool Advance(Xfer& x) {
     if (x.phase == Xfer::Phase::kPut) {
       while (x.in_flight < x.options.max_in_flight && x.next_range < x.ranges.size()) {
+        if (PeerGone(x.peer, kAliveCheckSeconds)) return false;
         const WriteRange& w = x.ranges[x.next_range];
         const uint64_t n = std::min(x.options.chunk_bytes, w.length - x.next_offset);
         const uint8_t* from = x.src + w.src_offset + x.next_offset;
@@ -850,6 +896,7 @@ class UcxTransport : public KvTransport {
       }
     }
     if (x.phase == Xfer::Phase::kNotice) {
+      if (PeerGone(x.peer, /*max_age_s=*/0)) return false;  // landed in a dead process
       x.phase = Xfer::Phase::kDone;
       Complete(x, absl::OkStatus());
     }
@@ -884,6 +931,7 @@ class UcxTransport : public KvTransport {
   PeerIdentity self_;
   int wake_fd_ = -1, epoll_fd_ = -1;
   bool has_efd_ = false;
+  bool shm_ = false;  // the context has a shared-memory transport
   std::thread thread_;
   std::atomic<TransferId> next_id_{1};
   std::atomic<bool> running_{false};

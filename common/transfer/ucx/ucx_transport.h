@@ -35,4 +35,8 @@ absl::StatusOr<std::unique_ptr<KvTransport>> NewUcxTransport(
 // for tests.
 std::string TransportFromEpInfo(const std::string& info);
 
+// Whether the text of ucp_context_print_info lists a shared-memory transport (posix,
+// sysv, cma, xpmem, knem) among its resources. Exposed for tests.
+bool HasSharedMemoryTransport(const std::string& context_info);
+
 }  // namespace kvrelay::transfer

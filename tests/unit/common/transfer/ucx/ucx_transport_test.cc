@@ -60,6 +60,22 @@ TEST(UcxTransportTest, TransportFromEpInfo) {
   EXPECT_EQ(TransportFromEpInfo("nothing"), "");
 }
 
+TEST(UcxTransportTest, HasSharedMemoryTransport) {
+  const std::string all =
+      "#      resource 0  :  md 0  dev 0  flags -- self/memory0\n"
+      "#      resource 1  :  md 1  dev 1  flags -- tcp/lo\n"
+      "#      resource 3  :  md 2  dev 3  flags -- sysv/memory\n"
+      "#      resource 4  :  md 3  dev 3  flags -- posix/memory\n";
+  EXPECT_TRUE(HasSharedMemoryTransport(all));
+  EXPECT_TRUE(HasSharedMemoryTransport("#      resource 5  :  md 4  dev 3  flags -- cma/memory\n"));
+  const std::string tcp_only =
+      "#            md 0  :  component 0  tcp \n"
+      "#      resource 0  :  md 0  dev 0  flags -- tcp/lo\n"
+      "#      resource 1  :  md 0  dev 1  flags -- tcp/eth0\n";
+  EXPECT_FALSE(HasSharedMemoryTransport(tcp_only));
+  EXPECT_FALSE(HasSharedMemoryTransport(""));
+}
+
 TEST(UcxTransportTest, WritesAreByteExactAndCoalesced) {
   Pair p = MakePair();
   auto ranges = *CoalesceBlocks({10, 11, 12, 13, 40, 2}, {0, 1, 2, 3, 5, 60}, kBlock);
