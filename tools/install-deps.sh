@@ -8,6 +8,7 @@ PACKAGES=(
   libabsl-dev nlohmann-json3-dev libxxhash-dev libonig-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libucx-dev ucx-utils
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
 )
 
 missing=()

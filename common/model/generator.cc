@@ -16,7 +16,9 @@ double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-absl::Status CheckPrompt(const Model& m, const std::vector<int32_t>& prompt) {
+}  // namespace
+
+absl::Status ValidatePrompt(const Model& m, absl::Span<const int32_t> prompt) {
   const ModelConfig& c = m.config();
   if (prompt.empty()) return absl::InvalidArgumentError("prompt is empty");
   if (static_cast<int64_t>(prompt.size()) >= c.max_position_embeddings) {
@@ -32,6 +34,8 @@ absl::Status CheckPrompt(const Model& m, const std::vector<int32_t>& prompt) {
   }
   return absl::OkStatus();
 }
+
+namespace {
 
 // Reuses the cached prefix of `prompt`, prefills the rest in chunks (each chunk's full
 // blocks enter the cache as soon as they are written) and leaves the last token's
@@ -67,7 +71,7 @@ Generator::Generator(const Model* model, kvcache::KvPool* pool, kvcache::PrefixC
 absl::StatusOr<std::vector<float>> Generator::PromptLogits(const std::vector<int32_t>& prompt,
                                                            const std::string& cache_salt,
                                                            int64_t* cached_tokens) {
-  KVR_RETURN_IF_ERROR(CheckPrompt(*model_, prompt));
+  KVR_RETURN_IF_ERROR(ValidatePrompt(*model_, prompt));
   kvcache::KvSequence seq(cache_, kvcache::RootHash(model_id_, cache_salt));
   std::vector<float> logits;
   KVR_RETURN_IF_ERROR(Prefill(*model_, pool_, &seq, prompt, prefill_chunk_, &logits));
@@ -79,7 +83,7 @@ absl::StatusOr<GenerationResult> Generator::Generate(const std::vector<int32_t>&
                                                      const sampling::SamplingParams& params,
                                                      const GenerateOptions& options) {
   KVR_RETURN_IF_ERROR(sampling::ValidateSamplingParams(params));
-  KVR_RETURN_IF_ERROR(CheckPrompt(*model_, prompt));
+  KVR_RETURN_IF_ERROR(ValidatePrompt(*model_, prompt));
   const ModelConfig& c = model_->config();
   const int64_t max_len = c.max_position_embeddings;
   const int64_t n = static_cast<int64_t>(prompt.size());

@@ -28,6 +28,10 @@ struct GenerationResult {
   double decode_seconds = 0;  // total over the decode steps (tokens after the first)
 };
 
+// INVALID_ARGUMENT unless the prompt is non-empty, shorter than the context length and
+// made of token ids in [0, vocab_size); the message names the offending token.
+absl::Status ValidatePrompt(const Model& model, absl::Span<const int32_t> prompt);
+
 struct GenerateOptions {
   // Called after each token; returning false stops generation (finish_reason "abort").
   std::function<bool(int32_t)> on_token;

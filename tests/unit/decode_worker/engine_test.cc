@@ -1,0 +1,374 @@
+#include "decode_worker/engine.h"
+
+#include <algorithm>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/synchronization/mutex.h"
+#include "common/model/generator.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/test_models.h"
+
+namespace kvrelay::decode {
+namespace {
+
+using ::testing::HasSubstr;
+
+struct Kv {
+  std::unique_ptr<kvcache::KvPool> pool;
+  std::unique_ptr<kvcache::PrefixCache> cache;
+};
+
+Kv MakeKv(const model::Model& m, int blocks, int block_size = 16) {
+  Kv kv;
+  kv.pool =
+      std::move(*kvcache::KvPool::Create(m.KvLayout(kernels::DType::kF32, block_size), blocks));
+  kvcache::PrefixCache::Options o;
+  o.num_blocks = blocks;
+  o.block_size = block_size;
+  kv.cache = std::move(*kvcache::PrefixCache::Create(o));
+  return kv;
+}
+
+std::vector<int32_t> Prompt(int n, uint32_t seed, int vocab) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> p(n);
+  for (auto& t : p) t = static_cast<int32_t>(rng() % vocab);
+  return p;
+}
+
+// What one request produced through the engine.
+struct Outcome {
+  absl::Status status = absl::UnknownError("not done");
+  RequestSummary summary;
+  std::vector<int32_t> tokens;
+  std::vector<float> logprobs;
+  bool done = false;
+};
+
+// Collects every request's outcome; Wait() returns once all are done.
+class Collector {
+ public:
+  RequestCallbacks For(const std::string& id) {
+    RequestCallbacks cb;
+    cb.on_tokens = [this, id](const StepOutput& out) {
+      absl::MutexLock l(&mu_);
+      for (size_t i = 0; i < out.tokens.size(); ++i) {
+        outcomes_[id].tokens.push_back(out.tokens[i]);
+        outcomes_[id].logprobs.push_back(out.samples[i].logprob);
+      }
+    };
+    cb.on_done = [this, id](const absl::Status& st, const RequestSummary& s) {
+      absl::MutexLock l(&mu_);
+      Outcome& o = outcomes_[id];
+      EXPECT_FALSE(o.done) << id << " finished twice";
+      o.status = st;
+      o.summary = s;
+      o.done = true;
+      ++done_;
+    };
+    return cb;
+  }
+  void Wait(int n) {
+    absl::MutexLock l(&mu_);
+    auto ready = [this, n]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return done_ >= n; };
+    mu_.Await(absl::Condition(&ready));
+  }
+  Outcome Get(const std::string& id) {
+    absl::MutexLock l(&mu_);
+    return outcomes_[id];
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::map<std::string, Outcome> outcomes_;
+  int done_ = 0;
+};
+
+// The reference: single-sequence generation on its own pool.
+model::GenerationResult Reference(const model::Model& m, const std::vector<int32_t>& prompt,
+                                  const sampling::SamplingParams& p) {
+  Kv kv = MakeKv(m, 256);
+  model::Generator gen(&m, kv.pool.get(), kv.cache.get(), "ref", 64);
+  auto r = gen.Generate(prompt, p);
+  EXPECT_TRUE(r.ok()) << r.status();
+  return *r;
+}
+
+class EngineTest : public ::testing::TestWithParam<testing::ModelVariant> {
+ protected:
+  const model::Model& M() { return testing::LoadedModel(GetParam()); }
+};
+
+TEST_P(EngineTest, ConcurrentRequestsMatchSingleSequenceGeneration) {
+  const model::Model& m = M();
+  Kv kv = MakeKv(m, 256);
+  EngineOptions o;
+  o.prefill_chunk = 24;  // long prompts take several steps, interleaved with decodes
+  o.max_batch_tokens = 64;
+  auto engine = Engine::Create(&m, kv.pool.get(), kv.cache.get(), "tiny", o);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const int vocab = m.config().vocab_size;
+  // Short, exactly block-aligned, long (several chunks), with and without sampling.
+  const std::vector<int> lengths = {3, 16, 32, 90, 7, 48, 130, 1};
+  std::vector<sampling::SamplingParams> params(lengths.size());
+  Collector col;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    params[i].max_tokens = 6 + static_cast<int>(i);
+    params[i].ignore_eos = true;
+    if (i % 3 == 2) {
+      params[i].temperature = 0.8f;
+      params[i].top_p = 0.9f;
+      params[i].seed = 1000 + i;
+    }
+    EngineRequest r;
+    r.id = "r" + std::to_string(i);
+    r.prompt = Prompt(lengths[i], static_cast<uint32_t>(i), vocab);
+    r.params = params[i];
+    ASSERT_TRUE((*engine)->Submit(r, col.For(r.id)).ok());
+  }
+  col.Wait(static_cast<int>(lengths.size()));
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    const Outcome o = col.Get("r" + std::to_string(i));
+    ASSERT_TRUE(o.status.ok()) << o.status;
+    const auto ref = Reference(m, Prompt(lengths[i], static_cast<uint32_t>(i), vocab), params[i]);
+    EXPECT_EQ(o.tokens, ref.token_ids) << "request " << i;
+    ASSERT_EQ(o.logprobs.size(), ref.samples.size());
+    for (size_t k = 0; k < o.logprobs.size(); ++k) {
+      EXPECT_EQ(o.logprobs[k], ref.samples[k].logprob) << "request " << i << " token " << k;
+    }
+    EXPECT_EQ(o.summary.finish_reason, ref.finish_reason);
+    EXPECT_EQ(o.summary.prompt_tokens, lengths[i]);
+    EXPECT_EQ(o.summary.completion_tokens, static_cast<int64_t>(ref.token_ids.size()));
+  }
+  EXPECT_GE((*engine)->stats().max_batch_sequences, 4);  // batched, not one at a time
+  EXPECT_EQ(kv.cache->counts().in_use, 0);
+  EXPECT_TRUE(kv.cache->Validate().ok());
+}
+
+TEST_P(EngineTest, SecondRequestReusesThePrefixAndStaysExact) {
+  const model::Model& m = M();
+  Kv kv = MakeKv(m, 128);
+  auto engine = Engine::Create(&m, kv.pool.get(), kv.cache.get(), "tiny", EngineOptions());
+  ASSERT_TRUE(engine.ok());
+  sampling::SamplingParams p;
+  p.max_tokens = 5;
+  p.ignore_eos = true;
+  const auto prompt = Prompt(40, 7, m.config().vocab_size);
+  Collector col;
+  EngineRequest r{"a", prompt, p, ""};
+  ASSERT_TRUE((*engine)->Submit(r, col.For("a")).ok());
+  col.Wait(1);
+  r.id = "b";
+  ASSERT_TRUE((*engine)->Submit(r, col.For("b")).ok());
+  col.Wait(2);
+  r.id = "c";
+  r.cache_salt = "other-tenant";
+  ASSERT_TRUE((*engine)->Submit(r, col.For("c")).ok());
+  col.Wait(3);
+  EXPECT_EQ(col.Get("a").summary.cached_tokens, 0);
+  EXPECT_EQ(col.Get("b").summary.cached_tokens, 32);  // 2 full blocks of 40 tokens
+  EXPECT_EQ(col.Get("c").summary.cached_tokens, 0);   // another salt never hits
+  EXPECT_EQ(col.Get("a").tokens, col.Get("b").tokens);
+  EXPECT_EQ(col.Get("a").logprobs, col.Get("b").logprobs);
+  EXPECT_EQ(col.Get("a").tokens, Reference(m, prompt, p).token_ids);
+}
+
+TEST_P(EngineTest, SmallPoolPreemptsAndEveryRequestStillMatches) {
+  const model::Model& m = M();
+  // 12 blocks of 4 tokens = 48 token slots; 6 requests of 20 + 16 tokens need 9 each.
+  Kv kv = MakeKv(m, 12, 4);
+  EngineOptions o;
+  o.prefill_chunk = 8;
+  auto engine = Engine::Create(&m, kv.pool.get(), kv.cache.get(), "tiny", o);
+  ASSERT_TRUE(engine.ok());
+  sampling::SamplingParams p;
+  p.max_tokens = 16;
+  p.ignore_eos = true;
+  Collector col;
+  const int kN = 6;
+  for (int i = 0; i < kN; ++i) {
+    EngineRequest r{"r" + std::to_string(i), Prompt(20, 100 + i, m.config().vocab_size), p, ""};
+    ASSERT_TRUE((*engine)->Submit(r, col.For(r.id)).ok());
+  }
+  col.Wait(kN);
+  int64_t preemptions = 0;
+  for (int i = 0; i < kN; ++i) {
+    const Outcome o = col.Get("r" + std::to_string(i));
+    ASSERT_TRUE(o.status.ok()) << o.status;
+    EXPECT_EQ(o.tokens, Reference(m, Prompt(20, 100 + i, m.config().vocab_size), p).token_ids)
+        << "request " << i;
+    preemptions += o.summary.preemptions;
+  }
+  EXPECT_GT(preemptions, 0);
+  EXPECT_EQ((*engine)->stats().preemptions, preemptions);
+  EXPECT_EQ(kv.cache->counts().in_use, 0);
+  EXPECT_TRUE(kv.cache->Validate().ok());
+}
+
+TEST_P(EngineTest, CancelAtRandomPointsReleasesEverything) {
+  const model::Model& m = M();
+  Kv kv = MakeKv(m, 64, 8);
+  EngineOptions o;
+  o.prefill_chunk = 16;
+  auto engine = Engine::Create(&m, kv.pool.get(), kv.cache.get(), "tiny", o);
+  ASSERT_TRUE(engine.ok());
+  std::mt19937 rng(5);
+  sampling::SamplingParams p;
+  p.max_tokens = 40;
+  p.ignore_eos = true;
+  // Each request is cancelled after a random number of tokens (0: before any).
+  struct Cancelling {
+    Engine* engine = nullptr;
+    uint64_t handle = 0;
+    int after = 0;
+  };
+  const int kN = 10;
+  std::vector<Cancelling> cs(kN);
+  std::vector<int> counts(kN, 0);
+  Collector col;
+  absl::Mutex mu;  // guards cs[].handle, read by the engine thread's callbacks
+  for (int i = 0; i < kN; ++i) {
+    cs[i].engine = engine->get();
+    cs[i].after = static_cast<int>(rng() % 6);
+    EngineRequest r{"r" + std::to_string(i), Prompt(10 + 7 * i, i, m.config().vocab_size), p, ""};
+    RequestCallbacks cb = col.For(r.id);
+    auto inner = cb.on_tokens;
+    cb.on_tokens = [inner, &counts, &cs, &mu, i](const StepOutput& out) {
+      inner(out);
+      absl::MutexLock l(&mu);
+      if (++counts[i] == cs[i].after) cs[i].engine->Cancel(cs[i].handle);
+    };
+    absl::MutexLock l(&mu);
+    auto h = (*engine)->Submit(r, cb);
+    ASSERT_TRUE(h.ok());
+    cs[i].handle = *h;
+    if (cs[i].after == 0) (*engine)->Cancel(*h);
+  }
+  col.Wait(kN);
+  for (int i = 0; i < kN; ++i) {
+    const Outcome out = col.Get("r" + std::to_string(i));
+    EXPECT_EQ(out.status.code(), absl::StatusCode::kCancelled) << i;
+    EXPECT_LE(static_cast<int>(out.tokens.size()), cs[i].after + 1) << i;
+  }
+  // Cancelling a finished request changes nothing.
+  (*engine)->Cancel(cs[0].handle);
+  EXPECT_EQ(kv.cache->counts().in_use, 0);
+  EXPECT_TRUE(kv.cache->Validate().ok());
+}
+
+TEST_P(EngineTest, BadInputIsInvalidArgumentAndNothingIsQueued) {
+  const model::Model& m = M();
+  Kv kv = MakeKv(m, 16);
+  auto engine = Engine::Create(&m, kv.pool.get(), kv.cache.get(), "tiny", EngineOptions());
+  ASSERT_TRUE(engine.ok());
+  Collector col;
+  EngineRequest r;
+  r.id = "bad";
+  auto st = (*engine)->Submit(r, col.For("bad")).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(st.message(), HasSubstr("prompt is empty"));
+  r.prompt = {1, 2, m.config().vocab_size};
+  st = (*engine)->Submit(r, col.For("bad")).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(st.message(), HasSubstr("token 2"));
+  r.prompt = {1, 2};
+  r.params.temperature = -1;
+  st = (*engine)->Submit(r, col.For("bad")).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(st.message(), HasSubstr("temperature"));
+  EXPECT_EQ((*engine)->stats().waiting, 0);
+  EXPECT_EQ(Engine::Create(&m, kv.pool.get(), kv.cache.get(), "tiny",
+                           EngineOptions{/*max_batch_tokens=*/4, /*max_running=*/8})
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_P(EngineTest, PromptLargerThanThePoolFailsAloneWithResourceExhausted) {
+  const model::Model& m = M();
+  Kv kv = MakeKv(m, 4, 4);  // 16 token slots
+  auto engine = Engine::Create(&m, kv.pool.get(), kv.cache.get(), "tiny", EngineOptions());
+  ASSERT_TRUE(engine.ok());
+  sampling::SamplingParams p;
+  p.max_tokens = 2;
+  p.ignore_eos = true;
+  Collector col;
+  EngineRequest big{"big", Prompt(40, 1, m.config().vocab_size), p, ""};
+  EngineRequest small{"small", Prompt(5, 2, m.config().vocab_size), p, ""};
+  ASSERT_TRUE((*engine)->Submit(big, col.For("big")).ok());
+  ASSERT_TRUE((*engine)->Submit(small, col.For("small")).ok());
+  col.Wait(2);
+  EXPECT_EQ(col.Get("big").status.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(col.Get("big").status.message(), HasSubstr("needs 10 KV blocks"));
+  EXPECT_TRUE(col.Get("small").status.ok());
+  EXPECT_EQ(col.Get("small").tokens.size(), 2u);
+  EXPECT_EQ(kv.cache->counts().in_use, 0);
+}
+
+TEST_P(EngineTest, DrainWaitsForRunningRequestsAndThenRefusesNewOnes) {
+  const model::Model& m = M();
+  Kv kv = MakeKv(m, 32);
+  auto engine = Engine::Create(&m, kv.pool.get(), kv.cache.get(), "tiny", EngineOptions());
+  ASSERT_TRUE(engine.ok());
+  sampling::SamplingParams p;
+  p.max_tokens = 20;
+  p.ignore_eos = true;
+  Collector col;
+  for (int i = 0; i < 3; ++i) {
+    EngineRequest r{"r" + std::to_string(i), Prompt(9, i, m.config().vocab_size), p, ""};
+    ASSERT_TRUE((*engine)->Submit(r, col.For(r.id)).ok());
+  }
+  (*engine)->Drain();
+  for (int i = 0; i < 3; ++i) {
+    const Outcome o = col.Get("r" + std::to_string(i));
+    EXPECT_TRUE(o.done);
+    EXPECT_TRUE(o.status.ok());
+    EXPECT_EQ(o.tokens.size(), 20u);
+  }
+  EngineRequest late{"late", {1, 2, 3}, p, ""};
+  EXPECT_EQ((*engine)->Submit(late, col.For("late")).status().code(),
+            absl::StatusCode::kUnavailable);
+}
+
+TEST_P(EngineTest, DestroyingTheEngineEndsQueuedRequests) {
+  const model::Model& m = M();
+  Kv kv = MakeKv(m, 32);
+  Collector col;
+  {
+    auto engine = Engine::Create(&m, kv.pool.get(), kv.cache.get(), "tiny", EngineOptions());
+    ASSERT_TRUE(engine.ok());
+    sampling::SamplingParams p;
+    p.max_tokens = 1000;
+    p.ignore_eos = true;
+    for (int i = 0; i < 3; ++i) {
+      EngineRequest r{"r" + std::to_string(i), Prompt(9, i, m.config().vocab_size), p, ""};
+      ASSERT_TRUE((*engine)->Submit(r, col.For(r.id)).ok());
+    }
+  }
+  for (int i = 0; i < 3; ++i) {
+    const Outcome o = col.Get("r" + std::to_string(i));
+    EXPECT_TRUE(o.done);
+    EXPECT_TRUE(o.status.ok() || o.status.code() == absl::StatusCode::kUnavailable) << o.status;
+  }
+  EXPECT_EQ(kv.cache->counts().in_use, 0);
+}
+
+std::vector<testing::ModelVariant> Variants() {
+  std::vector<testing::ModelVariant> out;
+  for (const auto& v : testing::TinyVariants()) {
+    if (v.name == "llama_gqa" || v.name == "gpt2") out.push_back(v);
+  }
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, EngineTest, ::testing::ValuesIn(Variants()),
+                         [](const ::testing::TestParamInfo<testing::ModelVariant>& i) {
+                           return i.param.name;
+                         });
+
+}  // namespace
+}  // namespace kvrelay::decode
