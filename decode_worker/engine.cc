@@ -28,7 +28,7 @@ struct Engine::Seq {
   std::vector<int32_t> tokens;  // prompt + generated
   int64_t prompt_len = 0;
   std::unique_ptr<kvcache::KvSequence> kv;  // null while waiting
-  int64_t computed = 0;                      // tokens whose KV is in kv's blocks
+  int64_t computed = 0;                     // tokens whose KV is in kv's blocks
   bool admitted_once = false;
   bool cancelled = false;
   RequestSummary summary;
@@ -49,8 +49,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Model* model
   }
   if (options.max_batch_tokens < options.max_running) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "engine: max_batch_tokens (", options.max_batch_tokens,
-        ") must be >= max_running (", options.max_running, "): every running sequence decodes"));
+        "engine: max_batch_tokens (", options.max_batch_tokens, ") must be >= max_running (",
+        options.max_running, "): every running sequence decodes"));
   }
   return std::unique_ptr<Engine>(new Engine(model, pool, cache, std::move(model_id), options));
 }
@@ -139,7 +139,8 @@ void Engine::Loop() {
     }
     for (uint64_t h : cancels) {
       auto it = seqs_.find(h);
-      if (it != seqs_.end()) Finish(it->second.get(), absl::CancelledError("request cancelled"), "");
+      if (it != seqs_.end())
+        Finish(it->second.get(), absl::CancelledError("request cancelled"), "");
     }
     if (stop) {
       std::vector<Seq*> all;
@@ -201,12 +202,12 @@ void Engine::Step() {
     Seq* s = waiting_.front();
     if (!Admit(s)) {
       if (running_.empty()) {
-        const int64_t blocks = kvcache::BlocksFor(static_cast<int64_t>(s->tokens.size()),
-                                                  cache_->block_size());
+        const int64_t blocks =
+            kvcache::BlocksFor(static_cast<int64_t>(s->tokens.size()), cache_->block_size());
         Finish(s,
-               absl::ResourceExhaustedError(absl::StrCat(
-                   "request ", s->req.id, " needs ", blocks, " KV blocks; the pool has ",
-                   cache_->num_blocks())),
+               absl::ResourceExhaustedError(absl::StrCat("request ", s->req.id, " needs ", blocks,
+                                                         " KV blocks; the pool has ",
+                                                         cache_->num_blocks())),
                "");
         continue;
       }
@@ -258,8 +259,8 @@ void Engine::Step() {
   int64_t batch_tokens = 0;
   for (const Item& it : items) {
     model::SeqChunk c;
-    c.tokens = absl::MakeConstSpan(it.seq->tokens.data() + it.seq->computed,
-                                   it.end - it.seq->computed);
+    c.tokens =
+        absl::MakeConstSpan(it.seq->tokens.data() + it.seq->computed, it.end - it.seq->computed);
     c.start_pos = it.seq->computed;
     c.block_table = it.seq->kv->blocks();
     c.want_logits = it.end == static_cast<int64_t>(it.seq->tokens.size());

@@ -129,7 +129,7 @@ class Engine {
 
   // Engine thread only.
   absl::flat_hash_map<uint64_t, std::unique_ptr<Seq>> seqs_;
-  std::deque<Seq*> waiting_;  // not admitted, or preempted (front: next to admit)
+  std::deque<Seq*> waiting_;   // not admitted, or preempted (front: next to admit)
   std::vector<Seq*> running_;  // in admission order
   std::vector<float> logits_;
 

@@ -1,10 +1,12 @@
 // kvrelay generate --model DIR --prompt TEXT [--prompt TEXT ...] [sampling flags] [--json]
+// (or --prompt-ids 1,2,3 [--prompt-ids ...]: turns given as token ids)
 #include <algorithm>
 #include <limits>
 #include <memory>
 #include <ostream>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "common/kvcache/kv_pool.h"
 #include "common/kvcache/prefix_cache.h"
 #include "common/model/generator.h"
@@ -25,6 +27,8 @@ void DeclareFlags(Args& args) {
   args.Flag("model", K::kString, "Hugging Face model folder (default: the demo model)")
       .Flag("prompt", K::kString, "prompt text; several are successive turns of one conversation",
             true)
+      .Flag("prompt-ids", K::kString,
+            "prompt as comma-separated token ids instead of text (repeatable like --prompt)", true)
       .IntFlag("max-tokens", 1, 1 << 30, "tokens to generate per turn (default 16)")
       .Flag("temperature", K::kFloat, "0 = greedy (default 0)")
       .IntFlag("top-k", -1, 1 << 30, "keep the k most likely tokens (0 = off)")
@@ -90,7 +94,22 @@ int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err) {
     return 0;
   }
   const std::vector<std::string> prompts = args.GetAll("prompt");
-  if (prompts.empty()) return Fail(err, "--prompt TEXT is required", 2);
+  const std::vector<std::string> id_lists = args.GetAll("prompt-ids");
+  if (prompts.empty() == id_lists.empty()) {
+    return Fail(err, "give the turns either as --prompt TEXT or as --prompt-ids IDS", 2);
+  }
+  std::vector<std::vector<int32_t>> id_turns;
+  for (const std::string& list : id_lists) {
+    std::vector<int32_t>& ids = id_turns.emplace_back();
+    for (absl::string_view part : absl::StrSplit(list, ',')) {
+      int32_t id = 0;
+      if (!absl::SimpleAtoi(part, &id) || id < 0) {
+        return Fail(err, "--prompt-ids: '" + std::string(part) + "' is not a token id", 2);
+      }
+      ids.push_back(id);
+    }
+  }
+  const size_t turns = prompts.empty() ? id_turns.size() : prompts.size();
   sampling::SamplingParams params;
   if (absl::Status s = ReadSampling(args, &params); !s.ok())
     return Fail(err, std::string(s.message()), 2);
@@ -147,15 +166,16 @@ int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err) {
 
   const bool json = args.GetBool("json");
   std::vector<int32_t> history;  // previous turns' prompt + output
-  for (size_t turn = 0; turn < prompts.size(); ++turn) {
+  for (size_t turn = 0; turn < turns; ++turn) {
     std::vector<int32_t> prompt = history;
     const std::vector<int32_t> fresh =
-        (*tok)->Encode(prompts[turn], /*add_special_tokens=*/turn == 0);
+        prompts.empty() ? id_turns[turn]
+                        : (*tok)->Encode(prompts[turn], /*add_special_tokens=*/turn == 0);
     prompt.insert(prompt.end(), fresh.begin(), fresh.end());
 
     tokenizer::StreamingDetokenizer detok(tok->get(), /*skip_special_tokens=*/true);
     detok.SetPrefix(prompt);
-    if (!json) out << prompts[turn] << std::flush;
+    if (!json) out << (prompts.empty() ? (*tok)->Decode(fresh, true) : prompts[turn]) << std::flush;
     std::string text;  // decoded in the context of the prompt, as streamed
     gen_options.on_token = [&](int32_t id) {
       std::string piece = detok.Push(id);

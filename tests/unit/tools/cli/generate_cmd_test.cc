@@ -68,6 +68,24 @@ TEST(GenerateCmdTest, JsonTurnsCarryTheConversation) {
   }
 }
 
+TEST(GenerateCmdTest, PromptIdsGiveTheSameTurnsAsText) {
+  std::string out, err;
+  ASSERT_EQ(RunCmd({"--model", Dir(0), "--prompt", "Hello there", "--max-tokens", "5", "--json"},
+                   &out, &err),
+            0)
+      << err;
+  const json text = Lines(out).at(0);
+  std::string ids;
+  for (int id : text["prompt_token_ids"]) ids += (ids.empty() ? "" : ",") + std::to_string(id);
+  ASSERT_EQ(
+      RunCmd({"--model", Dir(0), "--prompt-ids", ids, "--max-tokens", "5", "--json"}, &out, &err),
+      0)
+      << err;
+  const json by_ids = Lines(out).at(0);
+  EXPECT_EQ(by_ids["prompt_token_ids"], text["prompt_token_ids"]);
+  EXPECT_EQ(by_ids["token_ids"], text["token_ids"]);
+}
+
 TEST(GenerateCmdTest, GreedyIsTheSameWithEveryKernelAndChunkSetting) {
   std::string ref, out, err;
   ASSERT_EQ(
@@ -109,7 +127,10 @@ TEST(GenerateCmdTest, ErrorsAreOneClearLine) {
   };
   const std::string m = Dir(0);
   for (const Case& c : std::vector<Case>{
-           {{"--model", m}, 2, "--prompt TEXT is required"},
+           {{"--model", m}, 2, "either as --prompt TEXT or as --prompt-ids IDS"},
+           {{"--model", m, "--prompt", "x", "--prompt-ids", "1"}, 2, "either as --prompt TEXT"},
+           {{"--model", m, "--prompt-ids", "1,two"}, 2, "'two' is not a token id"},
+           {{"--model", m, "--prompt-ids", "1,999999"}, 1, "outside [0, "},
            {{"--model", "/nonexistent/model", "--prompt", "x"},
             1,
             "/nonexistent/model: no such folder"},

@@ -1,0 +1,105 @@
+#include "common/rpc/convert.h"
+
+#include <limits>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+
+namespace kvrelay::rpc {
+
+absl::StatusOr<sampling::SamplingParams> FromProto(const v1::SamplingParams& p) {
+  sampling::SamplingParams s;
+  if (p.max_tokens() > static_cast<uint32_t>(std::numeric_limits<int32_t>::max())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sampling.max_tokens must be < 2^31, got ", p.max_tokens()));
+  }
+  if (p.logprobs() > 1000) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sampling.logprobs must be in [0, 20], got ", p.logprobs()));
+  }
+  s.max_tokens = p.max_tokens() == 0 ? 16 : static_cast<int>(p.max_tokens());
+  s.temperature = p.temperature();
+  s.top_k = p.top_k();
+  s.top_p = p.has_top_p() ? p.top_p() : 1.0f;
+  s.min_p = p.min_p();
+  s.repetition_penalty = p.has_repetition_penalty() ? p.repetition_penalty() : 1.0f;
+  s.frequency_penalty = p.frequency_penalty();
+  s.presence_penalty = p.presence_penalty();
+  s.seed = p.seed();
+  s.stop_token_ids.assign(p.stop_token_ids().begin(), p.stop_token_ids().end());
+  s.ignore_eos = p.ignore_eos();
+  s.logprobs = static_cast<int>(p.logprobs());
+  const absl::Status st = sampling::ValidateSamplingParams(s);
+  if (!st.ok()) return absl::InvalidArgumentError(absl::StrCat("sampling.", st.message()));
+  return s;
+}
+
+void ToProto(const sampling::SampleResult& s, v1::TokenLogprobs* out) {
+  out->set_token_id(s.token);
+  out->set_logprob(s.logprob);
+  for (const auto& [id, lp] : s.top_logprobs) {
+    v1::TopLogprob* t = out->add_top();
+    t->set_token_id(id);
+    t->set_logprob(lp);
+  }
+}
+
+v1::KvPoolDescriptor ToProto(const transfer::PoolDescriptor& d) {
+  v1::KvPoolDescriptor p;
+  p.set_transport(d.transport);
+  p.set_peer_address(d.peer_address);
+  p.set_rkey(d.rkey);
+  p.set_base_address(d.base_address);
+  p.set_bytes(d.bytes);
+  p.set_memory_type(d.memory_type == transfer::MemoryType::kCuda ? v1::MEMORY_TYPE_CUDA
+                                                                  : v1::MEMORY_TYPE_HOST);
+  p.set_block_bytes(d.block_bytes);
+  p.set_num_blocks(d.num_blocks);
+  return p;
+}
+
+absl::StatusOr<transfer::PoolDescriptor> FromProto(const v1::KvPoolDescriptor& p,
+                                                   absl::string_view field_name) {
+  auto bad = [&](absl::string_view field, absl::string_view what) {
+    return absl::InvalidArgumentError(absl::StrCat(field_name, ".", field, " ", what));
+  };
+  if (p.transport().empty()) return bad("transport", "is required");
+  if (p.peer_address().empty()) return bad("peer_address", "is required");
+  if (p.block_bytes() == 0) return bad("block_bytes", "must be > 0");
+  if (p.num_blocks() <= 0) return bad("num_blocks", "must be > 0");
+  if (p.bytes() / p.block_bytes() < static_cast<uint64_t>(p.num_blocks())) {
+    return bad("bytes", absl::StrCat("(", p.bytes(), ") is smaller than num_blocks x block_bytes"));
+  }
+  transfer::PoolDescriptor d;
+  d.transport = p.transport();
+  d.peer_address = p.peer_address();
+  d.rkey = p.rkey();
+  d.base_address = p.base_address();
+  d.bytes = p.bytes();
+  switch (p.memory_type()) {
+    case v1::MEMORY_TYPE_UNSPECIFIED:
+    case v1::MEMORY_TYPE_HOST:
+      d.memory_type = transfer::MemoryType::kHost;
+      break;
+    case v1::MEMORY_TYPE_CUDA:
+      d.memory_type = transfer::MemoryType::kCuda;
+      break;
+    default:
+      return bad("memory_type", absl::StrCat("has unknown value ", p.memory_type()));
+  }
+  d.block_bytes = p.block_bytes();
+  d.num_blocks = p.num_blocks();
+  return d;
+}
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+}  // namespace kvrelay::rpc

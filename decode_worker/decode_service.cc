@@ -1,0 +1,168 @@
+#include "decode_worker/decode_service.h"
+
+#include <deque>
+#include <optional>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/rpc/convert.h"
+
+namespace kvrelay::decode {
+
+absl::StatusOr<EngineRequest> FromProto(const v1::DecodeRequest& request) {
+  if (request.request_id().empty()) return absl::InvalidArgumentError("request_id is required");
+  if (request.prompt_token_ids().empty()) {
+    return absl::InvalidArgumentError("prompt_token_ids is empty");
+  }
+  EngineRequest r;
+  r.id = request.request_id();
+  r.prompt.assign(request.prompt_token_ids().begin(), request.prompt_token_ids().end());
+  absl::StatusOr<sampling::SamplingParams> params = rpc::FromProto(request.sampling());
+  if (!params.ok()) return params.status();
+  r.params = *std::move(params);
+  r.cache_salt = request.cache_salt();
+  switch (request.plan().mode()) {
+    case v1::PREFILL_MODE_UNSPECIFIED:
+    case v1::PREFILL_MODE_LOCAL:
+      break;
+    case v1::PREFILL_MODE_REMOTE:
+      return absl::UnimplementedError(
+          "plan.mode PREFILL_MODE_REMOTE: remote prefill is not available in this build yet");
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("plan.mode has unknown value ", request.plan().mode()));
+  }
+  return r;
+}
+
+namespace {
+
+// One Generate call. Engine callbacks (engine thread) queue messages; gRPC writes them
+// one at a time. `this` is deleted in OnDone, which gRPC calls only after Finish, and
+// Finish is called only after the engine's on_done (or before anything was submitted),
+// so no engine callback can run afterwards. Finish and StartWrite are called without
+// the lock held, and nothing touches `this` after Finish.
+class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse> {
+ public:
+  GenerateReactor(Engine* engine, const v1::DecodeRequest& request) : engine_(engine) {
+    absl::StatusOr<EngineRequest> r = FromProto(request);
+    if (!r.ok()) {
+      Finish(rpc::ToGrpc(r.status()));
+      return;
+    }
+    logprobs_ = r->params.logprobs > 0;
+    RequestCallbacks cb;
+    cb.on_tokens = [this](const StepOutput& out) { OnTokens(out); };
+    cb.on_done = [this](const absl::Status& st, const RequestSummary& s) { OnEngineDone(st, s); };
+    absl::StatusOr<uint64_t> h = engine_->Submit(*std::move(r), std::move(cb));
+    if (!h.ok()) {
+      Finish(rpc::ToGrpc(h.status()));
+      return;
+    }
+    bool cancel = false;
+    {
+      absl::MutexLock l(&mu_);
+      handle_ = *h;
+      cancel = cancelled_;
+    }
+    if (cancel) engine_->Cancel(*h);
+  }
+
+  void OnCancel() override {
+    std::optional<uint64_t> h;
+    {
+      absl::MutexLock l(&mu_);
+      cancelled_ = true;
+      h = handle_;
+    }
+    if (h) engine_->Cancel(*h);
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      absl::MutexLock l(&mu_);
+      queue_.pop_front();
+      writing_ = false;
+      if (!ok) broken_ = true;  // the client is gone: OnCancel follows
+    }
+    Pump();
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void OnTokens(const StepOutput& out) {
+    {
+      absl::MutexLock l(&mu_);
+      v1::DecodeResponse& m = queue_.emplace_back();
+      for (size_t i = 0; i < out.tokens.size(); ++i) {
+        m.add_token_ids(out.tokens[i]);
+        if (logprobs_) rpc::ToProto(out.samples[i], m.add_logprobs());
+      }
+    }
+    Pump();
+  }
+
+  void OnEngineDone(const absl::Status& st, const RequestSummary& s) {
+    {
+      absl::MutexLock l(&mu_);
+      if (st.ok()) {
+        v1::DecodeResponse& m = queue_.emplace_back();
+        m.set_finish_reason(s.finish_reason);
+        v1::DecodeUsage* u = m.mutable_usage();
+        u->set_prompt_tokens(s.prompt_tokens);
+        u->set_completion_tokens(s.completion_tokens);
+        u->set_cached_tokens(s.cached_tokens);
+        u->set_prefill_mode(v1::PREFILL_MODE_LOCAL);
+        u->set_queue_seconds(s.queue_seconds);
+        u->set_ttft_seconds(s.ttft_seconds);
+        u->set_preemptions(s.preemptions);
+      }
+      final_ = rpc::ToGrpc(st);
+    }
+    Pump();
+  }
+
+  // Starts the next write, or finishes once everything is written.
+  void Pump() {
+    const v1::DecodeResponse* next = nullptr;
+    std::optional<grpc::Status> finish;
+    {
+      absl::MutexLock l(&mu_);
+      if (writing_ || finishing_) return;
+      if (!queue_.empty() && !broken_) {
+        writing_ = true;
+        next = &queue_.front();
+      } else if (final_) {
+        finishing_ = true;
+        finish = broken_ ? grpc::Status(grpc::StatusCode::CANCELLED, "client went away") : *final_;
+      }
+    }
+    if (next != nullptr) {
+      StartWrite(next);
+    } else if (finish) {
+      Finish(*finish);  // last use of `this`
+    }
+  }
+
+  Engine* engine_;
+  bool logprobs_ = false;
+  absl::Mutex mu_;
+  std::optional<uint64_t> handle_ ABSL_GUARDED_BY(mu_);
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  std::deque<v1::DecodeResponse> queue_ ABSL_GUARDED_BY(mu_);  // front: being written
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool finishing_ ABSL_GUARDED_BY(mu_) = false;
+  std::optional<grpc::Status> final_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+grpc::ServerWriteReactor<v1::DecodeResponse>* DecodeService::Generate(
+    grpc::CallbackServerContext* context, const v1::DecodeRequest* request) {
+  return new GenerateReactor(engine_, *request);
+}
+
+}  // namespace kvrelay::decode

@@ -1,0 +1,60 @@
+// A decode worker process: its model, KV pool, prefix cache and engine, served over
+// gRPC (DecodeWorker + the standard health service). main.cc only parses flags.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "common/kvcache/kv_pool.h"
+#include "common/kvcache/prefix_cache.h"
+#include "common/model/model.h"
+#include "decode_worker/decode_service.h"
+#include "decode_worker/engine.h"
+#include "grpcpp/server.h"
+#include "kernels/thread_pool.h"
+
+namespace kvrelay::decode {
+
+struct DecodeWorkerOptions {
+  std::string model_dir;   // a Hugging Face model folder
+  std::string model_id;    // names the model in block hashes; default: the folder's name
+  std::string listen = "127.0.0.1:0";  // host:port; port 0 picks a free one
+  int64_t kv_blocks = 0;   // pool size in blocks; 0: from kv_bytes
+  uint64_t kv_bytes = 0;   // pool size in bytes; 0 (and kv_blocks 0): one context's worth x 4
+  int block_size = 16;
+  std::string kv_dtype = "f32";
+  int threads = 0;  // CPU threads for the forward pass; 0: all cores
+  EngineOptions engine;
+};
+
+class DecodeWorker {
+ public:
+  // Loads the model, allocates the pool and starts serving. INVALID_ARGUMENT on bad
+  // options (naming the option); the loader's errors for a bad model folder.
+  static absl::StatusOr<std::unique_ptr<DecodeWorker>> Start(const DecodeWorkerOptions& options);
+  ~DecodeWorker();
+
+  int port() const { return port_; }
+  Engine& engine() { return *engine_; }
+  kvcache::PrefixCache& cache() { return *cache_; }
+
+  // Graceful: refuses new requests, lets running ones finish (up to `grace`), then stops.
+  void Shutdown(absl::Duration grace);
+
+ private:
+  DecodeWorker() = default;
+
+  std::unique_ptr<kernels::ThreadPool> threads_;
+  std::unique_ptr<model::Model> model_;
+  std::unique_ptr<kvcache::KvPool> pool_;
+  std::unique_ptr<kvcache::PrefixCache> cache_;
+  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<DecodeService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  bool shut_down_ = false;
+};
+
+}  // namespace kvrelay::decode

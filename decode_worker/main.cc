@@ -1,0 +1,62 @@
+// kvrelay-decode: a decode worker. Prints "READY <port>" once it serves; SIGTERM or
+// SIGINT drains running requests (up to --drain-seconds) and exits.
+#include <signal.h>
+
+#include <cstdio>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "decode_worker/decode_worker.h"
+
+ABSL_FLAG(std::string, model, "", "Hugging Face model folder (required)");
+ABSL_FLAG(std::string, model_id, "", "model id in block hashes (default: the folder's name)");
+ABSL_FLAG(std::string, listen, "127.0.0.1:0", "host:port to serve on (port 0: any free port)");
+ABSL_FLAG(int64_t, kv_blocks, 0, "KV pool size in blocks (0: use --kv_bytes)");
+ABSL_FLAG(uint64_t, kv_bytes, 0, "KV pool size in bytes (0 with --kv_blocks 0: 4 contexts)");
+ABSL_FLAG(int, block_size, 16, "tokens per KV block");
+ABSL_FLAG(std::string, kv_dtype, "f32", "KV dtype: f32 | f16 | bf16 | int8");
+ABSL_FLAG(int, threads, 0, "CPU threads for the forward pass (0: all cores)");
+ABSL_FLAG(int, max_batch_tokens, 512, "tokens per forward pass (decode tokens + prefill)");
+ABSL_FLAG(int, max_running, 64, "sequences in the running batch");
+ABSL_FLAG(int, prefill_chunk, 256, "most prefill tokens of one sequence per step");
+ABSL_FLAG(int, max_waiting, 1024, "queued requests beyond this get RESOURCE_EXHAUSTED");
+ABSL_FLAG(double, drain_seconds, 30, "on SIGTERM, how long running requests may finish");
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("kvrelay-decode --model DIR [--listen HOST:PORT] ...");
+  absl::ParseCommandLine(argc, argv);
+  // Block the stop signals in every thread; the main thread waits for them.
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGTERM);
+  sigaddset(&stop, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+
+  kvrelay::decode::DecodeWorkerOptions o;
+  o.model_dir = absl::GetFlag(FLAGS_model);
+  o.model_id = absl::GetFlag(FLAGS_model_id);
+  o.listen = absl::GetFlag(FLAGS_listen);
+  o.kv_blocks = absl::GetFlag(FLAGS_kv_blocks);
+  o.kv_bytes = absl::GetFlag(FLAGS_kv_bytes);
+  o.block_size = absl::GetFlag(FLAGS_block_size);
+  o.kv_dtype = absl::GetFlag(FLAGS_kv_dtype);
+  o.threads = absl::GetFlag(FLAGS_threads);
+  o.engine.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
+  o.engine.max_running = absl::GetFlag(FLAGS_max_running);
+  o.engine.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+  o.engine.max_waiting = static_cast<size_t>(std::max(1, absl::GetFlag(FLAGS_max_waiting)));
+  auto worker = kvrelay::decode::DecodeWorker::Start(o);
+  if (!worker.ok()) {
+    std::fprintf(stderr, "kvrelay-decode: %s\n", worker.status().ToString().c_str());
+    return 1;
+  }
+  std::printf("READY %d\n", (*worker)->port());
+  std::fflush(stdout);
+  int sig = 0;
+  sigwait(&stop, &sig);
+  std::fprintf(stderr, "kvrelay-decode: signal %d, draining\n", sig);
+  (*worker)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)));
+  return 0;
+}

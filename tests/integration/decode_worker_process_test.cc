@@ -1,0 +1,255 @@
+// The real kvrelay-decode binary serving gRPC on 127.0.0.1, driven by a test client,
+// checked against the real `kvrelay generate` (single process) on the same model.
+#include <signal.h>
+
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/notification.h"
+#include "grpcpp/generic/generic_stub.h"
+#include "gmock/gmock.h"
+#include "grpcpp/grpcpp.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "gtest/gtest.h"
+#include "kvrelay/v1/worker.grpc.pb.h"
+#include "nlohmann/json.hpp"
+#include "tests/testing/subprocess.h"
+#include "tests/testing/test_models.h"
+
+namespace kvrelay {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::SiblingBinary;
+using testing::Subprocess;
+
+constexpr absl::Duration kStartup = absl::Seconds(120);  // generous: loaded 2-core CI
+
+std::string ModelDir() { return testing::ModelDir(testing::TinyVariants()[0]); }
+
+// `kvrelay generate --prompt-ids ... --json`: (prompt ids, generated ids) of one turn.
+std::vector<int32_t> CliGenerate(const std::vector<int32_t>& prompt, int max_tokens,
+                                 const std::vector<std::string>& extra = {}) {
+  std::vector<std::string> argv = {SiblingBinary("kvrelay"), "generate",      "--model",
+                                   ModelDir(),               "--prompt-ids",  absl::StrJoin(prompt, ","),
+                                   "--max-tokens",           std::to_string(max_tokens),
+                                   "--ignore-eos",           "--json"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  auto p = Subprocess::Start(argv);
+  EXPECT_TRUE(p);
+  if (!p) return {};
+  auto line = p->ReadLine(kStartup);
+  EXPECT_TRUE(line) << "kvrelay generate printed nothing";
+  if (!line) return {};
+  const nlohmann::json j = nlohmann::json::parse(*line);
+  EXPECT_EQ(j["prompt_token_ids"].get<std::vector<int32_t>>(), prompt);
+  p->Wait(kStartup);
+  return j["token_ids"].get<std::vector<int32_t>>();
+}
+
+class DecodeWorkerProcessTest : public ::testing::Test {
+ protected:
+  void Start(const std::vector<std::string>& flags) {
+    std::vector<std::string> argv = {SiblingBinary("kvrelay-decode"), "--model", ModelDir(),
+                                     "--threads", "1"};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    auto p = Subprocess::Start(argv);
+    ASSERT_TRUE(p);
+    worker_.emplace(std::move(*p));
+    auto ready = worker_->ReadLine(kStartup);
+    ASSERT_TRUE(ready && ready->rfind("READY ", 0) == 0) << (ready ? *ready : "no output");
+    ASSERT_TRUE(absl::SimpleAtoi(ready->substr(6), &port_));
+    channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(port_),
+                                   grpc::InsecureChannelCredentials());
+    stub_ = v1::DecodeWorker::NewStub(channel_);
+  }
+
+  struct Reply {
+    grpc::Status status;
+    std::vector<int32_t> tokens;
+    std::vector<v1::DecodeResponse> messages;
+  };
+
+  v1::DecodeRequest Request(const std::string& id, const std::vector<int32_t>& prompt,
+                            int max_tokens) {
+    v1::DecodeRequest r;
+    r.set_request_id(id);
+    for (int32_t t : prompt) r.add_prompt_token_ids(t);
+    r.mutable_sampling()->set_max_tokens(max_tokens);
+    r.mutable_sampling()->set_ignore_eos(true);
+    return r;
+  }
+
+  Reply Generate(const v1::DecodeRequest& req) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+    Reply out;
+    auto reader = stub_->Generate(&ctx, req);
+    v1::DecodeResponse m;
+    while (reader->Read(&m)) {
+      out.tokens.insert(out.tokens.end(), m.token_ids().begin(), m.token_ids().end());
+      out.messages.push_back(m);
+    }
+    out.status = reader->Finish();
+    return out;
+  }
+
+  std::optional<Subprocess> worker_;
+  int port_ = 0;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::DecodeWorker::Stub> stub_;
+};
+
+// Random token ids below the tiny models' vocabulary (400).
+std::vector<int32_t> Prompt(int n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> p(n);
+  for (auto& t : p) t = static_cast<int32_t>(rng() % 400);
+  return p;
+}
+
+TEST_F(DecodeWorkerProcessTest, GreedyOutputsMatchKvrelayGenerate) {
+  Start({"--kv_blocks", "256", "--prefill_chunk", "24"});
+  // Short, exactly block-aligned (32 = 2 blocks of 16), long (several prefill chunks).
+  for (int n : {5, 32, 100}) {
+    const std::vector<int32_t> prompt = Prompt(n, static_cast<uint32_t>(n));
+    const Reply r = Generate(Request("req-" + std::to_string(n), prompt, 10));
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_EQ(r.tokens, CliGenerate(prompt, 10)) << "prompt of " << n << " tokens";
+    // One message per token, then the final one with the finish reason and usage.
+    ASSERT_EQ(r.messages.size(), 11u);
+    const v1::DecodeResponse& last = r.messages.back();
+    EXPECT_EQ(last.finish_reason(), "length");
+    EXPECT_EQ(last.usage().prompt_tokens(), n);
+    EXPECT_EQ(last.usage().completion_tokens(), 10);
+    EXPECT_EQ(last.usage().prefill_mode(), v1::PREFILL_MODE_LOCAL);
+  }
+  // The same prompt again hits the decode worker's prefix cache and stays identical.
+  const std::vector<int32_t> prompt = Prompt(100, 100);
+  const Reply again = Generate(Request("again", prompt, 10));
+  ASSERT_TRUE(again.status.ok());
+  EXPECT_EQ(again.messages.back().usage().cached_tokens(), 96);
+  EXPECT_EQ(again.tokens, CliGenerate(prompt, 10));
+}
+
+TEST_F(DecodeWorkerProcessTest, ConcurrentRequestsAreBatchedAndExact) {
+  Start({"--kv_blocks", "256", "--prefill_chunk", "32"});
+  const int kN = 8;
+  std::vector<Reply> replies(kN);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < kN; ++i) {
+    clients.emplace_back([this, i, &replies] {
+      replies[i] = Generate(Request("c" + std::to_string(i), Prompt(10 + 11 * i, 50 + i), 12));
+    });
+  }
+  for (auto& t : clients) t.join();
+  for (int i = 0; i < kN; ++i) {
+    ASSERT_TRUE(replies[i].status.ok()) << i << ": " << replies[i].status.error_message();
+    EXPECT_EQ(replies[i].tokens, CliGenerate(Prompt(10 + 11 * i, 50 + i), 12)) << "request " << i;
+  }
+}
+
+TEST_F(DecodeWorkerProcessTest, SmallPoolPreemptsAndStaysExact) {
+  // 24 blocks of 4 tokens; 6 requests of 30 + 20 tokens need 13 blocks each.
+  Start({"--kv_blocks", "24", "--block_size", "4", "--prefill_chunk", "8"});
+  const int kN = 6;
+  std::vector<Reply> replies(kN);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < kN; ++i) {
+    clients.emplace_back([this, i, &replies] {
+      replies[i] = Generate(Request("p" + std::to_string(i), Prompt(30, 900 + i), 20));
+    });
+  }
+  for (auto& t : clients) t.join();
+  int64_t preemptions = 0;
+  for (int i = 0; i < kN; ++i) {
+    ASSERT_TRUE(replies[i].status.ok()) << i << ": " << replies[i].status.error_message();
+    EXPECT_EQ(replies[i].tokens, CliGenerate(Prompt(30, 900 + i), 20)) << "request " << i;
+    preemptions += replies[i].messages.back().usage().preemptions();
+  }
+  EXPECT_GT(preemptions, 0);
+}
+
+TEST_F(DecodeWorkerProcessTest, BadRequestsAreInvalidArgumentNamingTheField) {
+  Start({"--kv_blocks", "64"});
+  v1::DecodeRequest r = Request("", {1, 2, 3}, 4);
+  Reply out = Generate(r);
+  EXPECT_EQ(out.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(out.status.error_message(), HasSubstr("request_id is required"));
+  r = Request("x", {}, 4);
+  out = Generate(r);
+  EXPECT_EQ(out.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(out.status.error_message(), HasSubstr("prompt_token_ids is empty"));
+  r = Request("x", {1, 2, 1 << 30}, 4);
+  out = Generate(r);
+  EXPECT_EQ(out.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(out.status.error_message(), HasSubstr("prompt token 2"));
+  r = Request("x", {1, 2}, 4);
+  r.mutable_sampling()->set_top_p(1.5f);
+  out = Generate(r);
+  EXPECT_EQ(out.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(out.status.error_message(), HasSubstr("sampling.top_p"));
+  // The worker still serves afterwards.
+  EXPECT_TRUE(Generate(Request("ok", {1, 2, 3}, 3)).status.ok());
+}
+
+TEST_F(DecodeWorkerProcessTest, ClientCancelAndHealthAndGracefulShutdown) {
+  Start({"--kv_blocks", "64"});
+  // Health: the standard service answers SERVING.
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    grpc::ByteBuffer req_bb, resp_bb;
+    // grpc.health.v1.HealthCheckRequest{service: ""} serialises to zero bytes.
+    grpc::GenericStub generic(channel_);
+    grpc::Status st;
+    absl::Notification done;
+    grpc::Slice empty;
+    req_bb = grpc::ByteBuffer(&empty, 1);
+    generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &req_bb,
+                      &resp_bb, [&](grpc::Status s) {
+                        st = s;
+                        done.Notify();
+                      });
+    done.WaitForNotification();
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    std::vector<grpc::Slice> slices;
+    ASSERT_TRUE(resp_bb.Dump(&slices).ok());
+    std::string bytes;
+    for (auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    EXPECT_EQ(bytes, std::string("\x08\x01", 2));  // status: SERVING
+  }
+  // Cancel after the first token of a long generation: the stream ends CANCELLED.
+  {
+    grpc::ClientContext ctx;
+    auto reader = stub_->Generate(&ctx, Request("long", Prompt(20, 1), 100000));
+    v1::DecodeResponse m;
+    ASSERT_TRUE(reader->Read(&m));
+    ctx.TryCancel();
+    while (reader->Read(&m)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  // Graceful shutdown: a running request completes after SIGTERM, then the process exits 0.
+  std::vector<int32_t> prompt = Prompt(12, 2);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  auto reader = stub_->Generate(&ctx, Request("drain", prompt, 400));
+  v1::DecodeResponse m;
+  ASSERT_TRUE(reader->Read(&m));  // running
+  std::vector<int32_t> tokens(m.token_ids().begin(), m.token_ids().end());
+  worker_->Kill(SIGTERM);
+  while (reader->Read(&m)) tokens.insert(tokens.end(), m.token_ids().begin(), m.token_ids().end());
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(tokens.size(), 400u);
+  auto status = worker_->Wait(kStartup);
+  ASSERT_TRUE(status.has_value());
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << *status;
+}
+
+}  // namespace
+}  // namespace kvrelay
