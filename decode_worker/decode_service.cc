@@ -45,7 +45,9 @@ namespace {
 // the lock held, and nothing touches `this` after Finish.
 class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse> {
  public:
-  GenerateReactor(Engine* engine, const v1::DecodeRequest& request) : engine_(engine) {
+  GenerateReactor(DecodeService* service, Engine* engine, const v1::DecodeRequest& request)
+      : service_(service), engine_(engine) {
+    service_->CallStarted();
     absl::StatusOr<EngineRequest> r = FromProto(request);
     if (!r.ok()) {
       Finish(rpc::ToGrpc(r.status()));
@@ -89,7 +91,11 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse
     Pump();
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    DecodeService* service = service_;
+    delete this;
+    service->CallDone();
+  }
 
  private:
   void OnTokens(const StepOutput& out) {
@@ -146,6 +152,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse
     }
   }
 
+  DecodeService* service_;
   Engine* engine_;
   bool logprobs_ = false;
   absl::Mutex mu_;
@@ -162,7 +169,23 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse
 
 grpc::ServerWriteReactor<v1::DecodeResponse>* DecodeService::Generate(
     grpc::CallbackServerContext* context, const v1::DecodeRequest* request) {
-  return new GenerateReactor(engine_, *request);
+  return new GenerateReactor(this, engine_, *request);
+}
+
+void DecodeService::CallStarted() {
+  absl::MutexLock l(&mu_);
+  ++active_calls_;
+}
+
+void DecodeService::CallDone() {
+  absl::MutexLock l(&mu_);
+  --active_calls_;
+}
+
+bool DecodeService::WaitIdle(absl::Duration timeout) {
+  absl::MutexLock l(&mu_);
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return active_calls_ == 0; };
+  return mu_.AwaitWithTimeout(absl::Condition(&idle), timeout);
 }
 
 }  // namespace kvrelay::decode

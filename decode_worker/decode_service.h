@@ -3,6 +3,8 @@
 // reason and usage. A client cancel or deadline cancels the request in the engine.
 #pragma once
 
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "decode_worker/engine.h"
 #include "kvrelay/v1/worker.grpc.pb.h"
 
@@ -16,11 +18,21 @@ class DecodeService final : public v1::DecodeWorker::CallbackService {
  public:
   explicit DecodeService(Engine* engine) : engine_(engine) {}
 
-  grpc::ServerWriteReactor<v1::DecodeResponse>* Generate(
-      grpc::CallbackServerContext* context, const v1::DecodeRequest* request) override;
+  grpc::ServerWriteReactor<v1::DecodeResponse>* Generate(grpc::CallbackServerContext* context,
+                                                         const v1::DecodeRequest* request) override;
+
+  // Waits until no Generate call is in progress (every one has sent its status); false
+  // if some still are after `timeout`.
+  bool WaitIdle(absl::Duration timeout);
+
+  // Called by each call when it starts and when gRPC is done with it.
+  void CallStarted();
+  void CallDone();
 
  private:
   Engine* engine_;
+  absl::Mutex mu_;
+  int64_t active_calls_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace kvrelay::decode

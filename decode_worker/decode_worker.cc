@@ -1,10 +1,10 @@
 #include "decode_worker/decode_worker.h"
 
 #include <algorithm>
-#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "common/util/file.h"
 #include "common/util/status.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -21,8 +21,8 @@ absl::StatusOr<std::unique_ptr<DecodeWorker>> DecodeWorker::Start(
   }
   kernels::DType kv_dtype;
   if (!kernels::ParseDType(options.kv_dtype, &kv_dtype)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--kv-dtype must be f32, f16, bf16 or int8, got '", options.kv_dtype, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-dtype must be f32, f16, bf16 or int8, got '", options.kv_dtype, "'"));
   }
   if (options.threads < 0) return absl::InvalidArgumentError("--threads must be >= 0");
   std::unique_ptr<DecodeWorker> w(new DecodeWorker());
@@ -33,9 +33,8 @@ absl::StatusOr<std::unique_ptr<DecodeWorker>> DecodeWorker::Start(
   if (blocks <= 0 && options.kv_bytes > 0) {
     blocks = static_cast<int64_t>(options.kv_bytes / layout.block_bytes());
     if (blocks < 1) {
-      return absl::InvalidArgumentError(absl::StrCat("--kv-bytes ", options.kv_bytes,
-                                                     " holds no block of ", layout.block_bytes(),
-                                                     " bytes"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--kv-bytes ", options.kv_bytes, " holds no block of ", layout.block_bytes(), " bytes"));
     }
   }
   if (blocks <= 0) {
@@ -50,8 +49,8 @@ absl::StatusOr<std::unique_ptr<DecodeWorker>> DecodeWorker::Start(
   KVR_ASSIGN_OR_RETURN(w->cache_, kvcache::PrefixCache::Create(co));
   const std::string model_id =
       options.model_id.empty() ? BaseName(options.model_dir) : options.model_id;
-  KVR_ASSIGN_OR_RETURN(w->engine_, Engine::Create(w->model_.get(), w->pool_.get(),
-                                                  w->cache_.get(), model_id, options.engine));
+  KVR_ASSIGN_OR_RETURN(w->engine_, Engine::Create(w->model_.get(), w->pool_.get(), w->cache_.get(),
+                                                  model_id, options.engine));
   w->service_ = std::make_unique<DecodeService>(w->engine_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -65,18 +64,18 @@ absl::StatusOr<std::unique_ptr<DecodeWorker>> DecodeWorker::Start(
   return w;
 }
 
-void DecodeWorker::Shutdown(absl::Duration grace) {
+void DecodeWorker::Shutdown(absl::Duration grace, absl::Duration linger) {
   if (shut_down_) return;
   shut_down_ = true;
   if (auto* health = server_->GetHealthCheckService(); health != nullptr) {
     health->Shutdown();  // health checks now answer NOT_SERVING
   }
-  // Running requests finish (bounded by grace); new ones are refused by the engine.
-  std::thread drain([this] { engine_->Drain(); });
-  server_->Shutdown(std::chrono::system_clock::now() +
-                    std::chrono::microseconds(absl::ToInt64Microseconds(grace)));
-  drain.join();
+  engine_->StopAccepting();
+  if (service_->WaitIdle(grace)) absl::SleepFor(linger);
+  // Anything still running past the grace period is cancelled now.
+  server_->Shutdown(std::chrono::system_clock::now());
   server_->Wait();
+  engine_->Drain();
 }
 
 DecodeWorker::~DecodeWorker() {

@@ -18,11 +18,11 @@
 namespace kvrelay::decode {
 
 struct DecodeWorkerOptions {
-  std::string model_dir;   // a Hugging Face model folder
-  std::string model_id;    // names the model in block hashes; default: the folder's name
+  std::string model_dir;  // a Hugging Face model folder
+  std::string model_id;   // names the model in block hashes; default: the folder's name
   std::string listen = "127.0.0.1:0";  // host:port; port 0 picks a free one
-  int64_t kv_blocks = 0;   // pool size in blocks; 0: from kv_bytes
-  uint64_t kv_bytes = 0;   // pool size in bytes; 0 (and kv_blocks 0): one context's worth x 4
+  int64_t kv_blocks = 0;               // pool size in blocks; 0: from kv_bytes
+  uint64_t kv_bytes = 0;  // pool size in bytes; 0 (and kv_blocks 0): one context's worth x 4
   int block_size = 16;
   std::string kv_dtype = "f32";
   int threads = 0;  // CPU threads for the forward pass; 0: all cores
@@ -40,8 +40,12 @@ class DecodeWorker {
   Engine& engine() { return *engine_; }
   kvcache::PrefixCache& cache() { return *cache_; }
 
-  // Graceful: refuses new requests, lets running ones finish (up to `grace`), then stops.
-  void Shutdown(absl::Duration grace);
+  // Graceful: health turns NOT_SERVING and new requests get UNAVAILABLE; running ones
+  // finish and their streams are fully sent (up to `grace`; then they are cancelled).
+  // Then connections stay open for `linger`, so that clients read the last messages
+  // before the server closes them (closing a socket with unread input resets it, and
+  // the peer loses what it had not read yet), and the server stops.
+  void Shutdown(absl::Duration grace, absl::Duration linger = absl::ZeroDuration());
 
  private:
   DecodeWorker() = default;

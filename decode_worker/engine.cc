@@ -104,6 +104,11 @@ void Engine::Cancel(uint64_t handle) {
   cancels_.push_back(handle);
 }
 
+void Engine::StopAccepting() {
+  absl::MutexLock l(&mu_);
+  draining_ = true;
+}
+
 void Engine::Drain() {
   absl::MutexLock l(&mu_);
   draining_ = true;

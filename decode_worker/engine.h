@@ -96,6 +96,8 @@ class Engine {
   // Ends a request with CANCELLED and releases its blocks (at the next step boundary).
   // No effect once it has ended.
   void Cancel(uint64_t handle);
+  // New requests get UNAVAILABLE from now on.
+  void StopAccepting();
   // Stops accepting requests and waits until every accepted one has ended.
   void Drain();
 

@@ -1,7 +1,9 @@
 // kvrelay-decode: a decode worker. Prints "READY <port>" once it serves; SIGTERM or
 // SIGINT drains running requests (up to --drain-seconds) and exits.
 #include <signal.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <string>
 
@@ -23,16 +25,35 @@ ABSL_FLAG(int, max_running, 64, "sequences in the running batch");
 ABSL_FLAG(int, prefill_chunk, 256, "most prefill tokens of one sequence per step");
 ABSL_FLAG(int, max_waiting, 1024, "queued requests beyond this get RESOURCE_EXHAUSTED");
 ABSL_FLAG(double, drain_seconds, 30, "on SIGTERM, how long running requests may finish");
+ABSL_FLAG(double, exit_linger_seconds, 1,
+          "after draining, how long connections stay open before the server closes them: "
+          "closing at once resets connections whose clients have not read the last messages");
+
+namespace {
+
+int stop_pipe[2] = {-1, -1};
+
+// Any thread may take the signal (gRPC starts threads before main can mask it), so the
+// handler only wakes the main thread.
+void OnStopSignal(int sig) {
+  const char c = static_cast<char>(sig);
+  (void)!::write(stop_pipe[1], &c, 1);
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("kvrelay-decode --model DIR [--listen HOST:PORT] ...");
   absl::ParseCommandLine(argc, argv);
-  // Block the stop signals in every thread; the main thread waits for them.
-  sigset_t stop;
-  sigemptyset(&stop);
-  sigaddset(&stop, SIGTERM);
-  sigaddset(&stop, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+  if (::pipe(stop_pipe) != 0) {
+    std::perror("kvrelay-decode: pipe");
+    return 1;
+  }
+  struct sigaction sa {};
+  sa.sa_handler = OnStopSignal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
 
   kvrelay::decode::DecodeWorkerOptions o;
   o.model_dir = absl::GetFlag(FLAGS_model);
@@ -54,9 +75,12 @@ int main(int argc, char** argv) {
   }
   std::printf("READY %d\n", (*worker)->port());
   std::fflush(stdout);
-  int sig = 0;
-  sigwait(&stop, &sig);
+  char sig = 0;
+  while (::read(stop_pipe[0], &sig, 1) < 0 && errno == EINTR) {
+  }
   std::fprintf(stderr, "kvrelay-decode: signal %d, draining\n", sig);
-  (*worker)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)));
+  (*worker)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)),
+                      absl::Seconds(absl::GetFlag(FLAGS_exit_linger_seconds)));
+  worker->reset();
   return 0;
 }

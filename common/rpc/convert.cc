@@ -52,7 +52,7 @@ v1::KvPoolDescriptor ToProto(const transfer::PoolDescriptor& d) {
   p.set_base_address(d.base_address);
   p.set_bytes(d.bytes);
   p.set_memory_type(d.memory_type == transfer::MemoryType::kCuda ? v1::MEMORY_TYPE_CUDA
-                                                                  : v1::MEMORY_TYPE_HOST);
+                                                                 : v1::MEMORY_TYPE_HOST);
   p.set_block_bytes(d.block_bytes);
   p.set_num_blocks(d.num_blocks);
   return p;

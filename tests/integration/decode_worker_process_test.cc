@@ -10,8 +10,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
-#include "grpcpp/generic/generic_stub.h"
 #include "gmock/gmock.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "gtest/gtest.h"
@@ -34,10 +34,16 @@ std::string ModelDir() { return testing::ModelDir(testing::TinyVariants()[0]); }
 // `kvrelay generate --prompt-ids ... --json`: (prompt ids, generated ids) of one turn.
 std::vector<int32_t> CliGenerate(const std::vector<int32_t>& prompt, int max_tokens,
                                  const std::vector<std::string>& extra = {}) {
-  std::vector<std::string> argv = {SiblingBinary("kvrelay"), "generate",      "--model",
-                                   ModelDir(),               "--prompt-ids",  absl::StrJoin(prompt, ","),
-                                   "--max-tokens",           std::to_string(max_tokens),
-                                   "--ignore-eos",           "--json"};
+  std::vector<std::string> argv = {SiblingBinary("kvrelay"),
+                                   "generate",
+                                   "--model",
+                                   ModelDir(),
+                                   "--prompt-ids",
+                                   absl::StrJoin(prompt, ","),
+                                   "--max-tokens",
+                                   std::to_string(max_tokens),
+                                   "--ignore-eos",
+                                   "--json"};
   argv.insert(argv.end(), extra.begin(), extra.end());
   auto p = Subprocess::Start(argv);
   EXPECT_TRUE(p);
@@ -154,22 +160,30 @@ TEST_F(DecodeWorkerProcessTest, ConcurrentRequestsAreBatchedAndExact) {
 }
 
 TEST_F(DecodeWorkerProcessTest, SmallPoolPreemptsAndStaysExact) {
-  // 24 blocks of 4 tokens; 6 requests of 30 + 20 tokens need 13 blocks each.
+  // 24 blocks of 4 tokens; each request (30 prompt + 60 generated tokens) needs 23, so
+  // any two running together preempt one another. All calls start before any is read.
   Start({"--kv_blocks", "24", "--block_size", "4", "--prefill_chunk", "8"});
   const int kN = 6;
-  std::vector<Reply> replies(kN);
-  std::vector<std::thread> clients;
+  std::vector<std::unique_ptr<grpc::ClientContext>> ctxs;
+  std::vector<std::unique_ptr<grpc::ClientReader<v1::DecodeResponse>>> readers;
   for (int i = 0; i < kN; ++i) {
-    clients.emplace_back([this, i, &replies] {
-      replies[i] = Generate(Request("p" + std::to_string(i), Prompt(30, 900 + i), 20));
-    });
+    ctxs.push_back(std::make_unique<grpc::ClientContext>());
+    ctxs.back()->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+    readers.push_back(stub_->Generate(ctxs.back().get(),
+                                      Request("p" + std::to_string(i), Prompt(30, 900 + i), 60)));
   }
-  for (auto& t : clients) t.join();
   int64_t preemptions = 0;
   for (int i = 0; i < kN; ++i) {
-    ASSERT_TRUE(replies[i].status.ok()) << i << ": " << replies[i].status.error_message();
-    EXPECT_EQ(replies[i].tokens, CliGenerate(Prompt(30, 900 + i), 20)) << "request " << i;
-    preemptions += replies[i].messages.back().usage().preemptions();
+    std::vector<int32_t> tokens;
+    v1::DecodeResponse m, last;
+    while (readers[i]->Read(&m)) {
+      tokens.insert(tokens.end(), m.token_ids().begin(), m.token_ids().end());
+      last = m;
+    }
+    const grpc::Status st = readers[i]->Finish();
+    ASSERT_TRUE(st.ok()) << i << ": " << st.error_message();
+    EXPECT_EQ(tokens, CliGenerate(Prompt(30, 900 + i), 60)) << "request " << i;
+    preemptions += last.usage().preemptions();
   }
   EXPECT_GT(preemptions, 0);
 }
@@ -210,8 +224,8 @@ TEST_F(DecodeWorkerProcessTest, ClientCancelAndHealthAndGracefulShutdown) {
     absl::Notification done;
     grpc::Slice empty;
     req_bb = grpc::ByteBuffer(&empty, 1);
-    generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &req_bb,
-                      &resp_bb, [&](grpc::Status s) {
+    generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &req_bb, &resp_bb,
+                      [&](grpc::Status s) {
                         st = s;
                         done.Notify();
                       });
@@ -244,7 +258,8 @@ TEST_F(DecodeWorkerProcessTest, ClientCancelAndHealthAndGracefulShutdown) {
   std::vector<int32_t> tokens(m.token_ids().begin(), m.token_ids().end());
   worker_->Kill(SIGTERM);
   while (reader->Read(&m)) tokens.insert(tokens.end(), m.token_ids().begin(), m.token_ids().end());
-  EXPECT_TRUE(reader->Finish().ok());
+  const grpc::Status drained = reader->Finish();
+  EXPECT_TRUE(drained.ok()) << drained.error_code() << " " << drained.error_message();
   EXPECT_EQ(tokens.size(), 400u);
   auto status = worker_->Wait(kStartup);
   ASSERT_TRUE(status.has_value());
