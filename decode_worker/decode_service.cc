@@ -47,7 +47,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse
  public:
   GenerateReactor(DecodeService* service, Engine* engine, const v1::DecodeRequest& request)
       : service_(service), engine_(engine) {
-    service_->CallStarted();
+    service_->calls().Started();
     absl::StatusOr<EngineRequest> r = FromProto(request);
     if (!r.ok()) {
       Finish(rpc::ToGrpc(r.status()));
@@ -94,7 +94,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse
   void OnDone() override {
     DecodeService* service = service_;
     delete this;
-    service->CallDone();
+    service->calls().Done();
   }
 
  private:
@@ -170,22 +170,6 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse
 grpc::ServerWriteReactor<v1::DecodeResponse>* DecodeService::Generate(
     grpc::CallbackServerContext* context, const v1::DecodeRequest* request) {
   return new GenerateReactor(this, engine_, *request);
-}
-
-void DecodeService::CallStarted() {
-  absl::MutexLock l(&mu_);
-  ++active_calls_;
-}
-
-void DecodeService::CallDone() {
-  absl::MutexLock l(&mu_);
-  --active_calls_;
-}
-
-bool DecodeService::WaitIdle(absl::Duration timeout) {
-  absl::MutexLock l(&mu_);
-  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return active_calls_ == 0; };
-  return mu_.AwaitWithTimeout(absl::Condition(&idle), timeout);
 }
 
 }  // namespace kvrelay::decode

@@ -3,8 +3,7 @@
 // reason and usage. A client cancel or deadline cancels the request in the engine.
 #pragma once
 
-#include "absl/synchronization/mutex.h"
-#include "absl/time/time.h"
+#include "common/rpc/call_tracker.h"
 #include "decode_worker/engine.h"
 #include "kvrelay/v1/worker.grpc.pb.h"
 
@@ -21,18 +20,12 @@ class DecodeService final : public v1::DecodeWorker::CallbackService {
   grpc::ServerWriteReactor<v1::DecodeResponse>* Generate(grpc::CallbackServerContext* context,
                                                          const v1::DecodeRequest* request) override;
 
-  // Waits until no Generate call is in progress (every one has sent its status); false
-  // if some still are after `timeout`.
-  bool WaitIdle(absl::Duration timeout);
-
-  // Called by each call when it starts and when gRPC is done with it.
-  void CallStarted();
-  void CallDone();
+  // Calls in progress (graceful shutdown waits for none).
+  rpc::CallTracker& calls() { return calls_; }
 
  private:
   Engine* engine_;
-  absl::Mutex mu_;
-  int64_t active_calls_ ABSL_GUARDED_BY(mu_) = 0;
+  rpc::CallTracker calls_;
 };
 
 }  // namespace kvrelay::decode

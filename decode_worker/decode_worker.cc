@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/transfer/ucx/ucx_transport.h"
 #include "common/util/file.h"
 #include "common/util/status.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -15,42 +16,16 @@ namespace kvrelay::decode {
 absl::StatusOr<std::unique_ptr<DecodeWorker>> DecodeWorker::Start(
     const DecodeWorkerOptions& options) {
   if (options.model_dir.empty()) return absl::InvalidArgumentError("--model is required");
-  if (options.block_size < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--block-size must be >= 1, got ", options.block_size));
-  }
-  kernels::DType kv_dtype;
-  if (!kernels::ParseDType(options.kv_dtype, &kv_dtype)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--kv-dtype must be f32, f16, bf16 or int8, got '", options.kv_dtype, "'"));
-  }
   if (options.threads < 0) return absl::InvalidArgumentError("--threads must be >= 0");
   std::unique_ptr<DecodeWorker> w(new DecodeWorker());
   w->threads_ = std::make_unique<kernels::ThreadPool>(options.threads);
   KVR_ASSIGN_OR_RETURN(w->model_, model::Model::Load(options.model_dir, w->threads_.get()));
-  const kernels::PagedKvLayout layout = w->model_->KvLayout(kv_dtype, options.block_size);
-  int64_t blocks = options.kv_blocks;
-  if (blocks <= 0 && options.kv_bytes > 0) {
-    blocks = static_cast<int64_t>(options.kv_bytes / layout.block_bytes());
-    if (blocks < 1) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--kv-bytes ", options.kv_bytes, " holds no block of ", layout.block_bytes(), " bytes"));
-    }
-  }
-  if (blocks <= 0) {
-    blocks = 4 * kvcache::BlocksFor(std::min(w->model_->config().max_position_embeddings, 8192),
-                                    options.block_size);
-  }
-  KVR_ASSIGN_OR_RETURN(w->pool_, kvcache::KvPool::Create(layout, blocks));
-  kvcache::PrefixCache::Options co;
-  co.num_blocks = blocks;
-  co.block_size = options.block_size;
-  co.incarnation = kvcache::NewIncarnationId();
-  KVR_ASSIGN_OR_RETURN(w->cache_, kvcache::PrefixCache::Create(co));
+  KVR_ASSIGN_OR_RETURN(w->transport_, transfer::NewUcxTransport());
+  KVR_ASSIGN_OR_RETURN(w->kv_, worker::CreateKvStore(*w->transport_, *w->model_, options.kv));
   const std::string model_id =
       options.model_id.empty() ? BaseName(options.model_dir) : options.model_id;
-  KVR_ASSIGN_OR_RETURN(w->engine_, Engine::Create(w->model_.get(), w->pool_.get(), w->cache_.get(),
-                                                  model_id, options.engine));
+  KVR_ASSIGN_OR_RETURN(w->engine_, Engine::Create(w->model_.get(), w->kv_.pool.get(),
+                                                  w->kv_.cache.get(), model_id, options.engine));
   w->service_ = std::make_unique<DecodeService>(w->engine_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -71,7 +46,7 @@ void DecodeWorker::Shutdown(absl::Duration grace, absl::Duration linger) {
     health->Shutdown();  // health checks now answer NOT_SERVING
   }
   engine_->StopAccepting();
-  if (service_->WaitIdle(grace)) absl::SleepFor(linger);
+  if (service_->calls().WaitIdle(grace)) absl::SleepFor(linger);
   // Anything still running past the grace period is cancelled now.
   server_->Shutdown(std::chrono::system_clock::now());
   server_->Wait();

@@ -7,9 +7,9 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "common/kvcache/kv_pool.h"
-#include "common/kvcache/prefix_cache.h"
 #include "common/model/model.h"
+#include "common/transfer/kv_transport.h"
+#include "common/worker/kv_store.h"
 #include "decode_worker/decode_service.h"
 #include "decode_worker/engine.h"
 #include "grpcpp/server.h"
@@ -21,10 +21,7 @@ struct DecodeWorkerOptions {
   std::string model_dir;  // a Hugging Face model folder
   std::string model_id;   // names the model in block hashes; default: the folder's name
   std::string listen = "127.0.0.1:0";  // host:port; port 0 picks a free one
-  int64_t kv_blocks = 0;               // pool size in blocks; 0: from kv_bytes
-  uint64_t kv_bytes = 0;  // pool size in bytes; 0 (and kv_blocks 0): one context's worth x 4
-  int block_size = 16;
-  std::string kv_dtype = "f32";
+  worker::KvStoreOptions kv;
   int threads = 0;  // CPU threads for the forward pass; 0: all cores
   EngineOptions engine;
 };
@@ -38,7 +35,7 @@ class DecodeWorker {
 
   int port() const { return port_; }
   Engine& engine() { return *engine_; }
-  kvcache::PrefixCache& cache() { return *cache_; }
+  kvcache::PrefixCache& cache() { return *kv_.cache; }
 
   // Graceful: health turns NOT_SERVING and new requests get UNAVAILABLE; running ones
   // finish and their streams are fully sent (up to `grace`; then they are cancelled).
@@ -52,8 +49,8 @@ class DecodeWorker {
 
   std::unique_ptr<kernels::ThreadPool> threads_;
   std::unique_ptr<model::Model> model_;
-  std::unique_ptr<kvcache::KvPool> pool_;
-  std::unique_ptr<kvcache::PrefixCache> cache_;
+  std::unique_ptr<transfer::KvTransport> transport_;
+  worker::KvStore kv_;  // destroyed before the transport
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<DecodeService> service_;
   std::unique_ptr<grpc::Server> server_;

@@ -59,10 +59,10 @@ int main(int argc, char** argv) {
   o.model_dir = absl::GetFlag(FLAGS_model);
   o.model_id = absl::GetFlag(FLAGS_model_id);
   o.listen = absl::GetFlag(FLAGS_listen);
-  o.kv_blocks = absl::GetFlag(FLAGS_kv_blocks);
-  o.kv_bytes = absl::GetFlag(FLAGS_kv_bytes);
-  o.block_size = absl::GetFlag(FLAGS_block_size);
-  o.kv_dtype = absl::GetFlag(FLAGS_kv_dtype);
+  o.kv.kv_blocks = absl::GetFlag(FLAGS_kv_blocks);
+  o.kv.kv_bytes = absl::GetFlag(FLAGS_kv_bytes);
+  o.kv.block_size = absl::GetFlag(FLAGS_block_size);
+  o.kv.kv_dtype = absl::GetFlag(FLAGS_kv_dtype);
   o.threads = absl::GetFlag(FLAGS_threads);
   o.engine.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   o.engine.max_running = absl::GetFlag(FLAGS_max_running);

@@ -13,7 +13,7 @@ using ::testing::HasSubstr;
 DecodeWorkerOptions Options() {
   DecodeWorkerOptions o;
   o.model_dir = testing::ModelDir(testing::TinyVariants()[0]);
-  o.kv_blocks = 64;
+  o.kv.kv_blocks = 64;
   o.threads = 1;
   return o;
 }
@@ -23,14 +23,14 @@ TEST(DecodeWorkerTest, BadOptionsNameTheOption) {
   o.model_dir.clear();
   EXPECT_THAT(DecodeWorker::Start(o).status().message(), HasSubstr("--model"));
   o = Options();
-  o.kv_dtype = "f8";
+  o.kv.kv_dtype = "f8";
   EXPECT_THAT(DecodeWorker::Start(o).status().message(), HasSubstr("--kv-dtype"));
   o = Options();
-  o.block_size = 0;
+  o.kv.block_size = 0;
   EXPECT_THAT(DecodeWorker::Start(o).status().message(), HasSubstr("--block-size"));
   o = Options();
-  o.kv_blocks = 0;
-  o.kv_bytes = 10;
+  o.kv.kv_blocks = 0;
+  o.kv.kv_bytes = 10;
   EXPECT_THAT(DecodeWorker::Start(o).status().message(), HasSubstr("--kv-bytes"));
   o = Options();
   o.model_dir = "/nonexistent/model";

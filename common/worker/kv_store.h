@@ -1,0 +1,36 @@
+// What both worker kinds own for KV (DESIGN §3, §4): one KV pool in memory registered
+// with the KV transport (peers write into the decode worker's; the prefill worker's is
+// the source of its writes) and the pool's prefix cache.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "common/kvcache/kv_pool.h"
+#include "common/kvcache/prefix_cache.h"
+#include "common/model/model.h"
+#include "common/transfer/kv_transport.h"
+
+namespace kvrelay::worker {
+
+struct KvStoreOptions {
+  int64_t kv_blocks = 0;  // pool size in blocks; 0: from kv_bytes
+  uint64_t kv_bytes = 0;  // pool size in bytes; 0 (and kv_blocks 0): 4 contexts' worth
+  int block_size = 16;
+  std::string kv_dtype = "f32";
+};
+
+struct KvStore {
+  std::unique_ptr<transfer::RegisteredMemory> memory;  // declared first: outlives `pool`
+  std::unique_ptr<kvcache::KvPool> pool;
+  std::unique_ptr<kvcache::PrefixCache> cache;
+};
+
+// The pool (zero-filled) and its cache (new incarnation id) for `model`.
+// INVALID_ARGUMENT naming the flag (--block-size, --kv-dtype, --kv-bytes) when bad.
+absl::StatusOr<KvStore> CreateKvStore(transfer::KvTransport& transport, const model::Model& model,
+                                      const KvStoreOptions& options);
+
+}  // namespace kvrelay::worker

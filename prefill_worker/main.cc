@@ -1,0 +1,87 @@
+// kvrelay-prefill: a prefill worker. Prints "READY <port>" once it serves; SIGTERM or
+// SIGINT lets running prefills finish (up to --drain_seconds) and exits.
+#include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "prefill_worker/prefill_worker.h"
+
+ABSL_FLAG(std::string, model, "", "Hugging Face model folder (required)");
+ABSL_FLAG(std::string, model_id, "", "model id in block hashes (default: the folder's name)");
+ABSL_FLAG(std::string, listen, "127.0.0.1:0", "host:port to serve on (port 0: any free port)");
+ABSL_FLAG(int64_t, kv_blocks, 0, "KV pool size in blocks (0: use --kv_bytes)");
+ABSL_FLAG(uint64_t, kv_bytes, 0, "KV pool size in bytes (0 with --kv_blocks 0: 4 contexts)");
+ABSL_FLAG(int, block_size, 16, "tokens per KV block (must match the decode workers)");
+ABSL_FLAG(std::string, kv_dtype, "f32", "KV dtype: f32 | f16 | bf16 | int8 (must match)");
+ABSL_FLAG(int, threads, 0, "CPU threads for the forward pass (0: all cores)");
+ABSL_FLAG(int, prefill_chunk, 256, "tokens per prefill forward pass");
+ABSL_FLAG(int, max_queue, 256, "queued prefills beyond this get RESOURCE_EXHAUSTED");
+ABSL_FLAG(uint64_t, transfer_chunk_bytes, 512 << 10, "KV puts larger than this are split");
+ABSL_FLAG(int, transfer_max_in_flight, 8, "KV put chunks outstanding at once");
+ABSL_FLAG(double, transfer_timeout_seconds, 30, "one KV write, issue to remote completion");
+ABSL_FLAG(double, drain_seconds, 30, "on SIGTERM, how long running prefills may finish");
+ABSL_FLAG(double, exit_linger_seconds, 1,
+          "after draining, how long connections stay open before the server closes them");
+
+namespace {
+
+int stop_pipe[2] = {-1, -1};
+
+// Any thread may take the signal (gRPC starts threads before main), so the handler
+// only wakes the main thread.
+void OnStopSignal(int sig) {
+  const char c = static_cast<char>(sig);
+  (void)!::write(stop_pipe[1], &c, 1);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("kvrelay-prefill --model DIR [--listen HOST:PORT] ...");
+  absl::ParseCommandLine(argc, argv);
+  if (::pipe(stop_pipe) != 0) {
+    std::perror("kvrelay-prefill: pipe");
+    return 1;
+  }
+  struct sigaction sa {};
+  sa.sa_handler = OnStopSignal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+
+  kvrelay::prefill::PrefillWorkerOptions o;
+  o.model_dir = absl::GetFlag(FLAGS_model);
+  o.model_id = absl::GetFlag(FLAGS_model_id);
+  o.listen = absl::GetFlag(FLAGS_listen);
+  o.kv.kv_blocks = absl::GetFlag(FLAGS_kv_blocks);
+  o.kv.kv_bytes = absl::GetFlag(FLAGS_kv_bytes);
+  o.kv.block_size = absl::GetFlag(FLAGS_block_size);
+  o.kv.kv_dtype = absl::GetFlag(FLAGS_kv_dtype);
+  o.threads = absl::GetFlag(FLAGS_threads);
+  o.engine.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+  o.engine.max_queue = static_cast<size_t>(std::max(1, absl::GetFlag(FLAGS_max_queue)));
+  o.engine.transfer.chunk_bytes = absl::GetFlag(FLAGS_transfer_chunk_bytes);
+  o.engine.transfer.max_in_flight = absl::GetFlag(FLAGS_transfer_max_in_flight);
+  o.engine.transfer.timeout = absl::Seconds(absl::GetFlag(FLAGS_transfer_timeout_seconds));
+  auto worker = kvrelay::prefill::PrefillWorker::Start(o);
+  if (!worker.ok()) {
+    std::fprintf(stderr, "kvrelay-prefill: %s\n", worker.status().ToString().c_str());
+    return 1;
+  }
+  std::printf("READY %d\n", (*worker)->port());
+  std::fflush(stdout);
+  char sig = 0;
+  while (::read(stop_pipe[0], &sig, 1) < 0 && errno == EINTR) {
+  }
+  std::fprintf(stderr, "kvrelay-prefill: signal %d, draining\n", sig);
+  (*worker)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)),
+                      absl::Seconds(absl::GetFlag(FLAGS_exit_linger_seconds)));
+  worker->reset();
+  return 0;
+}

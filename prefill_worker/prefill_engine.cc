@@ -1,0 +1,282 @@
+#include "prefill_worker/prefill_engine.h"
+
+#include <pthread.h>
+
+#include <algorithm>
+#include <chrono>
+#include <utility>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "common/kvcache/block_hash.h"
+#include "common/kvcache/kv_sequence.h"
+#include "common/model/generator.h"
+#include "common/transfer/checksum.h"
+#include "common/util/status.h"
+
+namespace kvrelay::prefill {
+namespace {
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+absl::Status ValidateJob(const model::Model& model, const kernels::PagedKvLayout& layout,
+                         const PrefillJob& job) {
+  KVR_RETURN_IF_ERROR(model::ValidatePrompt(model, job.prompt));
+  KVR_RETURN_IF_ERROR(sampling::ValidateSamplingParams(job.params));
+  if (job.destination.block_bytes != layout.block_bytes()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "destination.block_bytes is ", job.destination.block_bytes, "; this worker's blocks are ",
+        layout.block_bytes(), " bytes (model, block size and KV dtype must match)"));
+  }
+  const int64_t nblocks =
+      kvcache::BlocksFor(static_cast<int64_t>(job.prompt.size()), layout.block_size);
+  if (job.first_block < 0 || job.first_block >= nblocks) {
+    return absl::InvalidArgumentError(absl::StrCat("first_block must be in [0, ", nblocks,
+                                                   ") for a prompt of ", job.prompt.size(),
+                                                   " tokens, got ", job.first_block));
+  }
+  const int64_t want = nblocks - job.first_block;
+  if (static_cast<int64_t>(job.destination_blocks.size()) != want) {
+    return absl::InvalidArgumentError(absl::StrCat("destination_blocks has ",
+                                                   job.destination_blocks.size(),
+                                                   " entries; the prompt needs ", want));
+  }
+  absl::flat_hash_set<int32_t> seen;
+  for (size_t i = 0; i < job.destination_blocks.size(); ++i) {
+    const int32_t b = job.destination_blocks[i];
+    if (b < 0 || b >= job.destination.num_blocks) {
+      return absl::InvalidArgumentError(absl::StrCat("destination_blocks[", i, "] = ", b,
+                                                     " is outside the destination pool of ",
+                                                     job.destination.num_blocks, " blocks"));
+    }
+    if (!seen.insert(b).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("destination_blocks[", i, "] = ", b, " repeats an earlier block"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+struct PrefillEngine::Job {
+  uint64_t handle = 0;
+  PrefillJob spec;
+  PrefillDone done;
+  std::atomic<bool> cancelled{false};
+};
+
+PrefillEngine::PrefillEngine(const model::Model* model, kvcache::KvPool* pool,
+                             const transfer::RegisteredMemory* memory,
+                             kvcache::PrefixCache* cache, transfer::KvTransport* transport,
+                             std::string model_id, const PrefillEngineOptions& options)
+    : model_(model),
+      pool_(pool),
+      memory_(memory),
+      cache_(cache),
+      transport_(transport),
+      model_id_(std::move(model_id)),
+      options_(options),
+      thread_([this] {
+        pthread_setname_np(pthread_self(), "kvr-prefill");
+        Loop();
+      }) {}
+
+PrefillEngine::~PrefillEngine() {
+  {
+    absl::MutexLock l(&mu_);
+    stop_ = true;
+    if (running_) running_->cancelled = true;
+  }
+  thread_.join();
+}
+
+absl::StatusOr<uint64_t> PrefillEngine::Submit(PrefillJob spec, PrefillDone done) {
+  KVR_RETURN_IF_ERROR(ValidateJob(*model_, pool_->layout(), spec));
+  auto job = std::make_shared<Job>();
+  job->spec = std::move(spec);
+  job->done = std::move(done);
+  absl::MutexLock l(&mu_);
+  if (stop_) return absl::UnavailableError("prefill engine is shutting down");
+  if (queue_.size() >= options_.max_queue) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("prefill queue is full (", options_.max_queue, " jobs)"));
+  }
+  job->handle = next_handle_++;
+  queue_.push_back(job);
+  return job->handle;
+}
+
+void PrefillEngine::Cancel(uint64_t handle) {
+  std::shared_ptr<Job> queued;
+  {
+    absl::MutexLock l(&mu_);
+    if (running_ && running_->handle == handle) {
+      running_->cancelled = true;
+      return;
+    }
+    auto it = std::find_if(queue_.begin(), queue_.end(),
+                           [handle](const auto& j) { return j->handle == handle; });
+    if (it == queue_.end()) return;
+    queued = *it;
+    queue_.erase(it);
+  }
+  queued->done(absl::CancelledError("prefill cancelled before it started"));
+}
+
+int64_t PrefillEngine::queued() const {
+  absl::MutexLock l(&mu_);
+  return static_cast<int64_t>(queue_.size());
+}
+
+void PrefillEngine::Loop() {
+  for (;;) {
+    std::shared_ptr<Job> job;
+    {
+      absl::MutexLock l(&mu_);
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return stop_ || !queue_.empty();
+      };
+      mu_.Await(absl::Condition(&ready));
+      if (stop_) break;
+      job = queue_.front();
+      queue_.pop_front();
+      running_ = job;
+    }
+    absl::StatusOr<PrefillOutcome> r = Run(*job);
+    {
+      absl::MutexLock l(&mu_);
+      running_.reset();
+    }
+    job->done(std::move(r));
+  }
+  std::deque<std::shared_ptr<Job>> left;
+  {
+    absl::MutexLock l(&mu_);
+    left.swap(queue_);
+  }
+  for (auto& j : left) j->done(absl::UnavailableError("prefill engine stopped"));
+}
+
+absl::StatusOr<PrefillOutcome> PrefillEngine::Run(Job& job) {
+  const double t0 = Now();
+  const PrefillJob& spec = job.spec;
+  const int B = cache_->block_size();
+  const uint64_t block_bytes = pool_->layout().block_bytes();
+  const int64_t n = static_cast<int64_t>(spec.prompt.size());
+  const int64_t nblocks = kvcache::BlocksFor(n, B);
+  PrefillOutcome out;
+  kvcache::KvSequence seq(cache_, kvcache::RootHash(model_id_, spec.cache_salt));
+  out.cached_tokens = seq.AcquirePrefix(spec.prompt);
+  out.computed_tokens = n - out.cached_tokens;
+  KVR_RETURN_IF_ERROR(seq.Reserve(n));
+
+  // Writes in flight; their callbacks run on the transport's thread.
+  struct Writes {
+    absl::Mutex mu;
+    std::vector<transfer::TransferId> ids ABSL_GUARDED_BY(mu);
+    int outstanding ABSL_GUARDED_BY(mu) = 0;
+    absl::Status error ABSL_GUARDED_BY(mu);
+    double first_issued = 0;  // engine thread only
+    double last_done ABSL_GUARDED_BY(mu) = 0;
+  } writes;
+  int64_t sent = spec.first_block;  // prompt blocks [first_block, sent) are on their way
+  auto send = [&](int64_t upto) -> absl::Status {
+    if (upto <= sent) return absl::OkStatus();
+    std::vector<int32_t> src(seq.blocks().begin() + sent, seq.blocks().begin() + upto);
+    std::vector<int32_t> dst(spec.destination_blocks.begin() + (sent - spec.first_block),
+                             spec.destination_blocks.begin() + (upto - spec.first_block));
+    KVR_ASSIGN_OR_RETURN(std::vector<transfer::WriteRange> ranges,
+                         transfer::CoalesceBlocks(src, dst, block_bytes));
+    if (writes.first_issued == 0) writes.first_issued = Now();
+    absl::MutexLock l(&writes.mu);
+    ++writes.outstanding;
+    absl::StatusOr<transfer::TransferId> id = transport_->Write(
+        *memory_, spec.destination, std::move(ranges), options_.transfer,
+        [&writes, &out](transfer::TransferResult r) {
+          absl::MutexLock l(&writes.mu);
+          --writes.outstanding;
+          writes.last_done = Now();
+          out.transfer_bytes += r.stats.bytes;
+          out.puts += r.stats.puts;
+          if (!r.stats.transport.empty()) out.transport = r.stats.transport;
+          if (!r.status.ok() && writes.error.ok()) writes.error = r.status;
+        });
+    if (!id.ok()) {
+      --writes.outstanding;
+      return id.status();
+    }
+    writes.ids.push_back(*id);
+    sent = upto;
+    return absl::OkStatus();
+  };
+  // Ends every write: cancels what is still running when `abort`, waits for all
+  // callbacks, and (after an abort) flushes the endpoint so nothing lands later.
+  auto finish_writes = [&](bool abort) {
+    std::vector<transfer::TransferId> ids;
+    {
+      absl::MutexLock l(&writes.mu);
+      ids = writes.ids;
+    }
+    if (abort) {
+      for (transfer::TransferId id : ids) transport_->Cancel(id);
+    }
+    {
+      absl::MutexLock l(&writes.mu);
+      writes.mu.Await(absl::Condition(
+          +[](int* outstanding) { return *outstanding == 0; }, &writes.outstanding));
+    }
+    if (abort && !ids.empty()) {
+      (void)transport_->Flush(spec.destination, options_.transfer.timeout);
+    }
+  };
+
+  absl::Status st = send(std::min(out.cached_tokens / B, nblocks));
+  std::vector<float> logits;
+  for (int64_t start = out.cached_tokens; st.ok() && start < n;
+       start += options_.prefill_chunk) {
+    if (job.cancelled) {
+      st = absl::CancelledError("prefill cancelled");
+      break;
+    }
+    {
+      absl::MutexLock l(&writes.mu);
+      if (!writes.error.ok()) {
+        st = writes.error;
+        break;
+      }
+    }
+    const int64_t len = std::min<int64_t>(options_.prefill_chunk, n - start);
+    model::SeqChunk c;
+    c.tokens = absl::MakeConstSpan(spec.prompt.data() + start, len);
+    c.start_pos = start;
+    c.block_table = seq.blocks();
+    c.want_logits = start + len == n;
+    st = model_->Forward({c}, pool_->view(), &logits);
+    if (!st.ok()) break;
+    seq.Commit(spec.prompt, start + len);
+    st = send(start + len == n ? nblocks : (start + len) / B);
+  }
+  if (st.ok() && job.cancelled) st = absl::CancelledError("prefill cancelled");
+  finish_writes(/*abort=*/!st.ok());
+  if (!st.ok()) return st;
+  {
+    absl::MutexLock l(&writes.mu);
+    if (!writes.error.ok()) return writes.error;
+    out.transfer_seconds = writes.first_issued > 0 ? writes.last_done - writes.first_issued : 0;
+  }
+  if (job.cancelled) return absl::CancelledError("prefill cancelled");
+
+  const std::vector<int32_t> sent_blocks(seq.blocks().begin() + spec.first_block,
+                                         seq.blocks().begin() + nblocks);
+  out.checksums = transfer::BlockChecksums(memory_->data(), block_bytes, sent_blocks);
+  const int vocab = model_->config().vocab_size;
+  out.first = sampling::Sample(absl::MakeConstSpan(logits.data(), vocab), spec.params,
+                               spec.prompt, {}, n);
+  out.prefill_seconds = Now() - t0;
+  return out;
+}
+
+}  // namespace kvrelay::prefill

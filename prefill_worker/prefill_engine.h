@@ -1,0 +1,110 @@
+// The prefill worker's engine (DESIGN §1 step 5): for each job, reuse the prompt's
+// cached prefix, compute the rest in chunks, and push every finished run of blocks
+// from the prompt's first_block on into the decode worker's pool while the next chunk
+// computes; when all writes are remotely complete, sample the first token and report
+// the per-block checksums. Jobs run one at a time on the engine thread, in order, from
+// a bounded queue.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "common/kvcache/kv_pool.h"
+#include "common/kvcache/prefix_cache.h"
+#include "common/model/model.h"
+#include "common/sampling/sampler.h"
+#include "common/transfer/kv_transport.h"
+
+namespace kvrelay::prefill {
+
+struct PrefillEngineOptions {
+  int prefill_chunk = 256;  // tokens per forward pass
+  size_t max_queue = 256;   // jobs waiting beyond this get RESOURCE_EXHAUSTED
+  transfer::TransferOptions transfer;  // chunking, window, timeout of each write
+};
+
+struct PrefillJob {
+  std::string id;
+  std::vector<int32_t> prompt;
+  sampling::SamplingParams params;  // for the first token
+  std::string cache_salt;
+  transfer::PoolDescriptor destination;
+  int64_t first_block = 0;  // prompt blocks before this are not sent
+  std::vector<int32_t> destination_blocks;  // for prompt blocks first_block, first_block+1, ...
+};
+
+struct PrefillOutcome {
+  sampling::SampleResult first;
+  std::vector<uint64_t> checksums;  // of each sent block, in order
+  int64_t cached_tokens = 0;
+  int64_t computed_tokens = 0;
+  uint64_t transfer_bytes = 0;
+  int64_t puts = 0;
+  double transfer_seconds = 0;  // first write issued to last write complete
+  double prefill_seconds = 0;   // whole job
+  std::string transport;
+};
+
+// Runs exactly once: the outcome, or CANCELLED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED
+// (pool too small), UNAVAILABLE (the destination failed), DEADLINE_EXCEEDED (a write
+// timed out). On the engine thread, except for a job cancelled while still queued (on
+// the caller of Cancel). Whatever the status, no write of the job can land in the
+// destination any more when it runs: that is the decode worker's acknowledgement.
+using PrefillDone = std::function<void(absl::StatusOr<PrefillOutcome>)>;
+
+class PrefillEngine {
+ public:
+  // `memory` is `pool`'s memory, registered with `transport` (the source of writes).
+  PrefillEngine(const model::Model* model, kvcache::KvPool* pool,
+                const transfer::RegisteredMemory* memory, kvcache::PrefixCache* cache,
+                transfer::KvTransport* transport, std::string model_id,
+                const PrefillEngineOptions& options);
+  // Ends queued jobs with UNAVAILABLE after the running one finishes or is cancelled.
+  ~PrefillEngine();
+
+  // Checks the job (INVALID_ARGUMENT naming what is wrong: prompt, sampling, the
+  // destination's geometry, the block list) and queues it.
+  absl::StatusOr<uint64_t> Submit(PrefillJob job, PrefillDone done);
+  // Ends a job with CANCELLED: it stops computing and writing; its in-flight writes are
+  // cancelled and the endpoint flushed before `done` runs. No effect once it ended.
+  void Cancel(uint64_t handle);
+
+  int64_t queued() const;
+
+ private:
+  struct Job;
+  void Loop();
+  absl::StatusOr<PrefillOutcome> Run(Job& job);
+
+  const model::Model* model_;
+  kvcache::KvPool* pool_;
+  const transfer::RegisteredMemory* memory_;
+  kvcache::PrefixCache* cache_;
+  transfer::KvTransport* transport_;
+  const std::string model_id_;
+  const PrefillEngineOptions options_;
+
+  mutable absl::Mutex mu_;
+  std::deque<std::shared_ptr<Job>> queue_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<Job> running_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t next_handle_ ABSL_GUARDED_BY(mu_) = 1;
+  std::thread thread_;
+};
+
+// INVALID_ARGUMENT unless `job` fits `model` and a pool of `layout` (same block bytes
+// as the destination, one destination block per prompt block from first_block on,
+// each inside the destination pool, no repeats).
+absl::Status ValidateJob(const model::Model& model, const kernels::PagedKvLayout& layout,
+                         const PrefillJob& job);
+
+}  // namespace kvrelay::prefill

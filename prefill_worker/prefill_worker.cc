@@ -1,0 +1,59 @@
+#include "prefill_worker/prefill_worker.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/transfer/ucx/ucx_transport.h"
+#include "common/util/file.h"
+#include "common/util/status.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/server_builder.h"
+
+namespace kvrelay::prefill {
+
+absl::StatusOr<std::unique_ptr<PrefillWorker>> PrefillWorker::Start(
+    const PrefillWorkerOptions& options) {
+  if (options.model_dir.empty()) return absl::InvalidArgumentError("--model is required");
+  if (options.threads < 0) return absl::InvalidArgumentError("--threads must be >= 0");
+  if (options.engine.prefill_chunk < 1) {
+    return absl::InvalidArgumentError("--prefill_chunk must be >= 1");
+  }
+  std::unique_ptr<PrefillWorker> w(new PrefillWorker());
+  w->threads_ = std::make_unique<kernels::ThreadPool>(options.threads);
+  KVR_ASSIGN_OR_RETURN(w->model_, model::Model::Load(options.model_dir, w->threads_.get()));
+  KVR_ASSIGN_OR_RETURN(w->transport_, transfer::NewUcxTransport());
+  KVR_ASSIGN_OR_RETURN(w->kv_, worker::CreateKvStore(*w->transport_, *w->model_, options.kv));
+  const std::string model_id =
+      options.model_id.empty() ? BaseName(options.model_dir) : options.model_id;
+  w->engine_ = std::make_unique<PrefillEngine>(w->model_.get(), w->kv_.pool.get(),
+                                               w->kv_.memory.get(), w->kv_.cache.get(),
+                                               w->transport_.get(), model_id, options.engine);
+  w->service_ = std::make_unique<PrefillService>(w->engine_.get());
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &w->port_);
+  builder.RegisterService(w->service_.get());
+  w->server_ = builder.BuildAndStart();
+  if (w->server_ == nullptr || w->port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
+  }
+  return w;
+}
+
+void PrefillWorker::Shutdown(absl::Duration grace, absl::Duration linger) {
+  if (shut_down_) return;
+  shut_down_ = true;
+  if (auto* health = server_->GetHealthCheckService(); health != nullptr) health->Shutdown();
+  if (service_->calls().WaitIdle(grace)) absl::SleepFor(linger);
+  server_->Shutdown(std::chrono::system_clock::now());  // cancels what is left
+  server_->Wait();
+}
+
+PrefillWorker::~PrefillWorker() {
+  if (server_ != nullptr) Shutdown(absl::ZeroDuration());
+  engine_.reset();  // before the pool, cache and transport
+}
+
+}  // namespace kvrelay::prefill

@@ -1,0 +1,59 @@
+// A prefill worker process: its model, KV pool (registered with the UCX transport, the
+// source of its writes), prefix cache and prefill engine, served over gRPC
+// (PrefillWorker + the standard health service). main.cc only parses flags.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "common/model/model.h"
+#include "common/transfer/kv_transport.h"
+#include "common/worker/kv_store.h"
+#include "grpcpp/server.h"
+#include "kernels/thread_pool.h"
+#include "prefill_worker/prefill_engine.h"
+#include "prefill_worker/prefill_service.h"
+
+namespace kvrelay::prefill {
+
+struct PrefillWorkerOptions {
+  std::string model_dir;  // a Hugging Face model folder
+  std::string model_id;   // names the model in block hashes; default: the folder's name
+  std::string listen = "127.0.0.1:0";  // host:port; port 0 picks a free one
+  worker::KvStoreOptions kv;
+  int threads = 0;  // CPU threads for the forward pass; 0: all cores
+  PrefillEngineOptions engine;
+};
+
+class PrefillWorker {
+ public:
+  // INVALID_ARGUMENT on bad options (naming the option); the loader's errors for a bad
+  // model folder; UNAVAILABLE when UCX or the listening port cannot be had.
+  static absl::StatusOr<std::unique_ptr<PrefillWorker>> Start(const PrefillWorkerOptions& options);
+  ~PrefillWorker();
+
+  int port() const { return port_; }
+  kvcache::PrefixCache& cache() { return *kv_.cache; }
+  PrefillEngine& engine() { return *engine_; }
+
+  // Health turns NOT_SERVING; running calls finish (up to `grace`, then they are
+  // cancelled); connections stay open for `linger`; then the server stops.
+  void Shutdown(absl::Duration grace, absl::Duration linger = absl::ZeroDuration());
+
+ private:
+  PrefillWorker() = default;
+
+  std::unique_ptr<kernels::ThreadPool> threads_;
+  std::unique_ptr<model::Model> model_;
+  std::unique_ptr<transfer::KvTransport> transport_;
+  worker::KvStore kv_;  // destroyed before the transport
+  std::unique_ptr<PrefillEngine> engine_;
+  std::unique_ptr<PrefillService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  bool shut_down_ = false;
+};
+
+}  // namespace kvrelay::prefill
