@@ -27,8 +27,12 @@ absl::StatusOr<EngineRequest> FromProto(const v1::DecodeRequest& request) {
     case v1::PREFILL_MODE_LOCAL:
       break;
     case v1::PREFILL_MODE_REMOTE:
-      return absl::UnimplementedError(
-          "plan.mode PREFILL_MODE_REMOTE: remote prefill is not available in this build yet");
+      if (request.plan().prefill_address().empty()) {
+        return absl::InvalidArgumentError(
+            "plan.prefill_address is required for PREFILL_MODE_REMOTE");
+      }
+      r.prefill_address = request.plan().prefill_address();
+      break;
     default:
       return absl::InvalidArgumentError(
           absl::StrCat("plan.mode has unknown value ", request.plan().mode()));
@@ -120,7 +124,11 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse
         u->set_prompt_tokens(s.prompt_tokens);
         u->set_completion_tokens(s.completion_tokens);
         u->set_cached_tokens(s.cached_tokens);
-        u->set_prefill_mode(v1::PREFILL_MODE_LOCAL);
+        u->set_prefill_mode(s.remote_prefill ? v1::PREFILL_MODE_REMOTE : v1::PREFILL_MODE_LOCAL);
+        u->set_prefill_cached_tokens(s.prefill_cached_tokens);
+        u->set_transfer_bytes(s.transfer_bytes);
+        u->set_transfer_seconds(s.transfer_seconds);
+        u->set_transport(s.transport);
         u->set_queue_seconds(s.queue_seconds);
         u->set_ttft_seconds(s.ttft_seconds);
         u->set_preemptions(s.preemptions);

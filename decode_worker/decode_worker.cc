@@ -24,8 +24,13 @@ absl::StatusOr<std::unique_ptr<DecodeWorker>> DecodeWorker::Start(
   KVR_ASSIGN_OR_RETURN(w->kv_, worker::CreateKvStore(*w->transport_, *w->model_, options.kv));
   const std::string model_id =
       options.model_id.empty() ? BaseName(options.model_dir) : options.model_id;
-  KVR_ASSIGN_OR_RETURN(w->engine_, Engine::Create(w->model_.get(), w->kv_.pool.get(),
-                                                  w->kv_.cache.get(), model_id, options.engine));
+  EngineRemote remote;
+  remote.client = &w->prefill_client_;
+  remote.memory = w->kv_.memory.get();
+  remote.prefill_timeout = options.prefill_timeout;
+  KVR_ASSIGN_OR_RETURN(
+      w->engine_, Engine::Create(w->model_.get(), w->kv_.pool.get(), w->kv_.cache.get(), model_id,
+                                 options.engine, remote));
   w->service_ = std::make_unique<DecodeService>(w->engine_.get());
 
   grpc::EnableDefaultHealthCheckService(true);

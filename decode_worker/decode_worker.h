@@ -12,6 +12,7 @@
 #include "common/worker/kv_store.h"
 #include "decode_worker/decode_service.h"
 #include "decode_worker/engine.h"
+#include "decode_worker/prefill_client.h"
 #include "grpcpp/server.h"
 #include "kernels/thread_pool.h"
 
@@ -24,6 +25,7 @@ struct DecodeWorkerOptions {
   worker::KvStoreOptions kv;
   int threads = 0;  // CPU threads for the forward pass; 0: all cores
   EngineOptions engine;
+  absl::Duration prefill_timeout = absl::Seconds(60);  // one remote prefill call
 };
 
 class DecodeWorker {
@@ -51,6 +53,7 @@ class DecodeWorker {
   std::unique_ptr<model::Model> model_;
   std::unique_ptr<transfer::KvTransport> transport_;
   worker::KvStore kv_;  // destroyed before the transport
+  PrefillClient prefill_client_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<DecodeService> service_;
   std::unique_ptr<grpc::Server> server_;

@@ -9,6 +9,8 @@
 #include "absl/strings/str_cat.h"
 #include "common/kvcache/block_hash.h"
 #include "common/model/generator.h"
+#include "common/rpc/convert.h"
+#include "common/transfer/checksum.h"
 #include "common/util/status.h"
 
 namespace kvrelay::decode {
@@ -30,18 +32,19 @@ struct Engine::Seq {
   std::unique_ptr<kvcache::KvSequence> kv;  // null while waiting
   int64_t computed = 0;                     // tokens whose KV is in kv's blocks
   bool admitted_once = false;
-  bool cancelled = false;
+  bool remote_tried = false;    // a remote plan is tried on the first admission only
+  bool remote_pending = false;  // waiting for the prefill worker; not scheduled
+  int64_t first_block = 0;      // remote: prompt blocks sent, first_block ...
+  std::vector<int32_t> dest_blocks;
   RequestSummary summary;
   double submitted = 0;
 
   int64_t generated() const { return static_cast<int64_t>(tokens.size()) - prompt_len; }
 };
 
-absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Model* model,
-                                                       kvcache::KvPool* pool,
-                                                       kvcache::PrefixCache* cache,
-                                                       std::string model_id,
-                                                       const EngineOptions& options) {
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
+    const model::Model* model, kvcache::KvPool* pool, kvcache::PrefixCache* cache,
+    std::string model_id, const EngineOptions& options, const EngineRemote& remote) {
   if (options.max_batch_tokens < 1 || options.max_running < 1 || options.prefill_chunk < 1 ||
       options.max_waiting < 1) {
     return absl::InvalidArgumentError(
@@ -52,16 +55,21 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Model* model
         "engine: max_batch_tokens (", options.max_batch_tokens, ") must be >= max_running (",
         options.max_running, "): every running sequence decodes"));
   }
-  return std::unique_ptr<Engine>(new Engine(model, pool, cache, std::move(model_id), options));
+  if ((remote.client == nullptr) != (remote.memory == nullptr)) {
+    return absl::InvalidArgumentError("engine: remote prefill needs both a client and the memory");
+  }
+  return std::unique_ptr<Engine>(
+      new Engine(model, pool, cache, std::move(model_id), options, remote));
 }
 
 Engine::Engine(const model::Model* model, kvcache::KvPool* pool, kvcache::PrefixCache* cache,
-               std::string model_id, const EngineOptions& options)
+               std::string model_id, const EngineOptions& options, const EngineRemote& remote)
     : model_(model),
       pool_(pool),
       cache_(cache),
       model_id_(std::move(model_id)),
       options_(options),
+      remote_(remote),
       thread_([this] {
         pthread_setname_np(pthread_self(), "kvr-engine");
         Loop();
@@ -73,11 +81,19 @@ Engine::~Engine() {
     stop_ = true;
   }
   thread_.join();
+  // Prefill and Abort calls still out call back into this object: wait for them (their
+  // deadlines bound the wait).
+  absl::MutexLock l(&mu_);
+  mu_.Await(absl::Condition(
+      +[](int64_t* n) { return *n == 0; }, &outstanding_rpcs_));
 }
 
 absl::StatusOr<uint64_t> Engine::Submit(EngineRequest request, RequestCallbacks callbacks) {
   KVR_RETURN_IF_ERROR(sampling::ValidateSamplingParams(request.params));
   KVR_RETURN_IF_ERROR(model::ValidatePrompt(*model_, request.prompt));
+  if (!request.prefill_address.empty() && remote_.client == nullptr) {
+    return absl::UnimplementedError("this engine has no remote prefill");
+  }
   auto s = std::make_unique<Seq>();
   s->req = std::move(request);
   s->cb = std::move(callbacks);
@@ -122,19 +138,31 @@ EngineStats Engine::stats() const {
 }
 
 void Engine::Loop() {
+  bool idle = false;  // the last step could do nothing: wait for news
   for (;;) {
     std::deque<std::unique_ptr<Seq>> incoming;
     std::vector<uint64_t> cancels;
+    std::vector<RemoteResult> remote_results;
+    std::vector<AbortResult> abort_results;
     bool stop = false;
     {
       absl::MutexLock l(&mu_);
       // Only the guarded fields: absl may evaluate the condition on another thread.
       auto has_news = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return stop_ || !incoming_.empty() || !cancels_.empty();
+        return stop_ || !incoming_.empty() || !cancels_.empty() || !remote_results_.empty() ||
+               !abort_results_.empty();
       };
-      if (seqs_.empty()) mu_.Await(absl::Condition(&has_news));
+      if (seqs_.empty() || idle) {
+        if (quarantine_.empty()) {
+          mu_.Await(absl::Condition(&has_news));
+        } else {  // abort retries are due from time to time
+          mu_.AwaitWithTimeout(absl::Condition(&has_news), remote_.abort_retry);
+        }
+      }
       incoming.swap(incoming_);
       cancels.swap(cancels_);
+      remote_results.swap(remote_results_);
+      abort_results.swap(abort_results_);
       stop = stop_;
     }
     for (auto& s : incoming) {
@@ -147,17 +175,147 @@ void Engine::Loop() {
       if (it != seqs_.end())
         Finish(it->second.get(), absl::CancelledError("request cancelled"), "");
     }
+    for (RemoteResult& r : remote_results) OnRemoteResult(std::move(r));
+    for (const AbortResult& r : abort_results) OnAbortResult(r);
     if (stop) {
       std::vector<Seq*> all;
       for (auto& [h, s] : seqs_) all.push_back(s.get());
       for (Seq* s : all) Finish(s, absl::UnavailableError("decode engine stopped"), "");
+      quarantine_.clear();
       return;
     }
+    DriveQuarantine();
+    const int64_t steps_before = stats().steps;
+    const size_t seqs_before = seqs_.size(), running_before = running_.size();
     if (!seqs_.empty()) Step();
+    idle = stats().steps == steps_before && seqs_.size() == seqs_before &&
+           running_.size() == running_before;
     absl::MutexLock l(&mu_);
     stats_.running = static_cast<int64_t>(running_.size());
     stats_.waiting = static_cast<int64_t>(waiting_.size());
+    int64_t q = 0;
+    for (const auto& [id, e] : quarantine_) q += static_cast<int64_t>(e.kv->blocks().size());
+    stats_.quarantined_blocks = q;
   }
+}
+
+void Engine::StartRemotePrefill(Seq* s) {
+  const int B = cache_->block_size();
+  const int64_t n = static_cast<int64_t>(s->tokens.size());
+  const int64_t nblocks = kvcache::BlocksFor(n, B);
+  s->remote_tried = true;
+  s->remote_pending = true;
+  s->first_block = s->computed / B;
+  s->dest_blocks.assign(s->kv->blocks().begin() + s->first_block,
+                        s->kv->blocks().begin() + nblocks);
+  v1::PrefillRequest req;
+  req.set_request_id(s->req.id);
+  for (int32_t t : s->tokens) req.add_prompt_token_ids(t);
+  *req.mutable_sampling() = rpc::ToProto(s->req.params);
+  req.set_cache_salt(s->req.cache_salt);
+  *req.mutable_destination() = rpc::ToProto(remote_.memory->descriptor());
+  req.set_first_block(s->first_block);
+  for (int32_t b : s->dest_blocks) req.add_destination_blocks(b);
+  {
+    absl::MutexLock l(&mu_);
+    ++outstanding_rpcs_;
+    ++stats_.remote_prefills;
+  }
+  const uint64_t handle = s->handle;
+  remote_.client->Prefill(s->req.prefill_address, std::move(req), remote_.prefill_timeout,
+                          [this, handle](const absl::Status& st, const v1::PrefillResponse& resp) {
+                            absl::MutexLock l(&mu_);
+                            remote_results_.push_back({handle, st, resp});
+                            --outstanding_rpcs_;
+                          });
+}
+
+void Engine::OnRemoteResult(RemoteResult r) {
+  // A cancelled request's call: its blocks wait in quarantine for this.
+  for (auto& [id, q] : quarantine_) {
+    if (q.handle == r.handle) q.prefill_done = true;
+  }
+  auto it = seqs_.find(r.handle);
+  if (it == seqs_.end() || !it->second->remote_pending) return;
+  Seq* s = it->second.get();
+  s->remote_pending = false;
+  absl::Status st = r.status;
+  if (st.ok()) {
+    std::vector<uint64_t> sums(r.response.block_checksums().begin(),
+                               r.response.block_checksums().end());
+    st = transfer::VerifyBlockChecksums(remote_.memory->data(), pool_->layout().block_bytes(),
+                                        s->dest_blocks, sums);
+  }
+  if (!st.ok()) {
+    // Fall back to prefill here, on other blocks; these wait in quarantine.
+    ++s->summary.remote_failures;
+    {
+      absl::MutexLock l(&mu_);
+      ++stats_.remote_prefill_failures;
+    }
+    Quarantine(s);
+    auto q = std::find_if(quarantine_.begin(), quarantine_.end(),
+                          [&](const auto& e) { return e.second.handle == s->handle; });
+    if (q != quarantine_.end()) q->second.prefill_done = true;
+    running_.erase(std::find(running_.begin(), running_.end(), s));
+    s->computed = 0;
+    waiting_.push_front(s);
+    return;
+  }
+  const v1::PrefillStats& ps = r.response.stats();
+  s->summary.remote_prefill = true;
+  s->summary.prefill_cached_tokens = ps.cached_tokens();
+  s->summary.transfer_bytes = ps.transfer_bytes();
+  s->summary.transfer_seconds = ps.transfer_seconds();
+  s->summary.transport = ps.transport();
+  s->computed = static_cast<int64_t>(s->tokens.size());
+  s->kv->Commit(s->tokens, s->computed);
+  Emit(s, rpc::FromProto(r.response.first_logprobs()));
+}
+
+void Engine::Quarantine(Seq* s) {
+  Quarantined q;
+  q.kv = std::move(s->kv);
+  q.address = s->req.prefill_address;
+  q.request_id = s->req.id;
+  q.handle = s->handle;
+  quarantine_.emplace(next_quarantine_id_++, std::move(q));
+  s->remote_pending = false;
+}
+
+void Engine::DriveQuarantine() {
+  const double now = Now();
+  for (auto& [id, q] : quarantine_) {
+    if (q.abort_in_flight || now < q.next_abort) continue;
+    q.abort_in_flight = true;
+    {
+      absl::MutexLock l(&mu_);
+      ++outstanding_rpcs_;
+    }
+    const uint64_t qid = id;
+    remote_.client->Abort(q.address, q.request_id, absl::Seconds(5),
+                          [this, qid](const absl::Status& st, bool found) {
+                            absl::MutexLock l(&mu_);
+                            abort_results_.push_back({qid, st, found});
+                            --outstanding_rpcs_;
+                          });
+  }
+}
+
+void Engine::OnAbortResult(const AbortResult& r) {
+  auto it = quarantine_.find(r.quarantine_id);
+  if (it == quarantine_.end()) return;
+  Quarantined& q = it->second;
+  q.abort_in_flight = false;
+  // Safe once the prefill worker says the job has ended (found), or that none runs
+  // after our call has completed (not found: it cannot start later), or once nothing
+  // listens at its address any more (the process is gone).
+  const bool acked = r.status.ok() && (r.found || q.prefill_done);
+  if (acked || PeerIsGone(r.status)) {
+    quarantine_.erase(it);  // the blocks go back to the pool
+    return;
+  }
+  q.next_abort = Now() + absl::ToDoubleSeconds(remote_.abort_retry);
 }
 
 // Takes blocks for s's known tokens (reusing cached ones). False, holding nothing, if
@@ -187,6 +345,7 @@ void Engine::Preempt(Seq* s) {
 }
 
 void Engine::Finish(Seq* s, const absl::Status& status, std::string finish_reason) {
+  if (s->remote_pending) Quarantine(s);  // the prefill worker may still be writing
   s->kv.reset();
   auto r = std::find(running_.begin(), running_.end(), s);
   if (r != running_.end()) running_.erase(r);
@@ -220,20 +379,25 @@ void Engine::Step() {
     }
     waiting_.pop_front();
     running_.push_back(s);
+    if (!s->remote_tried && !s->req.prefill_address.empty()) StartRemotePrefill(s);
   }
   if (running_.empty()) return;
 
   // Every decoding sequence needs a block for its next token; preempt the most recently
   // admitted sequences until they all have one.
+  // (Sequences waiting for a remote prefill hold their blocks and are never preempted:
+  // the prefill worker is writing into them.)
   for (size_t i = 0; i < running_.size();) {
     Seq* s = running_[i];
-    if (s->kv->Reserve(static_cast<int64_t>(s->tokens.size())).ok()) {
+    if (s->remote_pending || s->kv->Reserve(static_cast<int64_t>(s->tokens.size())).ok()) {
       ++i;
       continue;
     }
-    Seq* victim = running_.back();
-    Preempt(victim);
-    if (victim == s) break;  // s was the last one: everything before it is served
+    auto victim =
+        std::find_if(running_.rbegin(), running_.rend(), [](Seq* v) { return !v->remote_pending; });
+    Seq* v = *victim;  // exists: s itself qualifies
+    Preempt(v);
+    if (v == s) break;  // everything before s is served
   }
   if (running_.empty()) return;
 
@@ -246,6 +410,7 @@ void Engine::Step() {
   std::vector<Item> items;
   int budget = options_.max_batch_tokens;
   for (Seq* s : running_) {
+    if (s->remote_pending) continue;
     const int64_t left = static_cast<int64_t>(s->tokens.size()) - s->computed;
     if (left == 1) {
       items.push_back({s, s->computed + 1});
@@ -253,12 +418,14 @@ void Engine::Step() {
     }
   }
   for (Seq* s : running_) {
+    if (s->remote_pending) continue;
     const int64_t left = static_cast<int64_t>(s->tokens.size()) - s->computed;
     if (left <= 1 || budget <= 0) continue;
     const int64_t n = std::min<int64_t>({left, options_.prefill_chunk, budget});
     items.push_back({s, s->computed + n});
     budget -= static_cast<int>(n);
   }
+  if (items.empty()) return;  // everything waits for remote prefills
   std::vector<model::SeqChunk> batch;
   batch.reserve(items.size());
   int64_t batch_tokens = 0;
@@ -299,27 +466,32 @@ void Engine::Step() {
     const int64_t position = static_cast<int64_t>(s->tokens.size());
     auto prompt = absl::MakeConstSpan(s->tokens.data(), s->prompt_len);
     auto output = absl::MakeConstSpan(s->tokens.data() + s->prompt_len, s->generated());
-    sampling::SampleResult r = sampling::Sample(absl::MakeConstSpan(lg, c.vocab_size),
-                                                s->req.params, prompt, output, position);
-    const int32_t tok = r.token;
-    s->tokens.push_back(tok);
-    if (s->generated() == 1) s->summary.ttft_seconds = Now() - s->submitted;
-    if (s->cb.on_tokens) {
-      StepOutput out;
-      out.tokens.push_back(tok);
-      out.samples.push_back(std::move(r));
-      s->cb.on_tokens(out);
-    }
-    const auto& p = s->req.params;
-    const bool eos = !p.ignore_eos && std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(),
-                                                tok) != c.eos_token_ids.end();
-    const bool stop_id =
-        std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), tok) != p.stop_token_ids.end();
-    if (eos || stop_id) {
-      Finish(s, absl::OkStatus(), "stop");
-    } else if (s->generated() >= p.max_tokens || position + 1 >= c.max_position_embeddings) {
-      Finish(s, absl::OkStatus(), "length");
-    }
+    Emit(s, sampling::Sample(absl::MakeConstSpan(lg, c.vocab_size), s->req.params, prompt, output,
+                             position));
+  }
+}
+
+void Engine::Emit(Seq* s, sampling::SampleResult r) {
+  const model::ModelConfig& c = model_->config();
+  const int64_t position = static_cast<int64_t>(s->tokens.size());
+  const int32_t tok = r.token;
+  s->tokens.push_back(tok);
+  if (s->generated() == 1) s->summary.ttft_seconds = Now() - s->submitted;
+  if (s->cb.on_tokens) {
+    StepOutput out;
+    out.tokens.push_back(tok);
+    out.samples.push_back(std::move(r));
+    s->cb.on_tokens(out);
+  }
+  const auto& p = s->req.params;
+  const bool eos = !p.ignore_eos && std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(),
+                                              tok) != c.eos_token_ids.end();
+  const bool stop_id =
+      std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), tok) != p.stop_token_ids.end();
+  if (eos || stop_id) {
+    Finish(s, absl::OkStatus(), "stop");
+  } else if (s->generated() >= p.max_tokens || position + 1 >= c.max_position_embeddings) {
+    Finish(s, absl::OkStatus(), "length");
   }
 }
 

@@ -27,6 +27,9 @@
 #include "common/kvcache/prefix_cache.h"
 #include "common/model/model.h"
 #include "common/sampling/sampler.h"
+#include "common/transfer/kv_transport.h"
+#include "decode_worker/prefill_client.h"
+#include "kvrelay/v1/worker.pb.h"
 
 namespace kvrelay::decode {
 
@@ -38,10 +41,22 @@ struct EngineOptions {
 };
 
 struct EngineRequest {
-  std::string id;  // for messages
+  std::string id;  // unique; also names the prefill job on a prefill worker
   std::vector<int32_t> prompt;
   sampling::SamplingParams params;
   std::string cache_salt;
+  // Remote plan: host:port of the prefill worker that computes the prompt's KV and
+  // pushes it into this pool. Empty: prefill here.
+  std::string prefill_address;
+};
+
+// What remote prefill needs: a client of prefill workers and this pool's memory as
+// registered with the KV transport (its descriptor is sent to the prefill worker).
+struct EngineRemote {
+  PrefillClient* client = nullptr;
+  const transfer::RegisteredMemory* memory = nullptr;
+  absl::Duration prefill_timeout = absl::Seconds(60);
+  absl::Duration abort_retry = absl::Milliseconds(500);
 };
 
 // Tokens produced by one step for one request (one token per step today).
@@ -56,8 +71,14 @@ struct RequestSummary {
   int64_t completion_tokens = 0;
   int64_t cached_tokens = 0;  // prompt tokens reused from the prefix cache (first admission)
   int64_t preemptions = 0;
-  double queue_seconds = 0;  // submit to first admission
-  double ttft_seconds = 0;   // submit to first token
+  double queue_seconds = 0;           // submit to first admission
+  double ttft_seconds = 0;            // submit to first token
+  bool remote_prefill = false;        // the prompt's KV came from a prefill worker
+  int64_t remote_failures = 0;        // remote prefills that failed (then done here)
+  int64_t prefill_cached_tokens = 0;  // reused on the prefill worker
+  uint64_t transfer_bytes = 0;
+  double transfer_seconds = 0;
+  std::string transport;
 };
 
 struct RequestCallbacks {
@@ -75,17 +96,19 @@ struct EngineStats {
   int64_t last_batch_sequences = 0;
   int64_t last_batch_tokens = 0;
   int64_t max_batch_sequences = 0;  // most sequences in one step so far
+  int64_t quarantined_blocks = 0;   // held until the prefill worker acks or is gone
+  int64_t remote_prefills = 0;
+  int64_t remote_prefill_failures = 0;
 };
 
 class Engine {
  public:
   // `cache` manages `pool`'s blocks; both and `model` outlive the engine. `model_id`
   // names the model in block hashes. INVALID_ARGUMENT on bad options.
-  static absl::StatusOr<std::unique_ptr<Engine>> Create(const model::Model* model,
-                                                        kvcache::KvPool* pool,
-                                                        kvcache::PrefixCache* cache,
-                                                        std::string model_id,
-                                                        const EngineOptions& options);
+  // `remote` enables remote plans (requests with a prefill_address).
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(
+      const model::Model* model, kvcache::KvPool* pool, kvcache::PrefixCache* cache,
+      std::string model_id, const EngineOptions& options, const EngineRemote& remote = {});
   // Stops the loop; requests still queued or running end with UNAVAILABLE.
   ~Engine();
 
@@ -106,11 +129,40 @@ class Engine {
 
  private:
   struct Seq;
+  struct RemoteResult {
+    uint64_t handle = 0;
+    absl::Status status;
+    v1::PrefillResponse response;
+  };
+  struct AbortResult {
+    uint64_t quarantine_id = 0;
+    absl::Status status;
+    bool found = false;
+  };
+  // Destination blocks of a remote prefill that failed or was cancelled: kept from
+  // reuse until the prefill worker says its job has ended (Abort) or is gone, since a
+  // late write would otherwise corrupt another request's KV (DESIGN §4).
+  struct Quarantined {
+    std::unique_ptr<kvcache::KvSequence> kv;
+    std::string address;
+    std::string request_id;
+    uint64_t handle = 0;
+    bool prefill_done = false;  // the Prefill call has completed
+    bool abort_in_flight = false;
+    double next_abort = 0;
+  };
   Engine(const model::Model* model, kvcache::KvPool* pool, kvcache::PrefixCache* cache,
-         std::string model_id, const EngineOptions& options);
+         std::string model_id, const EngineOptions& options, const EngineRemote& remote);
   void Loop();
   void Step();
   bool Admit(Seq* s);
+  void StartRemotePrefill(Seq* s);
+  void OnRemoteResult(RemoteResult r);
+  void Quarantine(Seq* s);
+  void OnAbortResult(const AbortResult& r);
+  void DriveQuarantine();
+  // Appends a sampled token to s, reports it and applies the stop conditions.
+  void Emit(Seq* s, sampling::SampleResult r);
   void Preempt(Seq* s);
   void Finish(Seq* s, const absl::Status& status, std::string finish_reason);
 
@@ -119,8 +171,12 @@ class Engine {
   kvcache::PrefixCache* cache_;
   const std::string model_id_;
   const EngineOptions options_;
+  const EngineRemote remote_;
 
   mutable absl::Mutex mu_;
+  std::vector<RemoteResult> remote_results_ ABSL_GUARDED_BY(mu_);
+  std::vector<AbortResult> abort_results_ ABSL_GUARDED_BY(mu_);
+  int64_t outstanding_rpcs_ ABSL_GUARDED_BY(mu_) = 0;
   std::deque<std::unique_ptr<Seq>> incoming_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> cancels_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
@@ -134,6 +190,8 @@ class Engine {
   std::deque<Seq*> waiting_;   // not admitted, or preempted (front: next to admit)
   std::vector<Seq*> running_;  // in admission order
   std::vector<float> logits_;
+  absl::flat_hash_map<uint64_t, Quarantined> quarantine_;
+  uint64_t next_quarantine_id_ = 1;
 
   std::thread thread_;
 };

@@ -66,12 +66,13 @@ struct PrefillEngine::Job {
   PrefillJob spec;
   PrefillDone done;
   std::atomic<bool> cancelled{false};
+  std::vector<std::function<void(bool)>> on_ended;  // Abort callers; under mu_
 };
 
 PrefillEngine::PrefillEngine(const model::Model* model, kvcache::KvPool* pool,
-                             const transfer::RegisteredMemory* memory,
-                             kvcache::PrefixCache* cache, transfer::KvTransport* transport,
-                             std::string model_id, const PrefillEngineOptions& options)
+                             const transfer::RegisteredMemory* memory, kvcache::PrefixCache* cache,
+                             transfer::KvTransport* transport, std::string model_id,
+                             const PrefillEngineOptions& options)
     : model_(model),
       pool_(pool),
       memory_(memory),
@@ -126,6 +127,29 @@ void PrefillEngine::Cancel(uint64_t handle) {
   queued->done(absl::CancelledError("prefill cancelled before it started"));
 }
 
+void PrefillEngine::Abort(const std::string& request_id, std::function<void(bool)> ended) {
+  std::vector<std::shared_ptr<Job>> removed;
+  bool running = false;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto it = queue_.begin(); it != queue_.end();) {
+      if ((*it)->spec.id == request_id) {
+        removed.push_back(*it);
+        it = queue_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (running_ && running_->spec.id == request_id) {
+      running_->cancelled = true;
+      running_->on_ended.push_back(std::move(ended));
+      running = true;
+    }
+  }
+  for (auto& j : removed) j->done(absl::CancelledError("prefill aborted before it started"));
+  if (!running) ended(!removed.empty());
+}
+
 int64_t PrefillEngine::queued() const {
   absl::MutexLock l(&mu_);
   return static_cast<int64_t>(queue_.size());
@@ -136,9 +160,7 @@ void PrefillEngine::Loop() {
     std::shared_ptr<Job> job;
     {
       absl::MutexLock l(&mu_);
-      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return stop_ || !queue_.empty();
-      };
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !queue_.empty(); };
       mu_.Await(absl::Condition(&ready));
       if (stop_) break;
       job = queue_.front();
@@ -146,11 +168,14 @@ void PrefillEngine::Loop() {
       running_ = job;
     }
     absl::StatusOr<PrefillOutcome> r = Run(*job);
+    std::vector<std::function<void(bool)>> on_ended;
     {
       absl::MutexLock l(&mu_);
       running_.reset();
+      on_ended.swap(job->on_ended);
     }
     job->done(std::move(r));
+    for (auto& f : on_ended) f(true);
   }
   std::deque<std::shared_ptr<Job>> left;
   {
@@ -193,17 +218,17 @@ absl::StatusOr<PrefillOutcome> PrefillEngine::Run(Job& job) {
     if (writes.first_issued == 0) writes.first_issued = Now();
     absl::MutexLock l(&writes.mu);
     ++writes.outstanding;
-    absl::StatusOr<transfer::TransferId> id = transport_->Write(
-        *memory_, spec.destination, std::move(ranges), options_.transfer,
-        [&writes, &out](transfer::TransferResult r) {
-          absl::MutexLock l(&writes.mu);
-          --writes.outstanding;
-          writes.last_done = Now();
-          out.transfer_bytes += r.stats.bytes;
-          out.puts += r.stats.puts;
-          if (!r.stats.transport.empty()) out.transport = r.stats.transport;
-          if (!r.status.ok() && writes.error.ok()) writes.error = r.status;
-        });
+    absl::StatusOr<transfer::TransferId> id =
+        transport_->Write(*memory_, spec.destination, std::move(ranges), options_.transfer,
+                          [&writes, &out](transfer::TransferResult r) {
+                            absl::MutexLock l(&writes.mu);
+                            --writes.outstanding;
+                            writes.last_done = Now();
+                            out.transfer_bytes += r.stats.bytes;
+                            out.puts += r.stats.puts;
+                            if (!r.stats.transport.empty()) out.transport = r.stats.transport;
+                            if (!r.status.ok() && writes.error.ok()) writes.error = r.status;
+                          });
     if (!id.ok()) {
       --writes.outstanding;
       return id.status();
@@ -235,8 +260,7 @@ absl::StatusOr<PrefillOutcome> PrefillEngine::Run(Job& job) {
 
   absl::Status st = send(std::min(out.cached_tokens / B, nblocks));
   std::vector<float> logits;
-  for (int64_t start = out.cached_tokens; st.ok() && start < n;
-       start += options_.prefill_chunk) {
+  for (int64_t start = out.cached_tokens; st.ok() && start < n; start += options_.prefill_chunk) {
     if (job.cancelled) {
       st = absl::CancelledError("prefill cancelled");
       break;
@@ -273,8 +297,8 @@ absl::StatusOr<PrefillOutcome> PrefillEngine::Run(Job& job) {
                                          seq.blocks().begin() + nblocks);
   out.checksums = transfer::BlockChecksums(memory_->data(), block_bytes, sent_blocks);
   const int vocab = model_->config().vocab_size;
-  out.first = sampling::Sample(absl::MakeConstSpan(logits.data(), vocab), spec.params,
-                               spec.prompt, {}, n);
+  out.first =
+      sampling::Sample(absl::MakeConstSpan(logits.data(), vocab), spec.params, spec.prompt, {}, n);
   out.prefill_seconds = Now() - t0;
   return out;
 }

@@ -27,8 +27,8 @@
 namespace kvrelay::prefill {
 
 struct PrefillEngineOptions {
-  int prefill_chunk = 256;  // tokens per forward pass
-  size_t max_queue = 256;   // jobs waiting beyond this get RESOURCE_EXHAUSTED
+  int prefill_chunk = 256;             // tokens per forward pass
+  size_t max_queue = 256;              // jobs waiting beyond this get RESOURCE_EXHAUSTED
   transfer::TransferOptions transfer;  // chunking, window, timeout of each write
 };
 
@@ -38,7 +38,7 @@ struct PrefillJob {
   sampling::SamplingParams params;  // for the first token
   std::string cache_salt;
   transfer::PoolDescriptor destination;
-  int64_t first_block = 0;  // prompt blocks before this are not sent
+  int64_t first_block = 0;                  // prompt blocks before this are not sent
   std::vector<int32_t> destination_blocks;  // for prompt blocks first_block, first_block+1, ...
 };
 
@@ -77,6 +77,11 @@ class PrefillEngine {
   // Ends a job with CANCELLED: it stops computing and writing; its in-flight writes are
   // cancelled and the endpoint flushed before `done` runs. No effect once it ended.
   void Cancel(uint64_t handle);
+
+  // Cancels the job(s) with this request id, queued or running; `ended(found)` runs
+  // once they have ended (their `done` has run), or at once with false when there is
+  // none. On the engine thread or the caller's.
+  void Abort(const std::string& request_id, std::function<void(bool found)> ended);
 
   int64_t queued() const;
 

@@ -35,8 +35,8 @@ namespace {
 // call; `this` is deleted in OnDone, which gRPC runs only after Finish.
 class PrefillReactor final : public grpc::ServerUnaryReactor {
  public:
-  PrefillReactor(PrefillService* service, PrefillEngine* engine,
-                 const v1::PrefillRequest& request, v1::PrefillResponse* response)
+  PrefillReactor(PrefillService* service, PrefillEngine* engine, const v1::PrefillRequest& request,
+                 v1::PrefillResponse* response)
       : service_(service), engine_(engine), response_(response) {
     service_->calls().Started();
     absl::StatusOr<PrefillJob> job = FromProto(request);
@@ -103,13 +103,44 @@ class PrefillReactor final : public grpc::ServerUnaryReactor {
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
 };
 
+// One Abort call: answers once the job has ended.
+class AbortReactor final : public grpc::ServerUnaryReactor {
+ public:
+  AbortReactor(PrefillService* service, PrefillEngine* engine, const v1::AbortRequest& request,
+               v1::AbortResponse* response)
+      : service_(service) {
+    service_->calls().Started();
+    if (request.request_id().empty()) {
+      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "request_id is required"));
+      return;
+    }
+    engine->Abort(request.request_id(), [this, response](bool found) {
+      response->set_found(found);
+      Finish(grpc::Status::OK);
+    });
+  }
+  void OnDone() override {
+    PrefillService* service = service_;
+    delete this;
+    service->calls().Done();
+  }
+
+ private:
+  PrefillService* service_;
+};
+
 }  // namespace
+
+grpc::ServerUnaryReactor* PrefillService::Abort(grpc::CallbackServerContext* context,
+                                                const v1::AbortRequest* request,
+                                                v1::AbortResponse* response) {
+  return new AbortReactor(this, engine_, *request, response);
+}
 
 grpc::ServerUnaryReactor* PrefillService::Prefill(grpc::CallbackServerContext* context,
                                                   const v1::PrefillRequest* request,
                                                   v1::PrefillResponse* response) {
   return new PrefillReactor(this, engine_, *request, response);
 }
-
 
 }  // namespace kvrelay::prefill

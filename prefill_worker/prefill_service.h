@@ -19,6 +19,9 @@ class PrefillService final : public v1::PrefillWorker::CallbackService {
   grpc::ServerUnaryReactor* Prefill(grpc::CallbackServerContext* context,
                                     const v1::PrefillRequest* request,
                                     v1::PrefillResponse* response) override;
+  grpc::ServerUnaryReactor* Abort(grpc::CallbackServerContext* context,
+                                  const v1::AbortRequest* request,
+                                  v1::AbortResponse* response) override;
 
   // Calls in progress (graceful shutdown waits for none).
   rpc::CallTracker& calls() { return calls_; }

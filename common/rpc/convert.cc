@@ -34,6 +34,31 @@ absl::StatusOr<sampling::SamplingParams> FromProto(const v1::SamplingParams& p) 
   return s;
 }
 
+v1::SamplingParams ToProto(const sampling::SamplingParams& s) {
+  v1::SamplingParams p;
+  p.set_max_tokens(static_cast<uint32_t>(s.max_tokens));
+  p.set_temperature(s.temperature);
+  p.set_top_k(s.top_k);
+  p.set_top_p(s.top_p);
+  p.set_min_p(s.min_p);
+  p.set_repetition_penalty(s.repetition_penalty);
+  p.set_frequency_penalty(s.frequency_penalty);
+  p.set_presence_penalty(s.presence_penalty);
+  p.set_seed(s.seed);
+  for (int32_t id : s.stop_token_ids) p.add_stop_token_ids(id);
+  p.set_ignore_eos(s.ignore_eos);
+  p.set_logprobs(static_cast<uint32_t>(s.logprobs));
+  return p;
+}
+
+sampling::SampleResult FromProto(const v1::TokenLogprobs& p) {
+  sampling::SampleResult r;
+  r.token = p.token_id();
+  r.logprob = p.logprob();
+  for (const v1::TopLogprob& t : p.top()) r.top_logprobs.emplace_back(t.token_id(), t.logprob());
+  return r;
+}
+
 void ToProto(const sampling::SampleResult& s, v1::TokenLogprobs* out) {
   out->set_token_id(s.token);
   out->set_logprob(s.logprob);

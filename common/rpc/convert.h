@@ -16,8 +16,13 @@ namespace kvrelay::rpc {
 // repetition_penalty unset -> 1), validated: INVALID_ARGUMENT "sampling.<field> ...".
 absl::StatusOr<sampling::SamplingParams> FromProto(const v1::SamplingParams& p);
 
+// The inverse (for requests a worker forwards).
+v1::SamplingParams ToProto(const sampling::SamplingParams& p);
+
 // One sampled token as TokenLogprobs (top entries only when the request asked for them).
 void ToProto(const sampling::SampleResult& s, v1::TokenLogprobs* out);
+
+sampling::SampleResult FromProto(const v1::TokenLogprobs& p);
 
 v1::KvPoolDescriptor ToProto(const transfer::PoolDescriptor& d);
 // INVALID_ARGUMENT "<field_name>.<field> ..." for an incomplete descriptor.

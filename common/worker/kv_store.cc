@@ -16,17 +16,16 @@ absl::StatusOr<KvStore> CreateKvStore(transfer::KvTransport& transport, const mo
   }
   kernels::DType kv_dtype;
   if (!kernels::ParseDType(options.kv_dtype, &kv_dtype)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--kv-dtype must be f32, f16, bf16 or int8, got '", options.kv_dtype, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-dtype must be f32, f16, bf16 or int8, got '", options.kv_dtype, "'"));
   }
   const kernels::PagedKvLayout layout = model.KvLayout(kv_dtype, options.block_size);
   int64_t blocks = options.kv_blocks;
   if (blocks <= 0 && options.kv_bytes > 0) {
     blocks = static_cast<int64_t>(options.kv_bytes / layout.block_bytes());
     if (blocks < 1) {
-      return absl::InvalidArgumentError(absl::StrCat("--kv-bytes ", options.kv_bytes,
-                                                     " holds no block of ", layout.block_bytes(),
-                                                     " bytes"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--kv-bytes ", options.kv_bytes, " holds no block of ", layout.block_bytes(), " bytes"));
     }
   }
   if (blocks <= 0) {

@@ -17,6 +17,7 @@
 #include "gtest/gtest.h"
 #include "kvrelay/v1/worker.grpc.pb.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/processes.h"
 #include "tests/testing/subprocess.h"
 #include "tests/testing/test_models.h"
 
@@ -27,50 +28,26 @@ using ::testing::HasSubstr;
 using testing::SiblingBinary;
 using testing::Subprocess;
 
-constexpr absl::Duration kStartup = absl::Seconds(120);  // generous: loaded 2-core CI
+using testing::kProcessTimeout;
 
 std::string ModelDir() { return testing::ModelDir(testing::TinyVariants()[0]); }
 
-// `kvrelay generate --prompt-ids ... --json`: (prompt ids, generated ids) of one turn.
-std::vector<int32_t> CliGenerate(const std::vector<int32_t>& prompt, int max_tokens,
-                                 const std::vector<std::string>& extra = {}) {
-  std::vector<std::string> argv = {SiblingBinary("kvrelay"),
-                                   "generate",
-                                   "--model",
-                                   ModelDir(),
-                                   "--prompt-ids",
-                                   absl::StrJoin(prompt, ","),
-                                   "--max-tokens",
-                                   std::to_string(max_tokens),
-                                   "--ignore-eos",
-                                   "--json"};
-  argv.insert(argv.end(), extra.begin(), extra.end());
-  auto p = Subprocess::Start(argv);
-  EXPECT_TRUE(p);
-  if (!p) return {};
-  auto line = p->ReadLine(kStartup);
-  EXPECT_TRUE(line) << "kvrelay generate printed nothing";
-  if (!line) return {};
-  const nlohmann::json j = nlohmann::json::parse(*line);
-  EXPECT_EQ(j["prompt_token_ids"].get<std::vector<int32_t>>(), prompt);
-  p->Wait(kStartup);
-  return j["token_ids"].get<std::vector<int32_t>>();
+std::vector<int32_t> CliGenerate(const std::vector<int32_t>& prompt, int max_tokens) {
+  return testing::CliGenerate(ModelDir(), prompt, max_tokens);
 }
+
+std::vector<int32_t> Prompt(int n, uint32_t seed) { return testing::RandomPrompt(n, seed); }
 
 class DecodeWorkerProcessTest : public ::testing::Test {
  protected:
   void Start(const std::vector<std::string>& flags) {
-    std::vector<std::string> argv = {SiblingBinary("kvrelay-decode"), "--model", ModelDir(),
-                                     "--threads", "1"};
-    argv.insert(argv.end(), flags.begin(), flags.end());
-    auto p = Subprocess::Start(argv);
-    ASSERT_TRUE(p);
-    worker_.emplace(std::move(*p));
-    auto ready = worker_->ReadLine(kStartup);
-    ASSERT_TRUE(ready && ready->rfind("READY ", 0) == 0) << (ready ? *ready : "no output");
-    ASSERT_TRUE(absl::SimpleAtoi(ready->substr(6), &port_));
-    channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(port_),
-                                   grpc::InsecureChannelCredentials());
+    std::vector<std::string> args = {"--model", ModelDir(), "--threads", "1"};
+    args.insert(args.end(), flags.begin(), flags.end());
+    testing::WorkerProcess w = testing::StartWorker("kvrelay-decode", args);
+    ASSERT_TRUE(w.process);
+    worker_.emplace(std::move(*w.process));
+    port_ = w.port;
+    channel_ = grpc::CreateChannel(w.address(), grpc::InsecureChannelCredentials());
     stub_ = v1::DecodeWorker::NewStub(channel_);
   }
 
@@ -109,14 +86,6 @@ class DecodeWorkerProcessTest : public ::testing::Test {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::DecodeWorker::Stub> stub_;
 };
-
-// Random token ids below the tiny models' vocabulary (400).
-std::vector<int32_t> Prompt(int n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> p(n);
-  for (auto& t : p) t = static_cast<int32_t>(rng() % 400);
-  return p;
-}
 
 TEST_F(DecodeWorkerProcessTest, GreedyOutputsMatchKvrelayGenerate) {
   Start({"--kv_blocks", "256", "--prefill_chunk", "24"});
@@ -261,7 +230,7 @@ TEST_F(DecodeWorkerProcessTest, ClientCancelAndHealthAndGracefulShutdown) {
   const grpc::Status drained = reader->Finish();
   EXPECT_TRUE(drained.ok()) << drained.error_code() << " " << drained.error_message();
   EXPECT_EQ(tokens.size(), 400u);
-  auto status = worker_->Wait(kStartup);
+  auto status = worker_->Wait(kProcessTimeout);
   ASSERT_TRUE(status.has_value());
   EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << *status;
 }

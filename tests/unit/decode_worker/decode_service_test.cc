@@ -48,7 +48,11 @@ TEST(DecodeServiceTest, BadRequestsNameTheField) {
   EXPECT_THAT(FromProto(r).status().message(), HasSubstr("plan.mode"));
   r = Good();
   r.mutable_plan()->set_mode(v1::PREFILL_MODE_REMOTE);
-  EXPECT_EQ(FromProto(r).status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_THAT(FromProto(r).status().message(), HasSubstr("plan.prefill_address is required"));
+  r.mutable_plan()->set_prefill_address("127.0.0.1:5");
+  auto remote = FromProto(r);
+  ASSERT_TRUE(remote.ok());
+  EXPECT_EQ(remote->prefill_address, "127.0.0.1:5");
 }
 
 }  // namespace

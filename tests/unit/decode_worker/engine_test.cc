@@ -159,7 +159,7 @@ TEST_P(EngineTest, SecondRequestReusesThePrefixAndStaysExact) {
   p.ignore_eos = true;
   const auto prompt = Prompt(40, 7, m.config().vocab_size);
   Collector col;
-  EngineRequest r{"a", prompt, p, ""};
+  EngineRequest r{"a", prompt, p, "", ""};
   ASSERT_TRUE((*engine)->Submit(r, col.For("a")).ok());
   col.Wait(1);
   r.id = "b";
@@ -191,7 +191,7 @@ TEST_P(EngineTest, SmallPoolPreemptsAndEveryRequestStillMatches) {
   Collector col;
   const int kN = 6;
   for (int i = 0; i < kN; ++i) {
-    EngineRequest r{"r" + std::to_string(i), Prompt(20, 100 + i, m.config().vocab_size), p, ""};
+    EngineRequest r{"r" + std::to_string(i), Prompt(20, 100 + i, m.config().vocab_size), p, "", ""};
     ASSERT_TRUE((*engine)->Submit(r, col.For(r.id)).ok());
   }
   col.Wait(kN);
@@ -234,7 +234,8 @@ TEST_P(EngineTest, CancelAtRandomPointsReleasesEverything) {
   for (int i = 0; i < kN; ++i) {
     cs[i].engine = engine->get();
     cs[i].after = static_cast<int>(rng() % 6);
-    EngineRequest r{"r" + std::to_string(i), Prompt(10 + 7 * i, i, m.config().vocab_size), p, ""};
+    EngineRequest r{"r" + std::to_string(i), Prompt(10 + 7 * i, i, m.config().vocab_size), p, "",
+                    ""};
     RequestCallbacks cb = col.For(r.id);
     auto inner = cb.on_tokens;
     cb.on_tokens = [inner, &counts, &cs, &mu, i](const StepOutput& out) {
@@ -297,8 +298,8 @@ TEST_P(EngineTest, PromptLargerThanThePoolFailsAloneWithResourceExhausted) {
   p.max_tokens = 2;
   p.ignore_eos = true;
   Collector col;
-  EngineRequest big{"big", Prompt(40, 1, m.config().vocab_size), p, ""};
-  EngineRequest small{"small", Prompt(5, 2, m.config().vocab_size), p, ""};
+  EngineRequest big{"big", Prompt(40, 1, m.config().vocab_size), p, "", ""};
+  EngineRequest small{"small", Prompt(5, 2, m.config().vocab_size), p, "", ""};
   ASSERT_TRUE((*engine)->Submit(big, col.For("big")).ok());
   ASSERT_TRUE((*engine)->Submit(small, col.For("small")).ok());
   col.Wait(2);
@@ -319,7 +320,7 @@ TEST_P(EngineTest, DrainWaitsForRunningRequestsAndThenRefusesNewOnes) {
   p.ignore_eos = true;
   Collector col;
   for (int i = 0; i < 3; ++i) {
-    EngineRequest r{"r" + std::to_string(i), Prompt(9, i, m.config().vocab_size), p, ""};
+    EngineRequest r{"r" + std::to_string(i), Prompt(9, i, m.config().vocab_size), p, "", ""};
     ASSERT_TRUE((*engine)->Submit(r, col.For(r.id)).ok());
   }
   (*engine)->Drain();
@@ -329,7 +330,7 @@ TEST_P(EngineTest, DrainWaitsForRunningRequestsAndThenRefusesNewOnes) {
     EXPECT_TRUE(o.status.ok());
     EXPECT_EQ(o.tokens.size(), 20u);
   }
-  EngineRequest late{"late", {1, 2, 3}, p, ""};
+  EngineRequest late{"late", {1, 2, 3}, p, "", ""};
   EXPECT_EQ((*engine)->Submit(late, col.For("late")).status().code(),
             absl::StatusCode::kUnavailable);
 }
@@ -345,7 +346,7 @@ TEST_P(EngineTest, DestroyingTheEngineEndsQueuedRequests) {
     p.max_tokens = 1000;
     p.ignore_eos = true;
     for (int i = 0; i < 3; ++i) {
-      EngineRequest r{"r" + std::to_string(i), Prompt(9, i, m.config().vocab_size), p, ""};
+      EngineRequest r{"r" + std::to_string(i), Prompt(9, i, m.config().vocab_size), p, "", ""};
       ASSERT_TRUE((*engine)->Submit(r, col.For(r.id)).ok());
     }
   }

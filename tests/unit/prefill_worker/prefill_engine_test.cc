@@ -109,7 +109,8 @@ TEST(PrefillEngineTest, PushesExactKvAndTheFirstToken) {
   EXPECT_TRUE(transfer::VerifyBlockChecksums(s.d_kv.memory->data(), bb, dst, out->checksums).ok());
   const Reference ref = ComputeReference(prompt);
   for (int i = 0; i < 4; ++i) {
-    EXPECT_EQ(std::memcmp(s.DBlock(dst[i]), ref.pool->view().base + i * bb, bb), 0) << "block " << i;
+    EXPECT_EQ(std::memcmp(s.DBlock(dst[i]), ref.pool->view().base + i * bb, bb), 0)
+        << "block " << i;
   }
   const int32_t argmax = static_cast<int32_t>(
       std::max_element(ref.logits.begin(), ref.logits.end()) - ref.logits.begin());
@@ -129,7 +130,8 @@ TEST(PrefillEngineTest, PushesExactKvAndTheFirstToken) {
   EXPECT_EQ(again->checksums, out->checksums);
   EXPECT_EQ(again->first.token, out->first.token);
   for (int i = 0; i < 4; ++i) {
-    EXPECT_EQ(std::memcmp(s.DBlock(dst[i]), ref.pool->view().base + i * bb, bb), 0) << "block " << i;
+    EXPECT_EQ(std::memcmp(s.DBlock(dst[i]), ref.pool->view().base + i * bb, bb), 0)
+        << "block " << i;
   }
 }
 
@@ -192,11 +194,11 @@ TEST(PrefillEngineTest, CancelEndsRunningAndQueuedJobs) {
     first_done.Notify();
   });
   ASSERT_TRUE(h1.ok());
-  auto h2 = s.engine->Submit(s.Job(Prompt(20, 5), 0, {40, 41}),
-                             [&](absl::StatusOr<PrefillOutcome> r) {
-                               second_status = r.status();
-                               second_done.Notify();
-                             });
+  auto h2 =
+      s.engine->Submit(s.Job(Prompt(20, 5), 0, {40, 41}), [&](absl::StatusOr<PrefillOutcome> r) {
+        second_status = r.status();
+        second_done.Notify();
+      });
   ASSERT_TRUE(h2.ok());
   s.engine->Cancel(*h2);  // queued behind the long first job
   second_done.WaitForNotification();

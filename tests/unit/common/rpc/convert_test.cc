@@ -42,6 +42,14 @@ TEST(ConvertTest, SamplingDefaultsAndFields) {
   EXPECT_EQ(s->stop_token_ids, std::vector<int32_t>{3});
   EXPECT_TRUE(s->ignore_eos);
   EXPECT_EQ(s->logprobs, 2);
+  // And back.
+  auto again = FromProto(ToProto(*s));
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->seed, 99u);
+  EXPECT_EQ(again->top_p, 0.9f);
+  EXPECT_EQ(again->repetition_penalty, 1.1f);
+  EXPECT_EQ(again->stop_token_ids, s->stop_token_ids);
+  EXPECT_EQ(again->max_tokens, 7);
 }
 
 TEST(ConvertTest, BadSamplingNamesTheField) {
@@ -83,6 +91,9 @@ TEST(ConvertTest, TokenLogprobs) {
   ASSERT_EQ(p.top_size(), 2);
   EXPECT_EQ(p.top(1).token_id(), 9);
   EXPECT_EQ(p.top(1).logprob(), -2.0f);
+  const sampling::SampleResult back = FromProto(p);
+  EXPECT_EQ(back.token, 5);
+  EXPECT_EQ(back.top_logprobs, r.top_logprobs);
 }
 
 TEST(ConvertTest, DescriptorRoundTripAndValidation) {
