@@ -3,6 +3,7 @@
 // checked against the real single-process `kvrelay generate`.
 #include <signal.h>
 
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "kvrelay/v1/worker.grpc.pb.h"
+#include "prefill_worker/prefill_worker.h"
 #include "tests/testing/processes.h"
 #include "tests/testing/test_models.h"
 
@@ -63,20 +65,20 @@ Reply Generate(v1::DecodeWorker::Stub& stub, const v1::DecodeRequest& req) {
 }
 
 std::unique_ptr<v1::DecodeWorker::Stub> Stub(int port) {
-  return v1::DecodeWorker::NewStub(grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
-                                                       grpc::InsecureChannelCredentials()));
+  return v1::DecodeWorker::NewStub(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
 }
 
 testing::WorkerProcess StartPrefill(const std::vector<std::string>& extra = {}) {
-  std::vector<std::string> args = {"--model", ModelDir(), "--threads", "1", "--kv_blocks", "256",
-                                   "--prefill_chunk", "24"};
+  std::vector<std::string> args = {"--model",     ModelDir(), "--threads",       "1",
+                                   "--kv_blocks", "256",      "--prefill_chunk", "24"};
   args.insert(args.end(), extra.begin(), extra.end());
   return testing::StartWorker("kvrelay-prefill", args);
 }
 
 testing::WorkerProcess StartDecode() {
-  return testing::StartWorker("kvrelay-decode", {"--model", ModelDir(), "--threads", "1",
-                                                 "--kv_blocks", "256"});
+  return testing::StartWorker("kvrelay-decode",
+                              {"--model", ModelDir(), "--threads", "1", "--kv_blocks", "256"});
 }
 
 TEST(DisaggregatedProcessTest, RemotePrefillIsExactAndSendsOnlyMissingBlocks) {
@@ -128,14 +130,15 @@ TEST(DisaggregatedProcessTest, ConcurrentRemoteRequestsAreExact) {
   std::vector<std::thread> clients;
   for (int i = 0; i < kN; ++i) {
     clients.emplace_back([&, i] {
-      replies[i] = Generate(
-          *stub, Remote("c" + std::to_string(i), RandomPrompt(10 + 13 * i, 500 + i), 10, p.address()));
+      replies[i] = Generate(*stub, Remote("c" + std::to_string(i),
+                                          RandomPrompt(10 + 13 * i, 500 + i), 10, p.address()));
     });
   }
   for (auto& t : clients) t.join();
   for (int i = 0; i < kN; ++i) {
     ASSERT_TRUE(replies[i].status.ok()) << i << ": " << replies[i].status.error_message();
-    EXPECT_EQ(replies[i].tokens, testing::CliGenerate(ModelDir(), RandomPrompt(10 + 13 * i, 500 + i), 10))
+    EXPECT_EQ(replies[i].tokens,
+              testing::CliGenerate(ModelDir(), RandomPrompt(10 + 13 * i, 500 + i), 10))
         << "request " << i;
     EXPECT_EQ(replies[i].usage.prefill_mode(), v1::PREFILL_MODE_REMOTE);
   }
@@ -213,6 +216,59 @@ TEST(DisaggregatedProcessTest, ClientCancelDuringRemotePrefillReleasesEverything
   EXPECT_EQ(r.tokens, testing::CliGenerate(ModelDir(), prompt, 4));
   EXPECT_EQ(r.usage.prefill_mode(), v1::PREFILL_MODE_REMOTE);
   (*d)->Shutdown(absl::Seconds(5));
+}
+
+// Both workers in this process (real gRPC and UCX on loopback) so that both sides'
+// block accounting can be read: requests cancelled at random points (before the first
+// token, during the remote prefill, mid-decode) leave nothing held on either side.
+TEST(DisaggregatedProcessTest, RandomCancelsReturnBothWorkersToTheirBaseline) {
+  prefill::PrefillWorkerOptions po;
+  po.model_dir = ModelDir();
+  po.kv.kv_blocks = 256;
+  po.threads = 1;
+  po.engine.prefill_chunk = 4;  // slow enough to be cancelled mid-transfer
+  auto p = prefill::PrefillWorker::Start(po);
+  ASSERT_TRUE(p.ok()) << p.status();
+  decode::DecodeWorkerOptions o;
+  o.model_dir = ModelDir();
+  o.kv.kv_blocks = 256;
+  o.threads = 1;
+  auto d = decode::DecodeWorker::Start(o);
+  ASSERT_TRUE(d.ok()) << d.status();
+  auto stub = Stub((*d)->port());
+  const std::string p_address = "127.0.0.1:" + std::to_string((*p)->port());
+  std::mt19937 rng(2026);
+  int cancelled = 0, completed = 0;
+  for (int i = 0; i < 12; ++i) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+    const int messages_before_cancel = static_cast<int>(rng() % 4);  // 0: before any token
+    auto reader = stub->Generate(
+        &ctx, Remote("r" + std::to_string(i), RandomPrompt(60 + 17 * i, 900 + i), 40, p_address));
+    v1::DecodeResponse m;
+    int got = 0;
+    if (messages_before_cancel == 0) ctx.TryCancel();
+    while (reader->Read(&m)) {
+      if (++got == messages_before_cancel) ctx.TryCancel();
+    }
+    const grpc::Status st = reader->Finish();
+    if (st.ok()) {
+      ++completed;
+    } else {
+      EXPECT_EQ(st.error_code(), grpc::StatusCode::CANCELLED) << st.error_message();
+      ++cancelled;
+    }
+    EXPECT_TRUE(WaitForBaseline(**d)) << "request " << i;
+    // The prefill worker keeps only its prefix cache.
+    const absl::Time deadline = absl::Now() + testing::kProcessTimeout;
+    while ((*p)->cache().counts().in_use != 0 && absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    EXPECT_EQ((*p)->cache().counts().in_use, 0) << "request " << i;
+  }
+  EXPECT_GT(cancelled, 0);
+  (*d)->Shutdown(absl::Seconds(5));
+  (*p)->Shutdown(absl::Seconds(5));
 }
 
 TEST(DisaggregatedProcessTest, BadPrefillRequestsAreInvalidArgument) {

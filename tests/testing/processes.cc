@@ -18,11 +18,16 @@ std::vector<int32_t> RandomPrompt(int n, uint32_t seed, int vocab) {
 
 std::vector<int32_t> CliGenerate(const std::string& model_dir, const std::vector<int32_t>& prompt,
                                  int max_tokens, const std::vector<std::string>& extra) {
-  std::vector<std::string> argv = {SiblingBinary("kvrelay"),   "generate",
-                                   "--model",                  model_dir,
-                                   "--prompt-ids",             absl::StrJoin(prompt, ","),
-                                   "--max-tokens",             std::to_string(max_tokens),
-                                   "--ignore-eos",             "--json"};
+  std::vector<std::string> argv = {SiblingBinary("kvrelay"),
+                                   "generate",
+                                   "--model",
+                                   model_dir,
+                                   "--prompt-ids",
+                                   absl::StrJoin(prompt, ","),
+                                   "--max-tokens",
+                                   std::to_string(max_tokens),
+                                   "--ignore-eos",
+                                   "--json"};
   argv.insert(argv.end(), extra.begin(), extra.end());
   auto p = Subprocess::Start(argv);
   EXPECT_TRUE(p) << "cannot start kvrelay generate";
@@ -44,7 +49,8 @@ WorkerProcess StartWorker(const std::string& binary, const std::vector<std::stri
   EXPECT_TRUE(p) << "cannot start " << binary;
   if (!p) return w;
   auto ready = p->ReadLine(kProcessTimeout);
-  const bool ok = ready && ready->rfind("READY ", 0) == 0 && absl::SimpleAtoi(ready->substr(6), &w.port);
+  const bool ok =
+      ready && ready->rfind("READY ", 0) == 0 && absl::SimpleAtoi(ready->substr(6), &w.port);
   EXPECT_TRUE(ok) << binary << " did not start: " << (ready ? *ready : "no output");
   if (ok) w.process.emplace(std::move(*p));
   return w;
