@@ -128,6 +128,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse
         u->set_prefill_cached_tokens(s.prefill_cached_tokens);
         u->set_transfer_bytes(s.transfer_bytes);
         u->set_transfer_seconds(s.transfer_seconds);
+        u->set_transfer_wait_seconds(s.transfer_wait_seconds);
         u->set_transport(s.transport);
         u->set_queue_seconds(s.queue_seconds);
         u->set_ttft_seconds(s.ttft_seconds);

@@ -267,6 +267,7 @@ void Engine::OnRemoteResult(RemoteResult r) {
   s->summary.prefill_cached_tokens = ps.cached_tokens();
   s->summary.transfer_bytes = ps.transfer_bytes();
   s->summary.transfer_seconds = ps.transfer_seconds();
+  s->summary.transfer_wait_seconds = ps.transfer_wait_seconds();
   s->summary.transport = ps.transport();
   s->computed = static_cast<int64_t>(s->tokens.size());
   s->kv->Commit(s->tokens, s->computed);

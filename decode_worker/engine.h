@@ -78,6 +78,7 @@ struct RequestSummary {
   int64_t prefill_cached_tokens = 0;  // reused on the prefill worker
   uint64_t transfer_bytes = 0;
   double transfer_seconds = 0;
+  double transfer_wait_seconds = 0;  // transfer not overlapped with the prefill
   std::string transport;
 };
 

@@ -284,7 +284,9 @@ absl::StatusOr<PrefillOutcome> PrefillEngine::Run(Job& job) {
     st = send(start + len == n ? nblocks : (start + len) / B);
   }
   if (st.ok() && job.cancelled) st = absl::CancelledError("prefill cancelled");
+  const double compute_end = Now();
   finish_writes(/*abort=*/!st.ok());
+  out.transfer_wait_seconds = Now() - compute_end;
   if (!st.ok()) return st;
   {
     absl::MutexLock l(&writes.mu);

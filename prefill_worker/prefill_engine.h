@@ -49,8 +49,9 @@ struct PrefillOutcome {
   int64_t computed_tokens = 0;
   uint64_t transfer_bytes = 0;
   int64_t puts = 0;
-  double transfer_seconds = 0;  // first write issued to last write complete
-  double prefill_seconds = 0;   // whole job
+  double transfer_seconds = 0;       // first write issued to last write complete
+  double transfer_wait_seconds = 0;  // end of the computation to last write complete
+  double prefill_seconds = 0;        // whole job
   std::string transport;
 };
 

@@ -92,6 +92,7 @@ class PrefillReactor final : public grpc::ServerUnaryReactor {
     s->set_transfer_seconds(r->transfer_seconds);
     s->set_transport(r->transport);
     s->set_prefill_seconds(r->prefill_seconds);
+    s->set_transfer_wait_seconds(r->transfer_wait_seconds);
     Finish(grpc::Status::OK);  // last use of `this`
   }
 

@@ -17,6 +17,7 @@
 #include "common/model/model_maker.h"
 #include "common/util/file.h"
 #include "kernels/ops.h"
+#include "tests/bench/bench_model.h"
 #include "tests/bench/bench_util.h"
 
 namespace kvrelay::bench {
@@ -33,24 +34,7 @@ struct Fixture {
 Fixture& Get() {
   static Fixture* f = [] {
     auto* f = new Fixture();
-    const char* env = std::getenv("KVRELAY_BENCH_DIR");
-    const std::string dir = std::string(env ? env : "/tmp") + "/kvrelay-bench-100m";
-    if (!FileExists(dir + "/model.safetensors")) {
-      model::MakeModelOptions o;
-      o.layers = 12;
-      o.hidden = 768;
-      o.heads = 12;
-      o.kv_heads = 12;
-      o.intermediate = 2048;
-      o.vocab = 32000;
-      o.max_pos = 4096;
-      o.dtype = kernels::DType::kBF16;
-      absl::Status s = model::MakeModel(o, dir);
-      if (!s.ok()) {
-        std::fprintf(stderr, "make-model: %s\n", std::string(s.message()).c_str());
-        std::exit(1);
-      }
-    }
+    const std::string dir = EnsureBenchModel();
     f->pool = std::make_unique<kernels::ThreadPool>(0);
     f->model = std::move(*model::Model::Load(dir, f->pool.get()));
     f->kv = std::move(*kvcache::KvPool::Create(f->model->KvLayout(kernels::DType::kF32, 16), 2048));

@@ -34,6 +34,7 @@
 #include "common/model/model_maker.h"
 #include "common/util/file.h"
 #include "kernels/ops.h"
+#include "tests/bench/bench_model.h"
 
 namespace kvrelay::bench {
 namespace {
@@ -93,26 +94,6 @@ Options Parse(int argc, char** argv) {
   if (argc % 2 == 0) Die(absl::StrCat("flag ", argv[argc - 1], " needs a value"));
   if (o.reps < 1) Die("--reps must be >= 1");
   return o;
-}
-
-// The decode_bench model: the options must stay identical, both binaries share the folder.
-std::string EnsureModel() {
-  const char* env = std::getenv("KVRELAY_BENCH_DIR");
-  const std::string dir = std::string(env ? env : "/tmp") + "/kvrelay-bench-100m";
-  if (!FileExists(dir + "/model.safetensors")) {
-    model::MakeModelOptions o;
-    o.layers = 12;
-    o.hidden = 768;
-    o.heads = 12;
-    o.kv_heads = 12;
-    o.intermediate = 2048;
-    o.vocab = 32000;
-    o.max_pos = 4096;
-    o.dtype = kernels::DType::kBF16;
-    absl::Status s = model::MakeModel(o, dir);
-    if (!s.ok()) Die(absl::StrCat("make-model: ", s.message()));
-  }
-  return dir;
 }
 
 double Median(std::vector<double> v) {
@@ -192,7 +173,7 @@ Sample RunOnce(model::Generator* gen, const Config& c, int vocab, int rep_id, bo
 
 int Main(int argc, char** argv) {
   const Options o = Parse(argc, argv);
-  const std::string dir = EnsureModel();
+  const std::string dir = EnsureBenchModel();
   kernels::ThreadPool pool(0);
   auto loaded = model::Model::Load(dir, &pool);
   if (!loaded.ok()) Die(std::string(loaded.status().message()));
