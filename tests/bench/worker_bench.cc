@@ -105,12 +105,12 @@ int Main(int argc, char** argv) {
   }
   const std::string dir = EnsureBenchModel();
   const std::string blocks = "1024";  // 16K tokens per worker
-  testing::WorkerProcess p = testing::StartWorker(
-      "kvrelay-prefill", {"--model", dir, "--threads", threads, "--kv_blocks", blocks,
-                          "--prefill_chunk", prefill_chunk});
-  testing::WorkerProcess d = testing::StartWorker(
-      "kvrelay-decode", {"--model", dir, "--threads", threads, "--kv_blocks", blocks,
-                         "--prefill_chunk", prefill_chunk});
+  testing::WorkerProcess p =
+      testing::StartWorker("kvrelay-prefill", {"--model", dir, "--threads", threads, "--kv_blocks",
+                                               blocks, "--prefill_chunk", prefill_chunk});
+  testing::WorkerProcess d =
+      testing::StartWorker("kvrelay-decode", {"--model", dir, "--threads", threads, "--kv_blocks",
+                                              blocks, "--prefill_chunk", prefill_chunk});
   if (!p.process || !d.process) return 1;
   auto stub = v1::DecodeWorker::NewStub(
       grpc::CreateChannel(d.address(), grpc::InsecureChannelCredentials()));
@@ -119,20 +119,22 @@ int Main(int argc, char** argv) {
   Run(*stub, Request("warm-r", testing::RandomPrompt(64, seed++, 32000), 2, p.address()));
   Run(*stub, Request("warm-l", testing::RandomPrompt(64, seed++, 32000), 2, ""));
 
-  std::printf("model: 12 layers, hidden 768, bf16 weights, f32 KV, block 16; %s thread(s) per "
-              "worker; %d reps, medians\n\n",
-              threads.c_str(), reps);
-  std::printf("%-7s %-12s %-12s %-8s %-14s %-14s %-8s %s\n", "prompt", "TTFT remote",
-              "TTFT local", "r/l", "transfer (ms)", "not overlapped", "share", "KV bytes");
+  std::printf(
+      "model: 12 layers, hidden 768, bf16 weights, f32 KV, block 16; %s thread(s) per "
+      "worker; %d reps, medians\n\n",
+      threads.c_str(), reps);
+  std::printf("%-7s %-12s %-12s %-8s %-14s %-14s %-8s %s\n", "prompt", "TTFT remote", "TTFT local",
+              "r/l", "transfer (ms)", "not overlapped", "share", "KV bytes");
   int id = 0;
   for (int n : lengths) {
     std::vector<double> remote, local, transfer, wait;
     uint64_t bytes = 0;
     for (int r = 0; r < reps; ++r) {
-      const Timing tr = Run(*stub, Request("r" + std::to_string(id++),
-                                           testing::RandomPrompt(n, seed++, 32000), 1, p.address()));
-      const Timing tl = Run(
-          *stub, Request("l" + std::to_string(id++), testing::RandomPrompt(n, seed++, 32000), 1, ""));
+      const Timing tr =
+          Run(*stub, Request("r" + std::to_string(id++), testing::RandomPrompt(n, seed++, 32000), 1,
+                             p.address()));
+      const Timing tl = Run(*stub, Request("l" + std::to_string(id++),
+                                           testing::RandomPrompt(n, seed++, 32000), 1, ""));
       if (!tr.ok || !tl.ok || tr.usage.prefill_mode() != v1::PREFILL_MODE_REMOTE) return 1;
       remote.push_back(tr.ttft);
       local.push_back(tl.ttft);
@@ -140,8 +142,7 @@ int Main(int argc, char** argv) {
       wait.push_back(tr.usage.transfer_wait_seconds());
       bytes = tr.usage.transfer_bytes();
     }
-    const double rm = Median(remote), lm = Median(local), xm = Median(transfer),
-                 wm = Median(wait);
+    const double rm = Median(remote), lm = Median(local), xm = Median(transfer), wm = Median(wait);
     std::printf("%-7d %-12.1f %-12.1f %-8.3f %-14.2f %-14.2f %-8.4f %.1f MiB\n", n, rm * 1e3,
                 lm * 1e3, rm / lm, xm * 1e3, wm * 1e3, wm / rm, bytes / 1048576.0);
     std::fflush(stdout);
