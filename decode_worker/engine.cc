@@ -215,6 +215,9 @@ void Engine::StartRemotePrefill(Seq* s) {
   req.set_cache_salt(s->req.cache_salt);
   *req.mutable_destination() = rpc::ToProto(remote_.memory->descriptor());
   req.set_first_block(s->first_block);
+  req.set_model_id(model_id_);
+  req.set_block_size(cache_->block_size());
+  req.set_kv_dtype(kernels::DTypeName(pool_->layout().dtype));
   for (int32_t b : s->dest_blocks) req.add_destination_blocks(b);
   {
     absl::MutexLock l(&mu_);

@@ -24,6 +24,8 @@ ABSL_FLAG(int, max_batch_tokens, 512, "tokens per forward pass (decode tokens + 
 ABSL_FLAG(int, max_running, 64, "sequences in the running batch");
 ABSL_FLAG(int, prefill_chunk, 256, "most prefill tokens of one sequence per step");
 ABSL_FLAG(int, max_waiting, 1024, "queued requests beyond this get RESOURCE_EXHAUSTED");
+ABSL_FLAG(double, prefill_timeout_seconds, 60,
+          "remote plan: how long one prefill worker call may take before falling back");
 ABSL_FLAG(double, drain_seconds, 30, "on SIGTERM, how long running requests may finish");
 ABSL_FLAG(double, exit_linger_seconds, 1,
           "after draining, how long connections stay open before the server closes them: "
@@ -67,6 +69,7 @@ int main(int argc, char** argv) {
   o.engine.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   o.engine.max_running = absl::GetFlag(FLAGS_max_running);
   o.engine.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+  o.prefill_timeout = absl::Seconds(absl::GetFlag(FLAGS_prefill_timeout_seconds));
   o.engine.max_waiting = static_cast<size_t>(std::max(1, absl::GetFlag(FLAGS_max_waiting)));
   auto worker = kvrelay::decode::DecodeWorker::Start(o);
   if (!worker.ok()) {

@@ -61,6 +61,18 @@ absl::Status ValidateJob(const model::Model& model, const kernels::PagedKvLayout
   return absl::OkStatus();
 }
 
+absl::Status CheckSameKv(const PrefillJob& job, const std::string& model_id,
+                         const kernels::PagedKvLayout& layout) {
+  const std::string dtype = kernels::DTypeName(layout.dtype);
+  if (job.model_id != model_id || job.block_size != layout.block_size || job.kv_dtype != dtype) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the destination holds KV of model '", job.model_id, "', block size ",
+                     job.block_size, ", ", job.kv_dtype, "; this prefill worker computes model '",
+                     model_id, "', block size ", layout.block_size, ", ", dtype));
+  }
+  return absl::OkStatus();
+}
+
 struct PrefillEngine::Job {
   uint64_t handle = 0;
   PrefillJob spec;
@@ -96,6 +108,7 @@ PrefillEngine::~PrefillEngine() {
 
 absl::StatusOr<uint64_t> PrefillEngine::Submit(PrefillJob spec, PrefillDone done) {
   KVR_RETURN_IF_ERROR(ValidateJob(*model_, pool_->layout(), spec));
+  KVR_RETURN_IF_ERROR(CheckSameKv(spec, model_id_, pool_->layout()));
   auto job = std::make_shared<Job>();
   job->spec = std::move(spec);
   job->done = std::move(done);

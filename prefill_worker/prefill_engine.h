@@ -40,6 +40,10 @@ struct PrefillJob {
   transfer::PoolDescriptor destination;
   int64_t first_block = 0;                  // prompt blocks before this are not sent
   std::vector<int32_t> destination_blocks;  // for prompt blocks first_block, first_block+1, ...
+  // The destination's KV: must equal this worker's (FAILED_PRECONDITION otherwise).
+  std::string model_id;
+  int block_size = 0;
+  std::string kv_dtype;
 };
 
 struct PrefillOutcome {
@@ -112,5 +116,8 @@ class PrefillEngine {
 // each inside the destination pool, no repeats).
 absl::Status ValidateJob(const model::Model& model, const kernels::PagedKvLayout& layout,
                          const PrefillJob& job);
+// FAILED_PRECONDITION unless the job's model id, block size and KV dtype are these.
+absl::Status CheckSameKv(const PrefillJob& job, const std::string& model_id,
+                         const kernels::PagedKvLayout& layout);
 
 }  // namespace kvrelay::prefill

@@ -26,6 +26,9 @@ absl::StatusOr<PrefillJob> FromProto(const v1::PrefillRequest& request) {
   job.first_block = request.first_block();
   job.destination_blocks.assign(request.destination_blocks().begin(),
                                 request.destination_blocks().end());
+  job.model_id = request.model_id();
+  job.block_size = request.block_size();
+  job.kv_dtype = request.kv_dtype();
   return job;
 }
 

@@ -59,6 +59,9 @@ struct Rig {
     j.destination = d_kv.memory->descriptor();
     j.first_block = first_block;
     j.destination_blocks = std::move(dst);
+    j.model_id = "tiny";
+    j.block_size = kBlock;
+    j.kv_dtype = "f32";
     return j;
   }
 
@@ -178,6 +181,21 @@ TEST(PrefillEngineTest, BadJobsAreInvalidArgumentNamingWhatIsWrong) {
   j.params.top_p = 2;
   EXPECT_THAT(ok.Run(j).status().message(), HasSubstr("top_p"));
   EXPECT_EQ(ok.p_kv.cache->counts().in_use, 0);
+}
+
+TEST(PrefillEngineTest, KvOfAnotherModelOrLayoutIsRefused) {
+  Rig s;
+  const auto prompt = Prompt(20, 3);
+  PrefillJob j = s.Job(prompt, 0, {1, 2});
+  j.model_id = "another-model";
+  EXPECT_EQ(s.Run(j).status().code(), absl::StatusCode::kFailedPrecondition);
+  // Same block bytes, other layout: 32-token f16 blocks are as large as 16-token f32 ones.
+  j = s.Job(prompt, 0, {1, 2});
+  j.block_size = 32;
+  j.kv_dtype = "f16";
+  const absl::Status st = s.Run(j).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(st.message(), HasSubstr("block size 32, f16"));
 }
 
 TEST(PrefillEngineTest, CancelEndsRunningAndQueuedJobs) {
