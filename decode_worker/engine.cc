@@ -218,6 +218,7 @@ void Engine::StartRemotePrefill(Seq* s) {
   req.set_model_id(model_id_);
   req.set_block_size(cache_->block_size());
   req.set_kv_dtype(kernels::DTypeName(pool_->layout().dtype));
+  req.set_lease_generation(lease_generation_base_ + s->handle);  // unique per lease
   for (int32_t b : s->dest_blocks) req.add_destination_blocks(b);
   {
     absl::MutexLock l(&mu_);
@@ -297,8 +298,8 @@ void Engine::DriveQuarantine() {
       ++outstanding_rpcs_;
     }
     const uint64_t qid = id;
-    remote_.client->Abort(q.address, q.request_id, absl::Seconds(5),
-                          [this, qid](const absl::Status& st, bool found) {
+    remote_.client->Abort(q.address, q.request_id, lease_generation_base_ + q.handle,
+                          absl::Seconds(5), [this, qid](const absl::Status& st, bool found) {
                             absl::MutexLock l(&mu_);
                             abort_results_.push_back({qid, st, found});
                             --outstanding_rpcs_;

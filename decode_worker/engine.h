@@ -192,6 +192,8 @@ class Engine {
   std::vector<Seq*> running_;  // in admission order
   std::vector<float> logits_;
   absl::flat_hash_map<uint64_t, Quarantined> quarantine_;
+  // Lease generations are this + the request's handle: unique across restarts too.
+  const uint64_t lease_generation_base_ = kvcache::NewIncarnationId() << 20;
   uint64_t next_quarantine_id_ = 1;
 
   std::thread thread_;

@@ -46,7 +46,7 @@ void PrefillClient::Prefill(const std::string& address, v1::PrefillRequest reque
 }
 
 void PrefillClient::Abort(const std::string& address, const std::string& request_id,
-                          absl::Duration timeout, AbortDone done) {
+                          uint64_t lease_generation, absl::Duration timeout, AbortDone done) {
   struct Call {
     grpc::ClientContext ctx;
     v1::AbortRequest request;
@@ -55,6 +55,7 @@ void PrefillClient::Abort(const std::string& address, const std::string& request
   };
   auto* call = new Call();
   call->request.set_request_id(request_id);
+  call->request.set_lease_generation(lease_generation);
   call->done = std::move(done);
   call->ctx.set_deadline(Deadline(timeout));
   Stub(address)->async()->Abort(&call->ctx, &call->request, &call->response,

@@ -25,8 +25,8 @@ class PrefillClient {
   void Prefill(const std::string& address, v1::PrefillRequest request, absl::Duration timeout,
                PrefillDone done);
   // Abort of a request's job there; `done` gets the RPC status and whether a job was found.
-  void Abort(const std::string& address, const std::string& request_id, absl::Duration timeout,
-             AbortDone done);
+  void Abort(const std::string& address, const std::string& request_id, uint64_t lease_generation,
+             absl::Duration timeout, AbortDone done);
 
  private:
   v1::PrefillWorker::Stub* Stub(const std::string& address);

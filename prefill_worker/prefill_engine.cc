@@ -140,20 +140,24 @@ void PrefillEngine::Cancel(uint64_t handle) {
   queued->done(absl::CancelledError("prefill cancelled before it started"));
 }
 
-void PrefillEngine::Abort(const std::string& request_id, std::function<void(bool)> ended) {
+void PrefillEngine::Abort(const std::string& request_id, uint64_t lease_generation,
+                          std::function<void(bool)> ended) {
+  auto matches = [&](const Job& j) {
+    return j.spec.id == request_id && j.spec.lease_generation == lease_generation;
+  };
   std::vector<std::shared_ptr<Job>> removed;
   bool running = false;
   {
     absl::MutexLock l(&mu_);
     for (auto it = queue_.begin(); it != queue_.end();) {
-      if ((*it)->spec.id == request_id) {
+      if (matches(**it)) {
         removed.push_back(*it);
         it = queue_.erase(it);
       } else {
         ++it;
       }
     }
-    if (running_ && running_->spec.id == request_id) {
+    if (running_ && matches(*running_)) {
       running_->cancelled = true;
       running_->on_ended.push_back(std::move(ended));
       running = true;

@@ -44,6 +44,7 @@ struct PrefillJob {
   std::string model_id;
   int block_size = 0;
   std::string kv_dtype;
+  uint64_t lease_generation = 0;  // with id, names the decode worker's lease
 };
 
 struct PrefillOutcome {
@@ -83,10 +84,11 @@ class PrefillEngine {
   // cancelled and the endpoint flushed before `done` runs. No effect once it ended.
   void Cancel(uint64_t handle);
 
-  // Cancels the job(s) with this request id, queued or running; `ended(found)` runs
-  // once they have ended (their `done` has run), or at once with false when there is
-  // none. On the engine thread or the caller's.
-  void Abort(const std::string& request_id, std::function<void(bool found)> ended);
+  // Cancels the job(s) of this request id and lease generation, queued or running;
+  // `ended(found)` runs once they have ended (their `done` has run), or at once with
+  // false when there is none. On the engine thread or the caller's.
+  void Abort(const std::string& request_id, uint64_t lease_generation,
+             std::function<void(bool found)> ended);
 
   int64_t queued() const;
 

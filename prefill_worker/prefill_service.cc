@@ -29,6 +29,7 @@ absl::StatusOr<PrefillJob> FromProto(const v1::PrefillRequest& request) {
   job.model_id = request.model_id();
   job.block_size = request.block_size();
   job.kv_dtype = request.kv_dtype();
+  job.lease_generation = request.lease_generation();
   return job;
 }
 
@@ -118,7 +119,7 @@ class AbortReactor final : public grpc::ServerUnaryReactor {
       Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "request_id is required"));
       return;
     }
-    engine->Abort(request.request_id(), [this, response](bool found) {
+    engine->Abort(request.request_id(), request.lease_generation(), [this, response](bool found) {
       response->set_found(found);
       Finish(grpc::Status::OK);
     });

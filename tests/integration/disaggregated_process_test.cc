@@ -3,6 +3,7 @@
 // checked against the real single-process `kvrelay generate`.
 #include <signal.h>
 
+#include <atomic>
 #include <random>
 #include <thread>
 #include <vector>
@@ -269,6 +270,60 @@ TEST(DisaggregatedProcessTest, RandomCancelsReturnBothWorkersToTheirBaseline) {
   EXPECT_GT(cancelled, 0);
   (*d)->Shutdown(absl::Seconds(5));
   (*p)->Shutdown(absl::Seconds(5));
+}
+
+// Fault injection: a prefill worker that answers OK without writing the KV and with
+// wrong checksums (what corruption in flight looks like to the decode worker).
+class CorruptPrefillWorker final : public v1::PrefillWorker::CallbackService {
+ public:
+  grpc::ServerUnaryReactor* Prefill(grpc::CallbackServerContext* ctx, const v1::PrefillRequest* req,
+                                    v1::PrefillResponse* resp) override {
+    resp->set_first_token(1);
+    resp->mutable_first_logprobs()->set_token_id(1);
+    for (int i = 0; i < req->destination_blocks_size(); ++i) resp->add_block_checksums(12345);
+    calls_++;
+    auto* r = ctx->DefaultReactor();
+    r->Finish(grpc::Status::OK);
+    return r;
+  }
+  grpc::ServerUnaryReactor* Abort(grpc::CallbackServerContext* ctx, const v1::AbortRequest*,
+                                  v1::AbortResponse* resp) override {
+    resp->set_found(false);
+    auto* r = ctx->DefaultReactor();
+    r->Finish(grpc::Status::OK);
+    return r;
+  }
+  std::atomic<int> calls_{0};
+};
+
+TEST(DisaggregatedProcessTest, ChecksumMismatchIsNeverDecoded) {
+  CorruptPrefillWorker fake;
+  grpc::ServerBuilder builder;
+  int fake_port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &fake_port);
+  builder.RegisterService(&fake);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_TRUE(server && fake_port > 0);
+  decode::DecodeWorkerOptions o;
+  o.model_dir = ModelDir();
+  o.kv.kv_blocks = 64;
+  o.threads = 1;
+  auto d = decode::DecodeWorker::Start(o);
+  ASSERT_TRUE(d.ok()) << d.status();
+  auto stub = Stub((*d)->port());
+  const auto prompt = RandomPrompt(40, 81);
+  const Reply r =
+      Generate(*stub, Remote("bad-kv", prompt, 6, "127.0.0.1:" + std::to_string(fake_port)));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(fake.calls_.load(), 1);
+  // The mismatch was caught: the prompt was prefilled locally and the output is exact
+  // (the fake's first token 1 was not used).
+  EXPECT_EQ(r.usage.prefill_mode(), v1::PREFILL_MODE_LOCAL);
+  EXPECT_EQ(r.tokens, testing::CliGenerate(ModelDir(), prompt, 6));
+  EXPECT_EQ((*d)->engine().stats().remote_prefill_failures, 1);
+  EXPECT_TRUE(WaitForBaseline(**d));
+  (*d)->Shutdown(absl::Seconds(5));
+  server->Shutdown();
 }
 
 TEST(DisaggregatedProcessTest, BadPrefillRequestsAreInvalidArgument) {

@@ -1,0 +1,84 @@
+#include "prefill_worker/prefill_worker.h"
+
+#include <thread>
+
+#include "absl/synchronization/notification.h"
+#include "common/rpc/convert.h"
+#include "common/transfer/ucx/ucx_transport.h"
+#include "gmock/gmock.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "tests/testing/test_models.h"
+
+namespace kvrelay::prefill {
+namespace {
+
+using ::testing::HasSubstr;
+
+PrefillWorkerOptions Options() {
+  PrefillWorkerOptions o;
+  o.model_dir = testing::ModelDir(testing::TinyVariants()[0]);
+  o.kv.kv_blocks = 64;
+  o.threads = 1;
+  return o;
+}
+
+TEST(PrefillWorkerTest, BadOptionsNameTheOption) {
+  PrefillWorkerOptions o = Options();
+  o.model_dir.clear();
+  EXPECT_THAT(PrefillWorker::Start(o).status().message(), HasSubstr("--model"));
+  o = Options();
+  o.kv.kv_dtype = "f7";
+  EXPECT_THAT(PrefillWorker::Start(o).status().message(), HasSubstr("--kv-dtype"));
+  o = Options();
+  o.engine.prefill_chunk = 0;
+  EXPECT_THAT(PrefillWorker::Start(o).status().message(), HasSubstr("--prefill_chunk"));
+}
+
+TEST(PrefillWorkerTest, ShutdownLetsARunningPrefillFinish) {
+  PrefillWorkerOptions o = Options();
+  o.engine.prefill_chunk = 1;  // 400 forward passes: still running at shutdown
+  auto w = PrefillWorker::Start(o);
+  ASSERT_TRUE(w.ok()) << w.status();
+  // The destination: a pool on another UCX transport in this process.
+  auto transport = transfer::NewUcxTransport();
+  ASSERT_TRUE(transport.ok()) << transport.status();
+  auto kv =
+      worker::CreateKvStore(**transport, testing::LoadedModel(testing::TinyVariants()[0]), o.kv);
+  ASSERT_TRUE(kv.ok()) << kv.status();
+  v1::PrefillRequest req;
+  req.set_request_id("drain");
+  for (int i = 0; i < 400; ++i) req.add_prompt_token_ids(i % 300);
+  *req.mutable_destination() = rpc::ToProto(kv->memory->descriptor());
+  for (int b = 0; b < 25; ++b) req.add_destination_blocks(b);
+  req.set_model_id(BaseName(o.model_dir));
+  req.set_block_size(16);
+  req.set_kv_dtype("f32");
+  auto stub = v1::PrefillWorker::NewStub(grpc::CreateChannel(
+      "127.0.0.1:" + std::to_string((*w)->port()), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  v1::PrefillResponse resp;
+  absl::Notification done;
+  grpc::Status status;
+  stub->async()->Prefill(&ctx, &req, &resp, [&](grpc::Status s) {
+    status = s;
+    done.Notify();
+  });
+  // Shut down while the call is in progress (it holds the call count above zero).
+  while ((*w)->engine().queued() != 0 || (*w)->cache().counts().in_use == 0) {
+    if (done.HasBeenNotified()) break;
+    std::this_thread::yield();
+  }
+  (*w)->Shutdown(absl::Seconds(120));
+  done.WaitForNotification();
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(resp.block_checksums_size(), 25);
+  EXPECT_EQ(resp.stats().computed_tokens(), 400);
+  w->reset();
+  kv->pool.reset();
+  kv->memory.reset();
+}
+
+}  // namespace
+}  // namespace kvrelay::prefill
