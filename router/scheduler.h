@@ -1,0 +1,102 @@
+// The router's routing decision (DESIGN §5) as a pure function of the prompt, the
+// prefix overlaps from the PrefixIndex and a snapshot of worker load: which decode
+// worker D owns the request, and whether D prefills locally or a prefill worker P
+// computes the prompt and ships the KV to D. No clocks, no randomness, no state: the
+// caller (the router) supplies load and the tie-break counter, so every case can be
+// unit-tested by hand.
+//
+// Decode worker D:
+//   cost(w) = overlap_weight x (prompt_blocks - overlap(w)) + active_blocks(w)
+// lowest cost wins. Workers over their busy threshold (active_blocks / num_blocks >
+// decode_busy_threshold, or waiting > decode_max_waiting) are skipped while any worker
+// is not busy; when EVERY candidate is busy the lowest-cost busy one is chosen anyway.
+// As in vLLM's and Dynamo's routers, the worker queues the request: load is bounded by
+// the router's own admission queue (RESOURCE_EXHAUSTED there), not by refusing to route
+// a request that was already admitted.
+//
+// Prefill worker P (only when the prefill is remote):
+//   cost(p) = overlap_weight x (prompt_blocks - overlap(p)) + queued_prefill_tokens(p) / block_size
+// skipping workers with queued_prefill_tokens > prefill_max_queued_tokens. Unlike D, a
+// busy P is never chosen: D can always prefill locally instead.
+//
+// Ties (equal cost): fewest running sequences, then least recently chosen (smaller
+// last_chosen), then smaller slot. The caller bumps last_chosen of the chosen workers,
+// which spreads identical requests over identical idle workers round-robin.
+//
+// Remote or local prefill: local on D when
+//   uncached_tokens < local_prefill_max_tokens OR uncached_tokens / prompt_tokens <
+//   local_prefill_max_ratio,
+// or when no prefill worker is usable (none up, or all busy). DESIGN §5 joins the two
+// conditions with AND, which sends every short cold prompt (ratio 1) to a prefill worker:
+// a transfer and a second RPC for a few tokens D computes in one step. Short uncached
+// prompts prefill locally (Dynamo's rule too); the ratio (off by default) can keep a
+// mostly cached long prompt local as well.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+
+namespace kvrelay::router {
+
+struct SchedulerOptions {
+  // cost(w) = overlap_weight x (prompt_blocks - overlap(w)) + active_blocks(w).
+  double overlap_weight = 1.0;
+  // Skip D when active_blocks / num_blocks > this ...
+  double decode_busy_threshold = 0.95;
+  // ... or when its waiting queue is longer than this.
+  int64_t decode_max_waiting = 64;
+  // Skip P when its queued prefill tokens exceed this.
+  int64_t prefill_max_queued_tokens = 65536;
+  // Prefill locally on D when uncached < local_prefill_max_tokens OR
+  // uncached / prompt < local_prefill_max_ratio (0: off), or when no P is usable.
+  int64_t local_prefill_max_tokens = 256;
+  double local_prefill_max_ratio = 0.0;
+};
+
+// INVALID_ARGUMENT naming the first bad option: every number must be finite and >= 0.
+absl::Status Validate(const SchedulerOptions& options);
+
+// One worker's load as last reported (plus the router's tie-break counter).
+struct WorkerLoadView {
+  int slot = -1;                      // PrefixIndex slot; indexes `overlaps`
+  std::string id;                     // for messages only
+  int64_t num_blocks = 0;             // KV pool size; <= 0 counts as fully busy
+  int64_t active_blocks = 0;          // blocks held by running/waiting sequences
+  int64_t running = 0;                // sequences in the running batch (in-flight prefills for P)
+  int64_t waiting = 0;                // sequences queued for admission
+  int64_t queued_prefill_tokens = 0;  // prompt tokens queued for prefill (P)
+  uint64_t last_chosen = 0;           // router counter value when last chosen; smaller = longer ago
+};
+
+struct RouteDecision {
+  int decode_slot = -1;
+  int prefill_slot = -1;               // -1: D prefills locally
+  int32_t decode_overlap_blocks = 0;   // leading prompt blocks D already holds
+  int32_t prefill_overlap_blocks = 0;  // leading prompt blocks P already holds (0 if local)
+  // Prompt tokens D must still compute (local) or have transferred (remote):
+  // max(1, prompt_tokens - decode_overlap_blocks x block_size), since the last prompt
+  // token is always computed to produce the first output token.
+  int64_t uncached_tokens = 0;
+  int32_t max_overlap_blocks = 0;  // longest prefix held anywhere in the fleet
+};
+
+// Chooses D, and P or local prefill, for a prompt of `prompt_tokens` tokens split into
+// blocks of `block_size` (prompt_blocks = prompt_tokens / block_size full blocks).
+// `overlaps[slot]` is the slot's leading-block overlap (PrefixIndex::Overlaps); slots
+// beyond overlaps.size() count as 0, values are clamped to [0, prompt_blocks].
+// max_overlap_blocks is the largest (clamped) entry of `overlaps`. Decode workers whose
+// slot is in `excluded_decode_slots` (e.g. ones that already failed this request) are
+// not considered.
+// Errors: INVALID_ARGUMENT for bad options, prompt_tokens <= 0, block_size <= 0 or a
+// negative worker slot; UNAVAILABLE when no decode worker is left to choose.
+absl::StatusOr<RouteDecision> ChooseRoute(const SchedulerOptions& options, int64_t prompt_tokens,
+                                          int block_size, absl::Span<const int32_t> overlaps,
+                                          absl::Span<const WorkerLoadView> decode_workers,
+                                          absl::Span<const WorkerLoadView> prefill_workers,
+                                          absl::Span<const int> excluded_decode_slots);
+
+}  // namespace kvrelay::router
