@@ -22,6 +22,11 @@ absl::StatusOr<EngineRequest> FromProto(const v1::DecodeRequest& request) {
   if (!params.ok()) return params.status();
   r.params = *std::move(params);
   r.cache_salt = request.cache_salt();
+  if (request.resumed_tokens() < 0 || request.resumed_tokens() >= request.prompt_token_ids_size()) {
+    return absl::InvalidArgumentError(
+        "resumed_tokens must be >= 0 and leave at least one prompt token");
+  }
+  r.resumed_tokens = request.resumed_tokens();
   switch (request.plan().mode()) {
     case v1::PREFILL_MODE_UNSPECIFIED:
     case v1::PREFILL_MODE_LOCAL:
@@ -133,6 +138,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse
         u->set_queue_seconds(s.queue_seconds);
         u->set_ttft_seconds(s.ttft_seconds);
         u->set_preemptions(s.preemptions);
+        u->set_kv_incarnation(s.kv_incarnation);
+        u->set_kv_event_seq(s.kv_event_seq);
       }
       final_ = rpc::ToGrpc(st);
     }

@@ -41,12 +41,27 @@ absl::StatusOr<std::unique_ptr<DecodeWorker>> DecodeWorker::Start(
   if (w->server_ == nullptr || w->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
   }
+  DecodeWorker* self = w.get();
+  KVR_ASSIGN_OR_RETURN(
+      w->registry_,
+      rpc::StartRegistryClient(options.registry, v1::WORKER_ROLE_DECODE, w->port_, model_id,
+                               w->kv_.cache.get(), options.kv.kv_dtype, [self] {
+                                 const EngineStats s = self->engine_->stats();
+                                 const kvcache::PrefixCacheCounts c = self->kv_.cache->counts();
+                                 v1::LoadReport r;
+                                 r.set_running(s.running);
+                                 r.set_waiting(s.waiting);
+                                 r.set_active_blocks(c.in_use);
+                                 r.set_free_blocks(c.free + c.cached_free);
+                                 return r;
+                               }));
   return w;
 }
 
 void DecodeWorker::Shutdown(absl::Duration grace, absl::Duration linger) {
   if (shut_down_) return;
   shut_down_ = true;
+  if (registry_) registry_->Stop();  // routers drop this worker: no new requests
   if (auto* health = server_->GetHealthCheckService(); health != nullptr) {
     health->Shutdown();  // health checks now answer NOT_SERVING
   }

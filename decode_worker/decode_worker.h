@@ -8,6 +8,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/model/model.h"
+#include "common/rpc/registry_client.h"
 #include "common/transfer/kv_transport.h"
 #include "common/worker/kv_store.h"
 #include "decode_worker/decode_service.h"
@@ -26,6 +27,7 @@ struct DecodeWorkerOptions {
   int threads = 0;  // CPU threads for the forward pass; 0: all cores
   EngineOptions engine;
   absl::Duration prefill_timeout = absl::Seconds(60);  // one remote prefill call
+  rpc::RegistrySettings registry;                      // routers to register with
 };
 
 class DecodeWorker {
@@ -38,6 +40,8 @@ class DecodeWorker {
   int port() const { return port_; }
   Engine& engine() { return *engine_; }
   kvcache::PrefixCache& cache() { return *kv_.cache; }
+  // Routers whose registry stream is open (0 without --router).
+  int registered_routers() const { return registry_ ? registry_->connected() : 0; }
 
   // Graceful: health turns NOT_SERVING and new requests get UNAVAILABLE; running ones
   // finish and their streams are fully sent (up to `grace`; then they are cancelled).
@@ -57,6 +61,7 @@ class DecodeWorker {
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<DecodeService> service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<rpc::RegistryClient> registry_;  // stopped first: routers stop sending
   int port_ = 0;
   bool shut_down_ = false;
 };

@@ -94,12 +94,21 @@ absl::StatusOr<uint64_t> Engine::Submit(EngineRequest request, RequestCallbacks 
   if (!request.prefill_address.empty() && remote_.client == nullptr) {
     return absl::UnimplementedError("this engine has no remote prefill");
   }
+  if (request.resumed_tokens < 0 ||
+      request.resumed_tokens >= static_cast<int64_t>(request.prompt.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("resumed_tokens must be in [0, ",
+                                                   request.prompt.size(), "), got ",
+                                                   request.resumed_tokens));
+  }
+  if (request.resumed_tokens > 0 && !request.prefill_address.empty()) {
+    return absl::InvalidArgumentError("resumed_tokens needs a local plan");
+  }
   auto s = std::make_unique<Seq>();
   s->req = std::move(request);
   s->cb = std::move(callbacks);
   s->root = kvcache::RootHash(model_id_, s->req.cache_salt);
   s->tokens = s->req.prompt;
-  s->prompt_len = static_cast<int64_t>(s->tokens.size());
+  s->prompt_len = static_cast<int64_t>(s->tokens.size()) - s->req.resumed_tokens;
   s->summary.prompt_tokens = s->prompt_len;
   s->submitted = Now();
   absl::MutexLock l(&mu_);
@@ -358,6 +367,8 @@ void Engine::Finish(Seq* s, const absl::Status& status, std::string finish_reaso
   if (w != waiting_.end()) waiting_.erase(w);
   s->summary.finish_reason = std::move(finish_reason);
   s->summary.completion_tokens = s->generated();
+  s->summary.kv_incarnation = cache_->incarnation();
+  s->summary.kv_event_seq = cache_->last_event_seq();  // after s->kv released its blocks
   std::unique_ptr<Seq> owned = std::move(seqs_[s->handle]);
   seqs_.erase(s->handle);
   if (owned->cb.on_done) owned->cb.on_done(status, owned->summary);
@@ -481,7 +492,7 @@ void Engine::Emit(Seq* s, sampling::SampleResult r) {
   const int64_t position = static_cast<int64_t>(s->tokens.size());
   const int32_t tok = r.token;
   s->tokens.push_back(tok);
-  if (s->generated() == 1) s->summary.ttft_seconds = Now() - s->submitted;
+  if (s->generated() == s->req.resumed_tokens + 1) s->summary.ttft_seconds = Now() - s->submitted;
   if (s->cb.on_tokens) {
     StepOutput out;
     out.tokens.push_back(tok);

@@ -48,6 +48,10 @@ struct EngineRequest {
   // Remote plan: host:port of the prefill worker that computes the prompt's KV and
   // pushes it into this pool. Empty: prefill here.
   std::string prefill_address;
+  // Migration: the last `resumed_tokens` of `prompt` were generated for this request
+  // earlier (by another decode worker). They count as output (penalties, max_tokens)
+  // and generation continues after them. Local prefill only.
+  int64_t resumed_tokens = 0;
 };
 
 // What remote prefill needs: a client of prefill workers and this pool's memory as
@@ -80,6 +84,10 @@ struct RequestSummary {
   double transfer_seconds = 0;
   double transfer_wait_seconds = 0;  // transfer not overlapped with the prefill
   std::string transport;
+  // The pool's KV event stream once the request's blocks are back in the prefix cache:
+  // a reader that has applied event kv_event_seq of kv_incarnation knows them.
+  uint64_t kv_incarnation = 0;
+  uint64_t kv_event_seq = 0;
 };
 
 struct RequestCallbacks {

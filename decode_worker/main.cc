@@ -26,6 +26,12 @@ ABSL_FLAG(int, prefill_chunk, 256, "most prefill tokens of one sequence per step
 ABSL_FLAG(int, max_waiting, 1024, "queued requests beyond this get RESOURCE_EXHAUSTED");
 ABSL_FLAG(double, prefill_timeout_seconds, 60,
           "remote plan: how long one prefill worker call may take before falling back");
+ABSL_FLAG(std::string, router, "",
+          "router address(es) to register with, host:port[,host:port...] (empty: none)");
+ABSL_FLAG(std::string, worker_id, "",
+          "this worker's id in the registry (default: decode-HOST:PORT)");
+ABSL_FLAG(std::string, advertise_host, "127.0.0.1",
+          "host routers and prefill workers use to reach this worker");
 ABSL_FLAG(double, drain_seconds, 30, "on SIGTERM, how long running requests may finish");
 ABSL_FLAG(double, exit_linger_seconds, 1,
           "after draining, how long connections stay open before the server closes them: "
@@ -71,6 +77,14 @@ int main(int argc, char** argv) {
   o.engine.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
   o.prefill_timeout = absl::Seconds(absl::GetFlag(FLAGS_prefill_timeout_seconds));
   o.engine.max_waiting = static_cast<size_t>(std::max(1, absl::GetFlag(FLAGS_max_waiting)));
+  auto routers = kvrelay::rpc::ParseRouterList(absl::GetFlag(FLAGS_router), "--router");
+  if (!routers.ok()) {
+    std::fprintf(stderr, "kvrelay-decode: %s\n", routers.status().ToString().c_str());
+    return 2;
+  }
+  o.registry.routers = *routers;
+  o.registry.worker_id = absl::GetFlag(FLAGS_worker_id);
+  o.registry.advertise_host = absl::GetFlag(FLAGS_advertise_host);
   auto worker = kvrelay::decode::DecodeWorker::Start(o);
   if (!worker.ok()) {
     std::fprintf(stderr, "kvrelay-decode: %s\n", worker.status().ToString().c_str());

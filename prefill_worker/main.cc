@@ -25,6 +25,12 @@ ABSL_FLAG(int, max_queue, 256, "queued prefills beyond this get RESOURCE_EXHAUST
 ABSL_FLAG(uint64_t, transfer_chunk_bytes, 512 << 10, "KV puts larger than this are split");
 ABSL_FLAG(int, transfer_max_in_flight, 8, "KV put chunks outstanding at once");
 ABSL_FLAG(double, transfer_timeout_seconds, 30, "one KV write, issue to remote completion");
+ABSL_FLAG(std::string, router, "",
+          "router address(es) to register with, host:port[,host:port...] (empty: none)");
+ABSL_FLAG(std::string, worker_id, "",
+          "this worker's id in the registry (default: prefill-HOST:PORT)");
+ABSL_FLAG(std::string, advertise_host, "127.0.0.1",
+          "host routers and decode workers use to reach this worker");
 ABSL_FLAG(double, drain_seconds, 30, "on SIGTERM, how long running prefills may finish");
 ABSL_FLAG(double, exit_linger_seconds, 1,
           "after draining, how long connections stay open before the server closes them");
@@ -69,6 +75,14 @@ int main(int argc, char** argv) {
   o.engine.transfer.chunk_bytes = absl::GetFlag(FLAGS_transfer_chunk_bytes);
   o.engine.transfer.max_in_flight = absl::GetFlag(FLAGS_transfer_max_in_flight);
   o.engine.transfer.timeout = absl::Seconds(absl::GetFlag(FLAGS_transfer_timeout_seconds));
+  auto routers = kvrelay::rpc::ParseRouterList(absl::GetFlag(FLAGS_router), "--router");
+  if (!routers.ok()) {
+    std::fprintf(stderr, "kvrelay-prefill: %s\n", routers.status().ToString().c_str());
+    return 2;
+  }
+  o.registry.routers = *routers;
+  o.registry.worker_id = absl::GetFlag(FLAGS_worker_id);
+  o.registry.advertise_host = absl::GetFlag(FLAGS_advertise_host);
   auto worker = kvrelay::prefill::PrefillWorker::Start(o);
   if (!worker.ok()) {
     std::fprintf(stderr, "kvrelay-prefill: %s\n", worker.status().ToString().c_str());

@@ -172,6 +172,18 @@ int64_t PrefillEngine::queued() const {
   return static_cast<int64_t>(queue_.size());
 }
 
+PrefillEngine::Load PrefillEngine::load() const {
+  absl::MutexLock l(&mu_);
+  Load out;
+  out.queued = static_cast<int64_t>(queue_.size());
+  for (const auto& job : queue_) out.tokens += static_cast<int64_t>(job->spec.prompt.size());
+  if (running_ != nullptr) {
+    out.running = 1;
+    out.tokens += static_cast<int64_t>(running_->spec.prompt.size());
+  }
+  return out;
+}
+
 void PrefillEngine::Loop() {
   for (;;) {
     std::shared_ptr<Job> job;

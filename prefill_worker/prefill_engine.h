@@ -92,6 +92,15 @@ class PrefillEngine {
 
   int64_t queued() const;
 
+  // For load reports: jobs running (0 or 1) and queued, and the prompt tokens they
+  // still cover (an upper bound on what is left to compute: cached blocks not counted).
+  struct Load {
+    int64_t running = 0;
+    int64_t queued = 0;
+    int64_t tokens = 0;
+  };
+  Load load() const;
+
  private:
   struct Job;
   void Loop();

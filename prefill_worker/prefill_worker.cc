@@ -39,12 +39,28 @@ absl::StatusOr<std::unique_ptr<PrefillWorker>> PrefillWorker::Start(
   if (w->server_ == nullptr || w->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
   }
+  PrefillWorker* self = w.get();
+  KVR_ASSIGN_OR_RETURN(
+      w->registry_,
+      rpc::StartRegistryClient(options.registry, v1::WORKER_ROLE_PREFILL, w->port_, model_id,
+                               w->kv_.cache.get(), options.kv.kv_dtype, [self] {
+                                 const PrefillEngine::Load load = self->engine_->load();
+                                 const kvcache::PrefixCacheCounts c = self->kv_.cache->counts();
+                                 v1::LoadReport r;
+                                 r.set_running(load.running);
+                                 r.set_waiting(load.queued);
+                                 r.set_queued_prefill_tokens(load.tokens);
+                                 r.set_active_blocks(c.in_use);
+                                 r.set_free_blocks(c.free + c.cached_free);
+                                 return r;
+                               }));
   return w;
 }
 
 void PrefillWorker::Shutdown(absl::Duration grace, absl::Duration linger) {
   if (shut_down_) return;
   shut_down_ = true;
+  if (registry_) registry_->Stop();  // routers drop this worker: no new requests
   if (auto* health = server_->GetHealthCheckService(); health != nullptr) health->Shutdown();
   if (service_->calls().WaitIdle(grace)) absl::SleepFor(linger);
   server_->Shutdown(std::chrono::system_clock::now());  // cancels what is left

@@ -9,6 +9,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/model/model.h"
+#include "common/rpc/registry_client.h"
 #include "common/transfer/kv_transport.h"
 #include "common/worker/kv_store.h"
 #include "grpcpp/server.h"
@@ -25,6 +26,7 @@ struct PrefillWorkerOptions {
   worker::KvStoreOptions kv;
   int threads = 0;  // CPU threads for the forward pass; 0: all cores
   PrefillEngineOptions engine;
+  rpc::RegistrySettings registry;  // routers to register with
 };
 
 class PrefillWorker {
@@ -52,6 +54,7 @@ class PrefillWorker {
   std::unique_ptr<PrefillEngine> engine_;
   std::unique_ptr<PrefillService> service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<rpc::RegistryClient> registry_;  // stopped first: routers stop sending
   int port_ = 0;
   bool shut_down_ = false;
 };

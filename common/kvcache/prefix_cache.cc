@@ -155,6 +155,11 @@ KvEventBatch PrefixCache::ReadEvents(uint64_t from_seq, size_t max_events) const
   return log_.Read(from_seq, max_events);
 }
 
+uint64_t PrefixCache::last_event_seq() const {
+  absl::ReaderMutexLock l(&mu_);
+  return log_.last_seq();
+}
+
 KvSnapshot PrefixCache::Snapshot() const {
   absl::ReaderMutexLock l(&mu_);
   KvSnapshot s;

@@ -71,6 +71,8 @@ class PrefixCache {
 
   PrefixCacheCounts counts() const;
   KvEventBatch ReadEvents(uint64_t from_seq, size_t max_events) const;
+  // The seq of the last event written (0 before the first).
+  uint64_t last_event_seq() const;
   KvSnapshot Snapshot() const;
 
   // Checks allocator and cache structures against each other (tests; O(num_blocks)).

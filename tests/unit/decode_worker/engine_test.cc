@@ -177,6 +177,60 @@ TEST_P(EngineTest, SecondRequestReusesThePrefixAndStaysExact) {
   EXPECT_EQ(col.Get("a").tokens, Reference(m, prompt, p).token_ids);
 }
 
+// Migration (DESIGN §5): a request resumed elsewhere with its prompt plus the tokens
+// already generated continues exactly where it stopped, also with seeded sampling and
+// penalties (the resumed tokens count as output), and the summary names the KV event
+// that made its blocks known.
+TEST_P(EngineTest, ResumedRequestContinuesTheSameStream) {
+  const model::Model& m = M();
+  Kv kv = MakeKv(m, 128);
+  auto engine = Engine::Create(&m, kv.pool.get(), kv.cache.get(), "tiny", EngineOptions());
+  ASSERT_TRUE(engine.ok());
+  sampling::SamplingParams p;
+  p.max_tokens = 12;
+  p.ignore_eos = true;
+  p.temperature = 0.9f;
+  p.seed = 42;
+  p.repetition_penalty = 1.3f;
+  p.frequency_penalty = 0.5f;
+  p.presence_penalty = 0.4f;
+  const auto prompt = Prompt(21, 3, m.config().vocab_size);
+  const auto ref = Reference(m, prompt, p);
+  ASSERT_EQ(ref.token_ids.size(), 12u);
+  Collector col;
+  for (int k : {1, 5, 11}) {
+    EngineRequest r;
+    r.id = "resume" + std::to_string(k);
+    r.prompt = prompt;
+    r.prompt.insert(r.prompt.end(), ref.token_ids.begin(), ref.token_ids.begin() + k);
+    r.resumed_tokens = k;
+    r.params = p;
+    ASSERT_TRUE((*engine)->Submit(r, col.For(r.id)).ok());
+  }
+  col.Wait(3);
+  for (int k : {1, 5, 11}) {
+    const Outcome o = col.Get("resume" + std::to_string(k));
+    ASSERT_TRUE(o.status.ok()) << o.status;
+    EXPECT_EQ(o.tokens, std::vector<int32_t>(ref.token_ids.begin() + k, ref.token_ids.end()))
+        << "resumed after " << k;
+    EXPECT_EQ(o.summary.prompt_tokens, 21);
+    EXPECT_EQ(o.summary.finish_reason, "length");
+    EXPECT_EQ(o.summary.kv_incarnation, kv.cache->incarnation());
+    EXPECT_GT(o.summary.kv_event_seq, 0u);
+    EXPECT_LE(o.summary.kv_event_seq, kv.cache->last_event_seq());
+  }
+  EngineRequest bad;
+  bad.id = "bad";
+  bad.prompt = prompt;
+  bad.params = p;
+  bad.resumed_tokens = static_cast<int64_t>(prompt.size());  // no real prompt left
+  EXPECT_EQ((*engine)->Submit(bad, col.For("bad")).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  bad.resumed_tokens = 2;
+  bad.prefill_address = "127.0.0.1:1";
+  EXPECT_FALSE((*engine)->Submit(bad, col.For("bad")).ok());
+}
+
 TEST_P(EngineTest, SmallPoolPreemptsAndEveryRequestStillMatches) {
   const model::Model& m = M();
   // 12 blocks of 4 tokens = 48 token slots; 6 requests of 20 + 16 tokens need 9 each.

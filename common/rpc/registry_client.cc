@@ -1,0 +1,283 @@
+#include "common/rpc/registry_client.h"
+
+#include <pthread.h>
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/util/status.h"
+#include "grpcpp/client_context.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
+#include "kvrelay/v1/registry.grpc.pb.h"
+
+namespace kvrelay::rpc {
+
+absl::StatusOr<std::vector<std::string>> ParseRouterList(const std::string& list,
+                                                         const std::string& flag) {
+  std::vector<std::string> out;
+  for (absl::string_view part : absl::StrSplit(list, ',', absl::SkipWhitespace())) {
+    const size_t colon = part.rfind(':');
+    int port = 0;
+    if (colon == absl::string_view::npos || colon == 0 ||
+        !absl::SimpleAtoi(part.substr(colon + 1), &port) || port < 1 || port > 65535) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(flag, ": '", part, "' is not host:port (port 1-65535)"));
+    }
+    out.emplace_back(part);
+  }
+  return out;
+}
+
+namespace {
+
+v1::KvEventBatchMsg ToProto(const kvcache::KvEventBatch& batch) {
+  v1::KvEventBatchMsg m;
+  m.set_incarnation(batch.incarnation);
+  for (const kvcache::KvEvent& e : batch.events) {
+    v1::KvEventMsg* p = m.add_events();
+    p->set_seq(e.seq);
+    switch (e.type) {
+      case kvcache::KvEvent::Type::kStored:
+        p->set_type(v1::KvEventMsg::TYPE_STORED);
+        if (e.parent_hash) p->set_parent_hash(*e.parent_hash);
+        break;
+      case kvcache::KvEvent::Type::kRemoved:
+        p->set_type(v1::KvEventMsg::TYPE_REMOVED);
+        break;
+      case kvcache::KvEvent::Type::kCleared:
+        p->set_type(v1::KvEventMsg::TYPE_CLEARED);
+        break;
+    }
+    for (uint64_t h : e.hashes) p->add_hashes(h);
+  }
+  return m;
+}
+
+v1::KvSnapshotMsg ToProto(const kvcache::KvSnapshot& snapshot) {
+  v1::KvSnapshotMsg m;
+  m.set_incarnation(snapshot.incarnation);
+  m.set_seq(snapshot.seq);
+  m.mutable_hashes()->Reserve(static_cast<int>(snapshot.blocks.size()));
+  for (const kvcache::CachedBlockInfo& b : snapshot.blocks) m.add_hashes(b.hash);
+  return m;
+}
+
+}  // namespace
+
+// One router: a thread that keeps a stream open (redialling with backoff) and writes
+// events, snapshots and load reports; per open stream, a reader thread that takes the
+// router's acks and snapshot requests.
+class RegistryClient::Connection {
+ public:
+  Connection(const RegistryClient* owner, std::string router)
+      : owner_(owner), router_(std::move(router)) {}
+
+  void Start() {
+    thread_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "kvr-registry");
+      Run();
+    });
+  }
+
+  void Stop() {
+    {
+      absl::MutexLock l(&mu_);
+      stop_ = true;
+      if (ctx_ != nullptr) ctx_->TryCancel();
+    }
+    if (thread_.joinable()) thread_.join();
+  }
+
+  bool acked() const {
+    absl::MutexLock l(&mu_);
+    return acked_;
+  }
+
+ private:
+  void Run() {
+    const RegistryClientOptions& o = owner_->options_;
+    auto stub =
+        v1::Registry::NewStub(grpc::CreateChannel(router_, grpc::InsecureChannelCredentials()));
+    absl::Duration backoff = o.reconnect_min;
+    while (true) {
+      const bool was_acked = Session(*stub);
+      absl::MutexLock l(&mu_);
+      acked_ = false;
+      if (stop_) return;
+      if (was_acked) backoff = o.reconnect_min;  // it worked for a while: retry soon
+      mu_.AwaitWithTimeout(absl::Condition(&stop_), backoff);
+      if (stop_) return;
+      backoff = std::min(backoff * 2, o.reconnect_max);
+    }
+  }
+
+  // One stream, until it breaks or Stop. True if the router acknowledged it.
+  bool Session(v1::Registry::Stub& stub) {
+    const RegistryClientOptions& o = owner_->options_;
+    grpc::ClientContext ctx;
+    {
+      absl::MutexLock l(&mu_);
+      if (stop_) return false;
+      ctx_ = &ctx;
+      read_done_ = false;
+      want_snapshot_ = true;  // a new stream: the router may know nothing of us
+      heartbeat_ = o.heartbeat;
+    }
+    std::unique_ptr<grpc::ClientReaderWriter<v1::WorkerMessage, v1::RouterMessage>> stream =
+        stub.Connect(&ctx);
+    std::thread reader([this, &stream] {
+      pthread_setname_np(pthread_self(), "kvr-registry-rd");
+      v1::RouterMessage m;
+      while (stream->Read(&m)) {
+        absl::MutexLock l(&mu_);
+        if (m.has_ack()) {
+          acked_ = true;
+          ever_acked_ = true;
+          if (m.ack().heartbeat_interval_ms() > 0) {
+            heartbeat_ = absl::Milliseconds(m.ack().heartbeat_interval_ms());
+          }
+        } else if (m.has_snapshot_request()) {
+          want_snapshot_ = true;
+        }
+      }
+      absl::MutexLock l(&mu_);
+      read_done_ = true;
+    });
+
+    v1::WorkerMessage reg;
+    *reg.mutable_register_() = o.registration;
+    bool ok = stream->Write(reg);
+    uint64_t next_seq = 1;
+    absl::Time next_report = absl::InfinitePast();
+    while (ok) {
+      bool snapshot = false;
+      absl::Duration heartbeat;
+      {
+        absl::MutexLock l(&mu_);
+        auto wake = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return stop_ || read_done_ || want_snapshot_;
+        };
+        mu_.AwaitWithTimeout(absl::Condition(&wake), o.event_poll);
+        if (stop_ || read_done_) break;
+        snapshot = want_snapshot_;
+        want_snapshot_ = false;
+        heartbeat = heartbeat_;
+      }
+      if (!snapshot) {
+        kvcache::KvEventBatch batch =
+            owner_->cache_->ReadEvents(next_seq, o.max_events_per_message);
+        if (batch.need_snapshot) {
+          snapshot = true;  // the log moved past us
+        } else if (!batch.events.empty()) {
+          v1::WorkerMessage m;
+          *m.mutable_events() = ToProto(batch);
+          next_seq = batch.next_seq;
+          ok = stream->Write(m);
+        }
+      }
+      if (snapshot && ok) {
+        kvcache::KvSnapshot s = owner_->cache_->Snapshot();
+        v1::WorkerMessage m;
+        *m.mutable_snapshot() = ToProto(s);
+        next_seq = s.seq + 1;
+        ok = stream->Write(m);
+      }
+      const absl::Time now = absl::Now();
+      if (ok && now >= next_report) {
+        v1::WorkerMessage m;
+        *m.mutable_load() = owner_->load_();
+        ok = stream->Write(m);
+        next_report = now + heartbeat;
+      }
+    }
+    ctx.TryCancel();
+    reader.join();
+    (void)stream->Finish();  // the reason does not matter: we redial
+    absl::MutexLock l(&mu_);
+    ctx_ = nullptr;
+    const bool was = ever_acked_;
+    ever_acked_ = false;
+    return was;
+  }
+
+  const RegistryClient* owner_;
+  const std::string router_;
+  std::thread thread_;
+  mutable absl::Mutex mu_;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::ClientContext* ctx_ ABSL_GUARDED_BY(mu_) = nullptr;
+  bool read_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool want_snapshot_ ABSL_GUARDED_BY(mu_) = false;
+  bool acked_ ABSL_GUARDED_BY(mu_) = false;
+  bool ever_acked_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Duration heartbeat_ ABSL_GUARDED_BY(mu_);
+};
+
+RegistryClient::RegistryClient(RegistryClientOptions options, const kvcache::PrefixCache* cache,
+                               std::function<v1::LoadReport()> load)
+    : options_(std::move(options)), cache_(cache), load_(std::move(load)) {}
+
+RegistryClient::~RegistryClient() { Stop(); }
+
+absl::Status RegistryClient::Start() {
+  const v1::WorkerRegistration& r = options_.registration;
+  if (r.worker_id().empty()) return absl::InvalidArgumentError("registration.worker_id is empty");
+  if (r.role() != v1::WORKER_ROLE_PREFILL && r.role() != v1::WORKER_ROLE_DECODE) {
+    return absl::InvalidArgumentError("registration.role must be prefill or decode");
+  }
+  if (r.address().empty()) return absl::InvalidArgumentError("registration.address is empty");
+  if (r.model_id().empty()) return absl::InvalidArgumentError("registration.model_id is empty");
+  if (r.block_size() < 1 || r.num_blocks() < 1) {
+    return absl::InvalidArgumentError("registration.block_size and num_blocks must be >= 1");
+  }
+  if (options_.event_poll <= absl::ZeroDuration() || options_.heartbeat <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("event_poll and heartbeat must be > 0");
+  }
+  for (const std::string& router : options_.routers) {
+    connections_.push_back(std::make_unique<Connection>(this, router));
+    connections_.back()->Start();
+  }
+  return absl::OkStatus();
+}
+
+void RegistryClient::Stop() {
+  for (auto& c : connections_) c->Stop();
+  connections_.clear();
+}
+
+absl::StatusOr<std::unique_ptr<RegistryClient>> StartRegistryClient(
+    const RegistrySettings& settings, v1::WorkerRole role, int port, const std::string& model_id,
+    const kvcache::PrefixCache* cache, const std::string& kv_dtype,
+    std::function<v1::LoadReport()> load) {
+  if (settings.routers.empty()) return std::unique_ptr<RegistryClient>();
+  RegistryClientOptions o;
+  o.routers = settings.routers;
+  v1::WorkerRegistration& r = o.registration;
+  const std::string address = absl::StrCat(settings.advertise_host, ":", port);
+  r.set_worker_id(
+      !settings.worker_id.empty()
+          ? settings.worker_id
+          : absl::StrCat(role == v1::WORKER_ROLE_PREFILL ? "prefill-" : "decode-", address));
+  r.set_role(role);
+  r.set_address(address);
+  r.set_model_id(model_id);
+  r.set_block_size(cache->block_size());
+  r.set_num_blocks(cache->num_blocks());
+  r.set_incarnation(cache->incarnation());
+  r.set_kv_dtype(kv_dtype);
+  auto client = std::make_unique<RegistryClient>(std::move(o), cache, std::move(load));
+  KVR_RETURN_IF_ERROR(client->Start());
+  return client;
+}
+
+int RegistryClient::connected() const {
+  int n = 0;
+  for (const auto& c : connections_) n += c->acked() ? 1 : 0;
+  return n;
+}
+
+}  // namespace kvrelay::rpc

@@ -1,0 +1,81 @@
+// The worker side of the registry (DESIGN §5): a worker dials every router replica on
+// one bidirectional stream (Registry/Connect), registers, then sends its KV events as
+// they happen and a load report every heartbeat. Each connection reads the prefix
+// cache's event log from its own position: after (re)connecting and whenever the
+// router asks (a gap, a new incarnation) or the log no longer holds what it needs, it
+// sends a snapshot instead. Connections that fail are redialled with backoff, so a
+// restarted router rebuilds its index from the workers' snapshots.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "common/kvcache/prefix_cache.h"
+#include "kvrelay/v1/registry.pb.h"
+
+namespace kvrelay::rpc {
+
+struct RegistryClientOptions {
+  std::vector<std::string> routers;  // host:port of every router replica
+  v1::WorkerRegistration registration;
+  // How often new KV events are looked for (the router learns of new blocks this late).
+  absl::Duration event_poll = absl::Milliseconds(5);
+  // Load report interval until the router's ack says otherwise.
+  absl::Duration heartbeat = absl::Milliseconds(500);
+  absl::Duration reconnect_min = absl::Milliseconds(50);
+  absl::Duration reconnect_max = absl::Seconds(2);
+  size_t max_events_per_message = 1024;
+};
+
+// What a worker's flags say about the registry.
+struct RegistrySettings {
+  std::vector<std::string> routers;          // empty: register nowhere
+  std::string worker_id;                     // empty: "<role>-<host>:<port>"
+  std::string advertise_host = "127.0.0.1";  // how routers and peers reach this worker
+};
+
+// "host:port[,host:port...]" -> the list; INVALID_ARGUMENT naming `flag` for an entry
+// that is not host:port.
+absl::StatusOr<std::vector<std::string>> ParseRouterList(const std::string& list,
+                                                         const std::string& flag);
+
+// Starts a client registering `role` served on `port` (nullptr when no router is set).
+// INVALID_ARGUMENT for incomplete settings.
+class RegistryClient;
+absl::StatusOr<std::unique_ptr<RegistryClient>> StartRegistryClient(
+    const RegistrySettings& settings, v1::WorkerRole role, int port, const std::string& model_id,
+    const kvcache::PrefixCache* cache, const std::string& kv_dtype,
+    std::function<v1::LoadReport()> load);
+
+class RegistryClient {
+ public:
+  // `load` runs on the client's threads (one per router) for every report.
+  RegistryClient(RegistryClientOptions options, const kvcache::PrefixCache* cache,
+                 std::function<v1::LoadReport()> load);
+  // Closes every stream and joins the threads (Stop).
+  ~RegistryClient();
+
+  // INVALID_ARGUMENT when the registration is incomplete (naming the field).
+  absl::Status Start();
+  void Stop();
+
+  // Routers whose stream is open and registration acknowledged.
+  int connected() const;
+
+ private:
+  class Connection;
+
+  const RegistryClientOptions options_;
+  const kvcache::PrefixCache* cache_;
+  std::function<v1::LoadReport()> load_;
+  std::vector<std::unique_ptr<Connection>> connections_;
+};
+
+}  // namespace kvrelay::rpc
