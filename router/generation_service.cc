@@ -1,0 +1,441 @@
+#include "router/generation_service.h"
+
+#include <pthread.h>
+
+#include <algorithm>
+#include <chrono>
+#include <optional>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/kvcache/block_hash.h"
+#include "common/kvcache/kv_pool.h"
+#include "common/rpc/convert.h"
+#include "grpcpp/client_context.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
+#include "router/output_stream.h"
+
+namespace kvrelay::router {
+
+// One Generate stream. The runner serving it queues messages with Send and ends it
+// with End (exactly once); gRPC writes them one at a time. OnCancel (the client went
+// away or its deadline passed) cancels the current decode worker call. `this` is
+// deleted in OnDone, which gRPC calls only after Finish, and Finish only follows End:
+// the runner never touches the call after End.
+class GenerationService::Call final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+ public:
+  Call(GenerationService* service, grpc::CallbackServerContext* context)
+      : service_(service), deadline_(context->deadline()), accepted_(absl::Now()) {
+    service_->calls_.Started();
+  }
+
+  PreparedRequest request;
+
+  absl::Time accepted() const { return accepted_; }
+  // The client's deadline, if it set one.
+  std::optional<std::chrono::system_clock::time_point> deadline() const {
+    if (deadline_ == std::chrono::system_clock::time_point::max()) return std::nullopt;
+    return deadline_;
+  }
+
+  void Send(v1::GenerateResponse m) {
+    {
+      absl::MutexLock l(&mu_);
+      queue_.push_back(std::move(m));
+    }
+    Pump();
+  }
+
+  void End(grpc::Status status) {
+    {
+      absl::MutexLock l(&mu_);
+      final_ = std::move(status);
+    }
+    Pump();
+  }
+
+  // The decode worker call now in progress; false (nothing attached) if the client
+  // has already cancelled.
+  bool Attach(grpc::ClientContext* ctx) {
+    absl::MutexLock l(&mu_);
+    if (cancelled_) return false;
+    worker_call_ = ctx;
+    return true;
+  }
+  void Detach() {
+    absl::MutexLock l(&mu_);
+    worker_call_ = nullptr;
+  }
+  bool cancelled() const {
+    absl::MutexLock l(&mu_);
+    return cancelled_;
+  }
+
+  void OnCancel() override {
+    absl::MutexLock l(&mu_);
+    cancelled_ = true;
+    if (worker_call_ != nullptr) worker_call_->TryCancel();
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      absl::MutexLock l(&mu_);
+      queue_.pop_front();
+      writing_ = false;
+      if (!ok) broken_ = true;  // the client is gone: OnCancel follows
+    }
+    Pump();
+  }
+
+  void OnDone() override {
+    GenerationService* service = service_;
+    delete this;
+    service->calls_.Done();
+  }
+
+ private:
+  void Pump() {
+    const v1::GenerateResponse* next = nullptr;
+    std::optional<grpc::Status> finish;
+    {
+      absl::MutexLock l(&mu_);
+      if (writing_ || finishing_) return;
+      if (!queue_.empty() && !broken_) {
+        writing_ = true;
+        next = &queue_.front();
+      } else if (final_) {
+        finishing_ = true;
+        finish = broken_ ? grpc::Status(grpc::StatusCode::CANCELLED, "client went away") : *final_;
+      }
+    }
+    if (next != nullptr) {
+      StartWrite(next);
+    } else if (finish) {
+      Finish(*finish);  // last use of `this`
+    }
+  }
+
+  GenerationService* service_;
+  const std::chrono::system_clock::time_point deadline_;
+  const absl::Time accepted_;
+  mutable absl::Mutex mu_;
+  std::deque<v1::GenerateResponse> queue_ ABSL_GUARDED_BY(mu_);  // front: being written
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool finishing_ ABSL_GUARDED_BY(mu_) = false;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::ClientContext* worker_call_ ABSL_GUARDED_BY(mu_) = nullptr;
+  std::optional<grpc::Status> final_ ABSL_GUARDED_BY(mu_);
+};
+
+GenerationService::GenerationService(const ModelContext* model, WorkerRegistry* registry,
+                                     GenerationOptions options)
+    : model_(model), registry_(registry), options_(std::move(options)) {
+  for (int i = 0; i < std::max(1, options_.max_running); ++i) {
+    runners_.emplace_back([this] {
+      pthread_setname_np(pthread_self(), "kvr-route");
+      RunLoop();
+    });
+  }
+}
+
+GenerationService::~GenerationService() {
+  {
+    absl::MutexLock l(&mu_);
+    accepting_ = false;
+    stop_ = true;
+  }
+  for (std::thread& t : runners_) t.join();
+}
+
+void GenerationService::StopAccepting() {
+  absl::MutexLock l(&mu_);
+  accepting_ = false;
+}
+
+void GenerationService::RunLoop() {
+  while (true) {
+    Call* call = nullptr;
+    {
+      absl::MutexLock l(&mu_);
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !queue_.empty(); };
+      mu_.Await(absl::Condition(&ready));
+      if (queue_.empty()) return;  // stop_
+      call = queue_.front();
+      queue_.pop_front();
+      ++busy_;
+    }
+    Serve(call);
+    absl::MutexLock l(&mu_);
+    --busy_;
+  }
+}
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  auto* call = new Call(this, context);
+  std::string generated_id;
+  {
+    absl::MutexLock l(&mu_);
+    generated_id = absl::StrCat("req-", registry_->options().router_id, "-", next_id_++);
+  }
+  absl::StatusOr<PreparedRequest> p = Prepare(*model_, *request, generated_id);
+  if (!p.ok()) {
+    call->End(rpc::ToGrpc(p.status()));
+    return call;
+  }
+  call->request = *std::move(p);
+  {
+    absl::MutexLock l(&mu_);
+    if (!accepting_) {
+      call->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the router is shutting down"));
+      return call;
+    }
+    if (queue_.size() >= options_.max_queued) {
+      call->End(grpc::Status(
+          grpc::StatusCode::RESOURCE_EXHAUSTED,
+          absl::StrCat("the router's queue is full (", options_.max_queued, " requests waiting)")));
+      return call;
+    }
+    queue_.push_back(call);
+  }
+  return call;
+}
+
+std::shared_ptr<grpc::Channel> GenerationService::ChannelTo(const std::string& address) {
+  absl::MutexLock l(&channels_mu_);
+  std::shared_ptr<grpc::Channel>& c = channels_[address];
+  if (c == nullptr) c = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  return c;
+}
+
+namespace {
+
+bool IsRequestError(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::INVALID_ARGUMENT:
+    case grpc::StatusCode::FAILED_PRECONDITION:
+    case grpc::StatusCode::OUT_OF_RANGE:
+    case grpc::StatusCode::NOT_FOUND:
+    case grpc::StatusCode::UNIMPLEMENTED:
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:  // e.g. the prompt can never fit the pool
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return true;
+    default:
+      return false;
+  }
+}
+
+double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
+
+}  // namespace
+
+void GenerationService::Serve(Call* call) {
+  const PreparedRequest& req = call->request;
+  const model::ModelConfig& cfg = model_->config;
+  const int bs = model_->block_size;
+  const uint64_t root = kvcache::RootHash(model_->model_id, req.cache_salt);
+  OutputStream out(model_->tokenizer.get(), req.prompt, req.stop);
+  std::vector<int> excluded;
+  int migrations = 0;
+  std::optional<absl::Time> dispatched, first_token, last_token;
+  int64_t predicted_cached = 0;
+  std::string decode_id, prefill_id;
+  grpc::Status last_failure;
+  bool sent_any = false;
+
+  auto send_final = [&](const std::string& finish_reason, const v1::DecodeUsage* usage) {
+    v1::GenerateResponse g;
+    if (!sent_any) g.set_request_id(req.id);
+    out.Flush(&g);
+    v1::Final* f = g.mutable_final();
+    f->set_finish_reason(out.matched_stop() ? "stop" : finish_reason);
+    if (out.matched_stop()) f->set_stop_reason(*out.matched_stop());
+    const int64_t prompt_tokens = static_cast<int64_t>(req.prompt.size());
+    const int64_t n = static_cast<int64_t>(out.generated().size());
+    f->mutable_usage()->set_prompt_tokens(prompt_tokens);
+    f->mutable_usage()->set_completion_tokens(n);
+    const absl::Time now = absl::Now();
+    v1::Timing* t = f->mutable_timing();
+    t->set_queue_seconds(Seconds((dispatched ? *dispatched : now) - call->accepted()));
+    if (first_token) t->set_ttft_seconds(Seconds(*first_token - call->accepted()));
+    if (n > 1) t->set_mean_itl_seconds(Seconds(*last_token - *first_token) / (n - 1));
+    t->set_total_seconds(Seconds(now - call->accepted()));
+    v1::Route* r = f->mutable_route();
+    r->set_decode_worker(decode_id);
+    r->set_prefill_worker(prefill_id);
+    r->set_predicted_cached_tokens(predicted_cached);
+    r->set_migrations(migrations);
+    r->set_prefill_mode(v1::PREFILL_MODE_LOCAL);
+    if (usage != nullptr) {
+      f->mutable_usage()->set_cached_tokens(std::min(
+          prompt_tokens, std::max(usage->cached_tokens(), usage->prefill_cached_tokens())));
+      r->set_prefill_mode(usage->prefill_mode());
+      if (usage->prefill_mode() != v1::PREFILL_MODE_REMOTE) r->clear_prefill_worker();
+      f->mutable_transfer()->set_bytes(usage->transfer_bytes());
+      f->mutable_transfer()->set_seconds(usage->transfer_seconds());
+      f->mutable_transfer()->set_transport(usage->transport());
+    }
+    call->Send(std::move(g));
+    call->End(grpc::Status::OK);
+  };
+
+  while (true) {
+    const std::vector<int32_t>& gen = out.generated();
+    // A worker that failed after the last token: the request may be complete already.
+    if (!gen.empty()) {
+      const int32_t last = gen.back();
+      const bool eos = !req.params.ignore_eos &&
+                       std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), last) !=
+                           cfg.eos_token_ids.end();
+      const bool stop_id =
+          std::find(req.params.stop_token_ids.begin(), req.params.stop_token_ids.end(), last) !=
+          req.params.stop_token_ids.end();
+      if (eos || stop_id) return send_final("stop", nullptr);
+      if (static_cast<int64_t>(gen.size()) >= req.params.max_tokens ||
+          static_cast<int64_t>(req.prompt.size() + gen.size()) >= cfg.max_position_embeddings) {
+        return send_final("length", nullptr);
+      }
+    }
+    std::vector<int32_t> tokens = req.prompt;
+    tokens.insert(tokens.end(), gen.begin(), gen.end());
+    const std::vector<uint64_t> hashes = kvcache::BlockHashes(root, tokens, bs);
+    const FleetView view = registry_->View(hashes);
+    absl::StatusOr<RouteDecision> d =
+        ChooseRoute(options_.scheduler, static_cast<int64_t>(tokens.size()), bs, view.overlaps,
+                    view.decode, view.prefill, excluded);
+    if (!d.ok()) {
+      if (migrations > 0) {
+        return call->End(grpc::Status(
+            grpc::StatusCode::UNAVAILABLE,
+            absl::StrCat(
+                "decode worker ", decode_id, " failed (", last_failure.error_message(),
+                ") and no other decode worker can take the request: ", d.status().message())));
+      }
+      return call->End(rpc::ToGrpc(d.status()));
+    }
+    const std::optional<WorkerRef> dw = registry_->Worker(d->decode_slot);
+    if (!dw) {  // died since the view was taken
+      excluded.push_back(d->decode_slot);
+      continue;
+    }
+    std::optional<WorkerRef> pw;
+    // A resumed request prefills on its new decode worker: the prefill worker would
+    // sample its first token as if no output existed yet (penalties).
+    if (d->prefill_slot >= 0 && gen.empty()) pw = registry_->Worker(d->prefill_slot);
+    const int prefill_slot = pw ? d->prefill_slot : -1;
+    const int64_t load_blocks =
+        kvcache::BlocksFor(static_cast<int64_t>(tokens.size()) + req.params.max_tokens -
+                               static_cast<int64_t>(gen.size()),
+                           bs);
+    const int64_t load_tokens = pw ? d->uncached_tokens : 0;
+    registry_->NoteChosen(d->decode_slot, prefill_slot, load_blocks, load_tokens);
+    if (!dispatched) {
+      dispatched = absl::Now();
+      const int32_t blocks = pw ? std::max(d->decode_overlap_blocks, d->prefill_overlap_blocks)
+                                : d->decode_overlap_blocks;
+      predicted_cached =
+          std::min(static_cast<int64_t>(req.prompt.size()), static_cast<int64_t>(blocks) * bs);
+    }
+    decode_id = dw->id;
+    prefill_id = pw ? pw->id : "";
+
+    v1::DecodeRequest dr;
+    dr.set_request_id(req.id);
+    *dr.mutable_prompt_token_ids() = {tokens.begin(), tokens.end()};
+    *dr.mutable_sampling() = req.forward;
+    dr.set_cache_salt(req.cache_salt);
+    dr.set_resumed_tokens(static_cast<int32_t>(gen.size()));
+    if (pw) {
+      dr.mutable_plan()->set_mode(v1::PREFILL_MODE_REMOTE);
+      dr.mutable_plan()->set_prefill_address(pw->address);
+    } else {
+      dr.mutable_plan()->set_mode(v1::PREFILL_MODE_LOCAL);
+    }
+    grpc::ClientContext ctx;
+    if (auto deadline = call->deadline()) ctx.set_deadline(*deadline);
+    if (!call->Attach(&ctx)) {
+      return call->End(grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled"));
+    }
+    auto stub = v1::DecodeWorker::NewStub(ChannelTo(dw->address));
+    std::unique_ptr<grpc::ClientReader<v1::DecodeResponse>> reader = stub->Generate(&ctx, dr);
+    v1::DecodeResponse m;
+    bool stopped = false;
+    std::optional<v1::DecodeUsage> usage;
+    std::string finish;
+    while (reader->Read(&m)) {
+      if (m.token_ids_size() > 0) {
+        v1::GenerateResponse g;
+        if (!sent_any) g.set_request_id(req.id);
+        stopped = out.Push(m, &g);
+        const absl::Time now = absl::Now();
+        if (!first_token) first_token = now;
+        last_token = now;
+        sent_any = true;
+        call->Send(std::move(g));
+        if (stopped) {
+          ctx.TryCancel();  // a stop string ended it: the worker stops generating
+          break;
+        }
+      }
+      if (!m.finish_reason().empty()) {
+        finish = m.finish_reason();
+        usage = m.usage();
+      }
+    }
+    const grpc::Status st = reader->Finish();
+    call->Detach();
+    registry_->NoteDone(d->decode_slot, prefill_slot, load_blocks, load_tokens);
+    if (stopped || (st.ok() && !finish.empty())) {
+      return send_final(finish.empty() ? "stop" : finish, usage ? &*usage : nullptr);
+    }
+    if (call->cancelled()) {
+      return call->End(grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled"));
+    }
+    if (!st.ok() && IsRequestError(st.error_code())) return call->End(st);
+    // The decode worker failed (died, shut down, lost the connection): migrate.
+    last_failure = st.ok() ? grpc::Status(grpc::StatusCode::INTERNAL, "stream ended early") : st;
+    if (migrations >= options_.migration_limit) {
+      return call->End(grpc::Status(
+          grpc::StatusCode::UNAVAILABLE,
+          absl::StrCat("decode worker ", decode_id, " failed (", last_failure.error_message(),
+                       "); migration limit (", options_.migration_limit, ") reached")));
+    }
+    ++migrations;
+    excluded.push_back(d->decode_slot);
+  }
+}
+
+grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContext* context,
+                                                      const v1::TokenizeRequest* request,
+                                                      v1::TokenizeResponse* response) {
+  auto* reactor = context->DefaultReactor();
+  absl::StatusOr<std::vector<int32_t>> ids = TokenizeInput(*model_, *request);
+  if (!ids.ok()) {
+    reactor->Finish(rpc::ToGrpc(ids.status()));
+    return reactor;
+  }
+  *response->mutable_token_ids() = {ids->begin(), ids->end()};
+  response->set_max_context(model_->config.max_position_embeddings);
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* GenerationService::ListModels(grpc::CallbackServerContext* context,
+                                                        const v1::ListModelsRequest* request,
+                                                        v1::ListModelsResponse* response) {
+  v1::ModelInfo* m = response->add_models();
+  m->set_id(model_->model_id);
+  m->set_max_context(model_->config.max_position_embeddings);
+  m->set_block_size(model_->block_size);
+  m->set_prefill_workers(registry_->Alive(v1::WORKER_ROLE_PREFILL));
+  m->set_decode_workers(registry_->Alive(v1::WORKER_ROLE_DECODE));
+  m->set_chat_template(tokenizer::ChatFormatName(model_->chat_format));
+  auto* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace kvrelay::router

@@ -1,0 +1,80 @@
+// kvrelay.v1.Generation on the router (DESIGN §1, §5): checks and tokenizes each
+// request, admits it (a bounded queue; RESOURCE_EXHAUSTED past it), routes it with the
+// global prefix index and the workers' load, streams the decode worker's tokens to the
+// client as text and ids (stop strings applied here), and migrates the request to
+// another decode worker when its worker fails mid-stream. gRPC deadlines and client
+// cancels reach the decode worker (and from there the prefill worker).
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/synchronization/mutex.h"
+#include "common/rpc/call_tracker.h"
+#include "grpcpp/channel.h"
+#include "kvrelay/v1/kvrelay.grpc.pb.h"
+#include "kvrelay/v1/worker.grpc.pb.h"
+#include "router/model_context.h"
+#include "router/scheduler.h"
+#include "router/worker_registry.h"
+
+namespace kvrelay::router {
+
+struct GenerationOptions {
+  int max_running = 64;      // requests being served at once (each holds a runner thread)
+  size_t max_queued = 1024;  // admitted requests waiting for a runner; beyond: RESOURCE_EXHAUSTED
+  int migration_limit = 2;   // times a request may move to another decode worker
+  SchedulerOptions scheduler;
+};
+
+class GenerationService final : public v1::Generation::CallbackService {
+ public:
+  GenerationService(const ModelContext* model, WorkerRegistry* registry, GenerationOptions options);
+  // Ends queued requests (UNAVAILABLE) and joins the runners (Shutdown first).
+  ~GenerationService() override;
+
+  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
+      grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
+                                     const v1::TokenizeRequest* request,
+                                     v1::TokenizeResponse* response) override;
+  grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* context,
+                                       const v1::ListModelsRequest* request,
+                                       v1::ListModelsResponse* response) override;
+
+  // New requests get UNAVAILABLE; queued and running ones go on.
+  void StopAccepting();
+  rpc::CallTracker& calls() { return calls_; }
+
+  class Call;  // one Generate stream (generation_service.cc)
+
+ private:
+  void RunLoop();
+  void Serve(Call* call);
+  std::shared_ptr<grpc::Channel> ChannelTo(const std::string& address);
+
+  const ModelContext* model_;
+  WorkerRegistry* registry_;
+  const GenerationOptions options_;
+  rpc::CallTracker calls_;
+
+  absl::Mutex mu_;
+  std::deque<Call*> queue_ ABSL_GUARDED_BY(mu_);
+  int busy_ ABSL_GUARDED_BY(mu_) = 0;  // runners serving a call
+  bool accepting_ ABSL_GUARDED_BY(mu_) = true;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  std::vector<std::thread> runners_;
+
+  absl::Mutex channels_mu_;
+  absl::flat_hash_map<std::string, std::shared_ptr<grpc::Channel>> channels_
+      ABSL_GUARDED_BY(channels_mu_);
+};
+
+}  // namespace kvrelay::router

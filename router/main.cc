@@ -1,0 +1,99 @@
+// kvrelay-router: the router. Prints "READY <port>" once it serves; SIGTERM or SIGINT
+// lets running requests finish (up to --drain_seconds) and exits.
+#include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "router/router.h"
+
+ABSL_FLAG(std::string, model, "", "Hugging Face model folder: tokenizer and config (required)");
+ABSL_FLAG(std::string, model_id, "", "model id in block hashes (default: the folder's name)");
+ABSL_FLAG(std::string, chat_format, "",
+          "chat template: chatml | llama3 | llama2 | mistral | gemma | plain (default: detected)");
+ABSL_FLAG(int, block_size, 16, "tokens per KV block (must match the workers)");
+ABSL_FLAG(std::string, listen, "127.0.0.1:0", "host:port to serve on (port 0: any free port)");
+ABSL_FLAG(std::string, router_id, "", "this router's id (default: random)");
+ABSL_FLAG(int, max_running, 64, "requests served at once");
+ABSL_FLAG(int, max_queued, 1024, "requests waiting beyond this get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, migration_limit, 2, "times a request may move to another decode worker");
+ABSL_FLAG(int, max_request_bytes, 4 << 20, "largest request message accepted");
+ABSL_FLAG(int, heartbeat_interval_ms, 500, "workers report load at least this often");
+ABSL_FLAG(int, heartbeat_timeout_ms, 5000, "a worker silent this long is dead");
+ABSL_FLAG(double, overlap_weight, 1.0, "routing cost of each prompt block a worker lacks");
+ABSL_FLAG(double, decode_busy_threshold, 0.95, "decode workers above this KV use are avoided");
+ABSL_FLAG(int64_t, decode_max_waiting, 64, "decode workers with more waiting are avoided");
+ABSL_FLAG(int64_t, prefill_max_queued_tokens, 65536, "prefill workers above this are avoided");
+ABSL_FLAG(int64_t, local_prefill_max_tokens, 256,
+          "prefill on the decode worker when fewer prompt tokens are uncached");
+ABSL_FLAG(double, local_prefill_max_ratio, 0.0,
+          "... or when uncached / prompt tokens is below this (0: off)");
+ABSL_FLAG(double, drain_seconds, 30, "on SIGTERM, how long running requests may finish");
+ABSL_FLAG(double, exit_linger_seconds, 1,
+          "after draining, how long connections stay open before the server closes them");
+
+namespace {
+
+int stop_pipe[2] = {-1, -1};
+
+void OnStopSignal(int sig) {
+  const char c = static_cast<char>(sig);
+  (void)!::write(stop_pipe[1], &c, 1);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("kvrelay-router --model DIR [--listen HOST:PORT] ...");
+  absl::ParseCommandLine(argc, argv);
+  if (::pipe(stop_pipe) != 0) {
+    std::perror("kvrelay-router: pipe");
+    return 1;
+  }
+  struct sigaction sa {};
+  sa.sa_handler = OnStopSignal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+
+  kvrelay::router::RouterOptions o;
+  o.model_dir = absl::GetFlag(FLAGS_model);
+  o.model_id = absl::GetFlag(FLAGS_model_id);
+  o.chat_format = absl::GetFlag(FLAGS_chat_format);
+  o.block_size = absl::GetFlag(FLAGS_block_size);
+  o.listen = absl::GetFlag(FLAGS_listen);
+  o.router_id = absl::GetFlag(FLAGS_router_id);
+  o.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
+  o.heartbeat_interval = absl::Milliseconds(absl::GetFlag(FLAGS_heartbeat_interval_ms));
+  o.heartbeat_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_heartbeat_timeout_ms));
+  o.generation.max_running = absl::GetFlag(FLAGS_max_running);
+  o.generation.max_queued = static_cast<size_t>(std::max(0, absl::GetFlag(FLAGS_max_queued)));
+  o.generation.migration_limit = absl::GetFlag(FLAGS_migration_limit);
+  auto& s = o.generation.scheduler;
+  s.overlap_weight = absl::GetFlag(FLAGS_overlap_weight);
+  s.decode_busy_threshold = absl::GetFlag(FLAGS_decode_busy_threshold);
+  s.decode_max_waiting = absl::GetFlag(FLAGS_decode_max_waiting);
+  s.prefill_max_queued_tokens = absl::GetFlag(FLAGS_prefill_max_queued_tokens);
+  s.local_prefill_max_tokens = absl::GetFlag(FLAGS_local_prefill_max_tokens);
+  s.local_prefill_max_ratio = absl::GetFlag(FLAGS_local_prefill_max_ratio);
+  auto router = kvrelay::router::Router::Start(o);
+  if (!router.ok()) {
+    std::fprintf(stderr, "kvrelay-router: %s\n", router.status().ToString().c_str());
+    return 1;
+  }
+  std::printf("READY %d\n", (*router)->port());
+  std::fflush(stdout);
+  char sig = 0;
+  while (::read(stop_pipe[0], &sig, 1) < 0 && errno == EINTR) {
+  }
+  std::fprintf(stderr, "kvrelay-router: signal %d, draining\n", sig);
+  (*router)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)),
+                      absl::Seconds(absl::GetFlag(FLAGS_exit_linger_seconds)));
+  router->reset();
+  return 0;
+}

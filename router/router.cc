@@ -1,0 +1,106 @@
+#include "router/router.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/util/status.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/server_builder.h"
+
+namespace kvrelay::router {
+
+namespace {
+constexpr char kServiceName[] = "kvrelay.v1.Generation";
+}
+
+absl::StatusOr<std::unique_ptr<Router>> Router::Start(const RouterOptions& options) {
+  KVR_RETURN_IF_ERROR(Validate(options.generation.scheduler));
+  if (options.generation.max_running < 1) {
+    return absl::InvalidArgumentError("--max_running must be >= 1");
+  }
+  if (options.generation.max_queued < 1) {
+    return absl::InvalidArgumentError("--max_queued must be >= 1");
+  }
+  if (options.generation.migration_limit < 0) {
+    return absl::InvalidArgumentError("--migration_limit must be >= 0");
+  }
+  if (options.heartbeat_interval <= absl::ZeroDuration() ||
+      options.heartbeat_timeout <= options.heartbeat_interval) {
+    return absl::InvalidArgumentError(
+        "--heartbeat_interval_ms must be > 0 and below --heartbeat_timeout_ms");
+  }
+  if (options.max_request_bytes < 1024) {
+    return absl::InvalidArgumentError("--max_request_bytes must be >= 1024");
+  }
+  std::unique_ptr<Router> r(new Router());
+  KVR_ASSIGN_OR_RETURN(r->model_, ModelContext::Load(options.model_dir, options.model_id,
+                                                     options.block_size, options.chat_format));
+  RegistryOptions ro;
+  ro.model_id = r->model_->model_id;
+  ro.block_size = options.block_size;
+  ro.heartbeat_interval = options.heartbeat_interval;
+  ro.heartbeat_timeout = options.heartbeat_timeout;
+  // The id is needed before the port is known; a random suffix keeps replicas apart.
+  ro.router_id = options.router_id.empty()
+                     ? absl::StrCat("router-", absl::Hex(absl::ToUnixNanos(absl::Now()) & 0xffffff))
+                     : options.router_id;
+  r->registry_ = std::make_unique<WorkerRegistry>(ro);
+  r->generation_ =
+      std::make_unique<GenerationService>(r->model_.get(), r->registry_.get(), options.generation);
+  Router* self = r.get();
+  r->registry_service_ =
+      std::make_unique<RegistryService>(r->registry_.get(), [self] { self->UpdateHealth(); });
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &r->port_);
+  builder.SetMaxReceiveMessageSize(options.max_request_bytes);
+  builder.RegisterService(r->generation_.get());
+  builder.RegisterService(r->registry_service_.get());
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  {
+    absl::MutexLock l(&r->health_mu_);  // a worker may register at once (UpdateHealth)
+    r->server_ = std::move(server);
+  }
+  if (r->server_ == nullptr || r->port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
+  }
+  r->UpdateHealth();
+  return r;
+}
+
+void Router::UpdateHealth() {
+  const bool serving = registry_->Alive(v1::WORKER_ROLE_DECODE) > 0;
+  absl::MutexLock l(&health_mu_);
+  if (server_ == nullptr || shut_down_) return;
+  if (serving_known_ && serving == serving_) return;
+  serving_known_ = true;
+  serving_ = serving;
+  if (auto* health = server_->GetHealthCheckService(); health != nullptr) {
+    health->SetServingStatus(kServiceName, serving);
+  }
+}
+
+void Router::Shutdown(absl::Duration grace, absl::Duration linger) {
+  {
+    absl::MutexLock l(&health_mu_);
+    if (shut_down_) return;
+    shut_down_ = true;
+  }
+  if (auto* health = server_->GetHealthCheckService(); health != nullptr) health->Shutdown();
+  generation_->StopAccepting();
+  if (generation_->calls().WaitIdle(grace)) absl::SleepFor(linger);
+  server_->Shutdown(std::chrono::system_clock::now());  // cancels what is left (and streams)
+  server_->Wait();
+}
+
+Router::~Router() {
+  if (server_ != nullptr) Shutdown(absl::ZeroDuration());
+  generation_.reset();  // joins the runners
+  registry_service_.reset();
+}
+
+}  // namespace kvrelay::router

@@ -1,0 +1,263 @@
+#include "router/worker_registry.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace kvrelay::router {
+
+WorkerRegistry::WorkerRegistry(RegistryOptions options)
+    : options_(std::move(options)), slots_(PrefixIndex::kMaxWorkers) {}
+
+uint64_t WorkerRegistry::NewConnection() {
+  absl::MutexLock l(&mu_);
+  return next_conn_++;
+}
+
+absl::Status WorkerRegistry::OnRegister(uint64_t conn, const v1::WorkerRegistration& r,
+                                        absl::Time now) {
+  if (r.worker_id().empty()) return absl::InvalidArgumentError("register.worker_id is empty");
+  if (r.role() != v1::WORKER_ROLE_PREFILL && r.role() != v1::WORKER_ROLE_DECODE) {
+    return absl::InvalidArgumentError("register.role must be WORKER_ROLE_PREFILL or _DECODE");
+  }
+  if (r.address().empty()) return absl::InvalidArgumentError("register.address is empty");
+  if (r.num_blocks() < 1) return absl::InvalidArgumentError("register.num_blocks must be >= 1");
+  if (r.model_id() != options_.model_id) {
+    return absl::FailedPreconditionError(absl::StrCat("worker ", r.worker_id(), " serves model '",
+                                                      r.model_id(), "'; this router serves '",
+                                                      options_.model_id, "'"));
+  }
+  if (r.block_size() != options_.block_size) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("worker ", r.worker_id(), " uses block size ", r.block_size(),
+                     "; this router hashes blocks of ", options_.block_size));
+  }
+  absl::MutexLock l(&mu_);
+  int slot = -1;
+  if (auto it = by_id_.find(r.worker_id()); it != by_id_.end()) {
+    slot = it->second;
+  } else {
+    for (int s = 0; s < static_cast<int>(slots_.size()) && slot < 0; ++s) {
+      if (!slots_[s].used) slot = s;
+    }
+    for (int s = 0; s < static_cast<int>(slots_.size()) && slot < 0; ++s) {
+      if (!slots_[s].alive) {  // reuse the slot of a dead worker
+        by_id_.erase(slots_[s].reg.worker_id());
+        slot = s;
+      }
+    }
+    if (slot < 0) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("this router tracks at most ", PrefixIndex::kMaxWorkers, " workers"));
+    }
+    by_id_[r.worker_id()] = slot;
+  }
+  Entry& e = slots_[slot];
+  if (e.used && e.alive && e.conn != conn) by_conn_.erase(e.conn);  // the newer stream wins
+  (void)index_.ClearWorker(slot);
+  e = Entry();
+  e.used = true;
+  e.reg = r;
+  e.conn = conn;
+  e.alive = true;
+  e.last_heard = now;
+  e.snapshot_requested = true;  // a worker sends its snapshot right after registering
+  by_conn_[conn] = slot;
+  return absl::OkStatus();
+}
+
+WorkerRegistry::Entry* WorkerRegistry::ForConn(uint64_t conn) {
+  auto it = by_conn_.find(conn);
+  if (it == by_conn_.end()) return nullptr;
+  Entry& e = slots_[it->second];
+  return e.alive && e.conn == conn ? &e : nullptr;
+}
+
+void WorkerRegistry::OnLoad(uint64_t conn, const v1::LoadReport& load, absl::Time now) {
+  absl::MutexLock l(&mu_);
+  Entry* e = ForConn(conn);
+  if (e == nullptr) return;
+  e->load = load;
+  e->last_heard = now;
+}
+
+bool WorkerRegistry::OnEvents(uint64_t conn, const v1::KvEventBatchMsg& batch, absl::Time now) {
+  absl::MutexLock l(&mu_);
+  Entry* e = ForConn(conn);
+  if (e == nullptr) return true;
+  e->last_heard = now;
+  const int slot = by_conn_[conn];
+  if (!e->synced) {
+    if (e->snapshot_requested) return true;  // asked already; wait for it
+    e->snapshot_requested = true;
+    return false;
+  }
+  if (batch.events().empty()) return true;
+  if (batch.incarnation() != e->reg.incarnation() || batch.events(0).seq() != e->next_seq) {
+    (void)index_.ClearWorker(slot);  // out of step: trust nothing until the snapshot
+    e->synced = false;
+    e->snapshot_requested = true;
+    return false;
+  }
+  for (const v1::KvEventMsg& ev : batch.events()) {
+    absl::Span<const uint64_t> hashes(ev.hashes().data(), ev.hashes().size());
+    switch (ev.type()) {
+      case v1::KvEventMsg::TYPE_STORED:
+        (void)index_.Store(slot, hashes);
+        break;
+      case v1::KvEventMsg::TYPE_REMOVED:
+        (void)index_.Remove(slot, hashes);
+        break;
+      case v1::KvEventMsg::TYPE_CLEARED:
+        (void)index_.ClearWorker(slot);
+        break;
+      default:
+        break;  // a newer worker's event type: ignore it
+    }
+    e->applied_seq = ev.seq();
+    e->next_seq = ev.seq() + 1;
+  }
+  return true;
+}
+
+void WorkerRegistry::OnSnapshot(uint64_t conn, const v1::KvSnapshotMsg& snapshot, absl::Time now) {
+  absl::MutexLock l(&mu_);
+  Entry* e = ForConn(conn);
+  if (e == nullptr) return;
+  e->last_heard = now;
+  const int slot = by_conn_[conn];
+  if (snapshot.incarnation() != e->reg.incarnation()) return;  // not the registered pool
+  (void)index_.ReplaceWorker(
+      slot, absl::Span<const uint64_t>(snapshot.hashes().data(), snapshot.hashes().size()));
+  e->synced = true;
+  e->snapshot_requested = false;
+  e->applied_seq = snapshot.seq();
+  e->next_seq = snapshot.seq() + 1;
+}
+
+void WorkerRegistry::MarkDead(int slot) {
+  Entry& e = slots_[slot];
+  e.alive = false;
+  e.synced = false;
+  e.snapshot_requested = false;
+  e.load = v1::LoadReport();
+  (void)index_.ClearWorker(slot);
+}
+
+void WorkerRegistry::OnDisconnect(uint64_t conn) {
+  absl::MutexLock l(&mu_);
+  auto it = by_conn_.find(conn);
+  if (it == by_conn_.end()) return;
+  const int slot = it->second;
+  by_conn_.erase(it);
+  if (slots_[slot].alive && slots_[slot].conn == conn) MarkDead(slot);
+}
+
+int WorkerRegistry::ExpireSilent(absl::Time now) {
+  absl::MutexLock l(&mu_);
+  int n = 0;
+  for (int s = 0; s < static_cast<int>(slots_.size()); ++s) {
+    Entry& e = slots_[s];
+    if (e.alive && now - e.last_heard > options_.heartbeat_timeout) {
+      by_conn_.erase(e.conn);
+      MarkDead(s);
+      ++n;
+    }
+  }
+  return n;
+}
+
+WorkerLoadView WorkerRegistry::ViewOf(int slot) const {
+  const Entry& e = slots_[slot];
+  WorkerLoadView v;
+  v.slot = slot;
+  v.id = e.reg.worker_id();
+  v.num_blocks = e.reg.num_blocks();
+  v.active_blocks = std::max(e.load.active_blocks(), e.pending_blocks);
+  v.running = e.load.running();
+  v.waiting = e.load.waiting();
+  v.queued_prefill_tokens = std::max(e.load.queued_prefill_tokens(), e.pending_tokens);
+  v.last_chosen = e.last_chosen;
+  return v;
+}
+
+FleetView WorkerRegistry::View(absl::Span<const uint64_t> prompt_hashes) const {
+  absl::ReaderMutexLock l(&mu_);
+  FleetView v;
+  v.overlaps.assign(slots_.size(), 0);
+  index_.Overlaps(prompt_hashes, absl::MakeSpan(v.overlaps));
+  for (int s = 0; s < static_cast<int>(slots_.size()); ++s) {
+    const Entry& e = slots_[s];
+    if (!e.alive) continue;
+    (e.reg.role() == v1::WORKER_ROLE_DECODE ? v.decode : v.prefill).push_back(ViewOf(s));
+  }
+  return v;
+}
+
+int32_t WorkerRegistry::MaxOverlap(absl::Span<const uint64_t> prompt_hashes) const {
+  absl::ReaderMutexLock l(&mu_);
+  return index_.MaxOverlap(prompt_hashes);
+}
+
+void WorkerRegistry::NoteChosen(int decode_slot, int prefill_slot, int64_t blocks,
+                                int64_t prefill_tokens) {
+  absl::MutexLock l(&mu_);
+  ++choices_;
+  if (decode_slot >= 0 && decode_slot < static_cast<int>(slots_.size())) {
+    slots_[decode_slot].last_chosen = choices_;
+    slots_[decode_slot].pending_blocks += blocks;
+  }
+  if (prefill_slot >= 0 && prefill_slot < static_cast<int>(slots_.size())) {
+    slots_[prefill_slot].last_chosen = choices_;
+    slots_[prefill_slot].pending_tokens += prefill_tokens;
+  }
+}
+
+void WorkerRegistry::NoteDone(int decode_slot, int prefill_slot, int64_t blocks,
+                              int64_t prefill_tokens) {
+  absl::MutexLock l(&mu_);
+  if (decode_slot >= 0 && decode_slot < static_cast<int>(slots_.size())) {
+    Entry& e = slots_[decode_slot];
+    e.pending_blocks = std::max<int64_t>(0, e.pending_blocks - blocks);
+  }
+  if (prefill_slot >= 0 && prefill_slot < static_cast<int>(slots_.size())) {
+    Entry& e = slots_[prefill_slot];
+    e.pending_tokens = std::max<int64_t>(0, e.pending_tokens - prefill_tokens);
+  }
+}
+
+std::optional<WorkerRef> WorkerRegistry::Worker(int slot) const {
+  absl::ReaderMutexLock l(&mu_);
+  if (slot < 0 || slot >= static_cast<int>(slots_.size()) || !slots_[slot].alive) {
+    return std::nullopt;
+  }
+  return WorkerRef{slots_[slot].reg.worker_id(), slots_[slot].reg.address()};
+}
+
+int WorkerRegistry::Alive(v1::WorkerRole role) const {
+  absl::ReaderMutexLock l(&mu_);
+  int n = 0;
+  for (const Entry& e : slots_) n += e.alive && e.reg.role() == role ? 1 : 0;
+  return n;
+}
+
+v1::ListWorkersResponse WorkerRegistry::List() const {
+  absl::ReaderMutexLock l(&mu_);
+  v1::ListWorkersResponse out;
+  for (int s = 0; s < static_cast<int>(slots_.size()); ++s) {
+    const Entry& e = slots_[s];
+    if (!e.used) continue;
+    v1::WorkerStatus* w = out.add_workers();
+    *w->mutable_registration() = e.reg;
+    w->set_alive(e.alive);
+    *w->mutable_load() = e.load;
+    w->set_indexed_blocks(index_.blocks(s));
+    w->set_applied_seq(e.applied_seq);
+    w->set_synced(e.synced);
+  }
+  out.set_index_blocks(static_cast<int64_t>(index_.size()));
+  return out;
+}
+
+}  // namespace kvrelay::router

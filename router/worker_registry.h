@@ -1,0 +1,118 @@
+// The router's view of the fleet (DESIGN §5): every registered worker with its last
+// load report, and the global prefix index fed by the workers' KV events. Pure state,
+// no gRPC: RegistryService calls it for each stream message, the generation service
+// reads it to route. Thread-safe.
+//
+// A worker's index entries are trusted only while its event stream is in step: events
+// are applied when they continue exactly where the last one left off (same
+// incarnation, next seq). A gap, an unknown incarnation or a new registration drops the
+// worker's entries and asks for a snapshot; until it arrives the worker counts as
+// holding nothing (a routing miss costs a recompute, a wrong hit would cost more). A
+// worker whose stream ends or that misses its heartbeat deadline is dead: its entries
+// leave the index at once.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "kvrelay/v1/registry.pb.h"
+#include "router/prefix_index.h"
+#include "router/scheduler.h"
+
+namespace kvrelay::router {
+
+struct RegistryOptions {
+  std::string router_id = "router";
+  std::string model_id;  // workers of another model are refused
+  int block_size = 16;   // ... and of another block size
+  absl::Duration heartbeat_interval = absl::Milliseconds(500);
+  absl::Duration heartbeat_timeout = absl::Seconds(5);  // silent this long: dead
+};
+
+// What routing needs, copied under the lock.
+struct FleetView {
+  std::vector<int32_t> overlaps;  // by slot
+  std::vector<WorkerLoadView> decode;
+  std::vector<WorkerLoadView> prefill;
+};
+
+struct WorkerRef {
+  std::string id;
+  std::string address;
+};
+
+class WorkerRegistry {
+ public:
+  explicit WorkerRegistry(RegistryOptions options);
+
+  const RegistryOptions& options() const { return options_; }
+
+  // --- the streams (one id per Connect call) ---
+  uint64_t NewConnection();
+  // FAILED_PRECONDITION for another model or block size, INVALID_ARGUMENT for an
+  // incomplete registration, RESOURCE_EXHAUSTED when every slot is taken by a live
+  // worker. OK: the connection now speaks for that worker (an older one no longer does).
+  absl::Status OnRegister(uint64_t conn, const v1::WorkerRegistration& r, absl::Time now);
+  void OnLoad(uint64_t conn, const v1::LoadReport& load, absl::Time now);
+  // False when the worker must send a snapshot (ask it once; later events are ignored
+  // until the snapshot comes).
+  bool OnEvents(uint64_t conn, const v1::KvEventBatchMsg& batch, absl::Time now);
+  void OnSnapshot(uint64_t conn, const v1::KvSnapshotMsg& snapshot, absl::Time now);
+  void OnDisconnect(uint64_t conn);
+  // Marks workers silent for longer than heartbeat_timeout dead; how many.
+  int ExpireSilent(absl::Time now);
+
+  // --- routing ---
+  FleetView View(absl::Span<const uint64_t> prompt_hashes) const;
+  int32_t MaxOverlap(absl::Span<const uint64_t> prompt_hashes) const;
+  // Records a routing decision: tie-break order, and the load this router has put on
+  // the chosen workers until NoteDone. A worker's load counts as the larger of its
+  // report and this router's requests on it: reports lag (and miss what was routed
+  // since), while other routers' requests only show in reports.
+  void NoteChosen(int decode_slot, int prefill_slot, int64_t blocks, int64_t prefill_tokens);
+  void NoteDone(int decode_slot, int prefill_slot, int64_t blocks, int64_t prefill_tokens);
+  std::optional<WorkerRef> Worker(int slot) const;  // alive workers only
+  int Alive(v1::WorkerRole role) const;
+
+  v1::ListWorkersResponse List() const;
+
+ private:
+  struct Entry {
+    bool used = false;
+    v1::WorkerRegistration reg;
+    v1::LoadReport load;
+    uint64_t conn = 0;
+    bool alive = false;
+    absl::Time last_heard;
+    bool synced = false;              // index entries match the worker's cache
+    bool snapshot_requested = false;  // waiting for a snapshot
+    uint64_t next_seq = 1;
+    uint64_t applied_seq = 0;
+    int64_t pending_blocks = 0;  // KV blocks of this router's requests running here
+    int64_t pending_tokens = 0;  // prompt tokens of this router's remote prefills here
+    uint64_t last_chosen = 0;
+  };
+
+  Entry* ForConn(uint64_t conn) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void MarkDead(int slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  WorkerLoadView ViewOf(int slot) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+
+  const RegistryOptions options_;
+  mutable absl::Mutex mu_;
+  uint64_t next_conn_ ABSL_GUARDED_BY(mu_) = 1;
+  uint64_t choices_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<Entry> slots_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, int> by_id_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint64_t, int> by_conn_ ABSL_GUARDED_BY(mu_);
+  PrefixIndex index_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace kvrelay::router
