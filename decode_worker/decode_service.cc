@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "common/rpc/convert.h"
 
 namespace kvrelay::decode {
@@ -54,13 +55,18 @@ namespace {
 // the lock held, and nothing touches `this` after Finish.
 class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse> {
  public:
-  GenerateReactor(DecodeService* service, Engine* engine, const v1::DecodeRequest& request)
+  GenerateReactor(DecodeService* service, Engine* engine, const v1::DecodeRequest& request,
+                  std::chrono::system_clock::time_point deadline)
       : service_(service), engine_(engine) {
     service_->calls().Started();
     absl::StatusOr<EngineRequest> r = FromProto(request);
     if (!r.ok()) {
       Finish(rpc::ToGrpc(r.status()));
       return;
+    }
+    // The caller's deadline also bounds the call to the prefill worker.
+    if (deadline != std::chrono::system_clock::time_point::max()) {
+      r->deadline = absl::FromChrono(deadline);
     }
     logprobs_ = r->params.logprobs > 0;
     RequestCallbacks cb;
@@ -185,7 +191,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse
 
 grpc::ServerWriteReactor<v1::DecodeResponse>* DecodeService::Generate(
     grpc::CallbackServerContext* context, const v1::DecodeRequest* request) {
-  return new GenerateReactor(this, engine_, *request);
+  return new GenerateReactor(this, engine_, *request, context->deadline());
 }
 
 }  // namespace kvrelay::decode

@@ -235,7 +235,9 @@ void Engine::StartRemotePrefill(Seq* s) {
     ++stats_.remote_prefills;
   }
   const uint64_t handle = s->handle;
-  remote_.client->Prefill(s->req.prefill_address, std::move(req), remote_.prefill_timeout,
+  const absl::Duration timeout = std::max(
+      absl::ZeroDuration(), std::min(remote_.prefill_timeout, s->req.deadline - absl::Now()));
+  remote_.client->Prefill(s->req.prefill_address, std::move(req), timeout,
                           [this, handle](const absl::Status& st, const v1::PrefillResponse& resp) {
                             absl::MutexLock l(&mu_);
                             remote_results_.push_back({handle, st, resp});

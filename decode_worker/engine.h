@@ -22,6 +22,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "common/kvcache/kv_pool.h"
 #include "common/kvcache/kv_sequence.h"
 #include "common/kvcache/prefix_cache.h"
@@ -52,6 +53,8 @@ struct EngineRequest {
   // earlier (by another decode worker). They count as output (penalties, max_tokens)
   // and generation continues after them. Local prefill only.
   int64_t resumed_tokens = 0;
+  // The client's deadline: a remote prefill call gets at most the time left.
+  absl::Time deadline = absl::InfiniteFuture();
 };
 
 // What remote prefill needs: a client of prefill workers and this pool's memory as

@@ -358,6 +358,39 @@ TEST_F(RouterProcessTest, BadRequestsAreRefusedAndTheServiceKeepsServing) {
   EXPECT_EQ(ok.tokens, testing::CliGenerate(ModelDir(), prompt, 5));
 }
 
+TEST_F(RouterProcessTest, ClientCancelAndDeadlineReachTheWorkers) {
+  // Long generations through a remote prefill; the client goes away after the first
+  // token (cancel) or sets a deadline it cannot meet. The workers' own load reports
+  // (blocks in use, jobs running) return to zero: nothing stays allocated.
+  for (int round = 0; round < 2; ++round) {
+    grpc::ClientContext ctx;
+    const bool cancel = round == 0;
+    ctx.set_deadline(std::chrono::system_clock::now() +
+                     (cancel ? std::chrono::milliseconds(180000) : std::chrono::milliseconds(40)));
+    auto reader = cluster_->gen().Generate(&ctx, Greedy(RandomPrompt(120, 7000 + round), 380));
+    v1::GenerateResponse m;
+    int tokens = 0;
+    while (reader->Read(&m)) {
+      tokens += m.token_ids_size();
+      if (cancel && tokens > 0) ctx.TryCancel();
+    }
+    const grpc::Status st = reader->Finish();
+    if (cancel) {
+      EXPECT_EQ(st.error_code(), grpc::StatusCode::CANCELLED) << st.error_message();
+    } else if (!st.ok()) {  // a fast machine may finish within the deadline
+      EXPECT_EQ(st.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << st.error_message();
+    }
+    cluster_->WaitForWorkers([](const v1::ListWorkersResponse& r) {
+      for (const auto& w : r.workers()) {
+        if (w.load().active_blocks() != 0 || w.load().running() != 0 || w.load().waiting() != 0) {
+          return false;
+        }
+      }
+      return true;
+    });
+  }
+}
+
 // Failures get a cluster of their own.
 TEST(RouterFailureTest, DecodeWorkerKilledMidStreamRequestsMigrate) {
   Cluster cluster(1, 2);
