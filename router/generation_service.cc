@@ -15,16 +15,46 @@
 #include "grpcpp/client_context.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
+#include "grpcpp/support/byte_buffer.h"
 #include "router/output_stream.h"
 
 namespace kvrelay::router {
+
+namespace {
+
+grpc::ByteBuffer ToByteBuffer(const google::protobuf::Message& m) {
+  const std::string bytes = m.SerializeAsString();
+  grpc::Slice slice(bytes);
+  return grpc::ByteBuffer(&slice, 1);
+}
+
+// INVALID_ARGUMENT when the bytes are not a `T` (malformed, or a text field that is
+// not UTF-8).
+template <typename T>
+absl::Status ParseRequest(const grpc::ByteBuffer& buffer, T* out) {
+  std::vector<grpc::Slice> slices;
+  std::string bytes;
+  if (buffer.Dump(&slices).ok()) {
+    for (const grpc::Slice& s : slices) {
+      bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    }
+  }
+  if (!out->ParseFromString(bytes)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the request is not a valid ", out->GetTypeName(),
+        ": malformed, or a text field (prompt, chat content, stop, ...) is not valid UTF-8"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 // One Generate stream. The runner serving it queues messages with Send and ends it
 // with End (exactly once); gRPC writes them one at a time. OnCancel (the client went
 // away or its deadline passed) cancels the current decode worker call. `this` is
 // deleted in OnDone, which gRPC calls only after Finish, and Finish only follows End:
 // the runner never touches the call after End.
-class GenerationService::Call final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+class GenerationService::Call final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   Call(GenerationService* service, grpc::CallbackServerContext* context)
       : service_(service), deadline_(context->deadline()), accepted_(absl::Now()) {
@@ -40,10 +70,11 @@ class GenerationService::Call final : public grpc::ServerWriteReactor<v1::Genera
     return deadline_;
   }
 
-  void Send(v1::GenerateResponse m) {
+  void Send(const v1::GenerateResponse& m) {
+    grpc::ByteBuffer buffer = ToByteBuffer(m);
     {
       absl::MutexLock l(&mu_);
-      queue_.push_back(std::move(m));
+      queue_.push_back(std::move(buffer));
     }
     Pump();
   }
@@ -97,7 +128,7 @@ class GenerationService::Call final : public grpc::ServerWriteReactor<v1::Genera
 
  private:
   void Pump() {
-    const v1::GenerateResponse* next = nullptr;
+    const grpc::ByteBuffer* next = nullptr;
     std::optional<grpc::Status> finish;
     {
       absl::MutexLock l(&mu_);
@@ -121,7 +152,7 @@ class GenerationService::Call final : public grpc::ServerWriteReactor<v1::Genera
   const std::chrono::system_clock::time_point deadline_;
   const absl::Time accepted_;
   mutable absl::Mutex mu_;
-  std::deque<v1::GenerateResponse> queue_ ABSL_GUARDED_BY(mu_);  // front: being written
+  std::deque<grpc::ByteBuffer> queue_ ABSL_GUARDED_BY(mu_);  // front: being written
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool broken_ ABSL_GUARDED_BY(mu_) = false;
   bool finishing_ ABSL_GUARDED_BY(mu_) = false;
@@ -173,9 +204,15 @@ void GenerationService::RunLoop() {
   }
 }
 
-grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
-    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* raw) {
   auto* call = new Call(this, context);
+  v1::GenerateRequest parsed;
+  if (absl::Status st = ParseRequest(*raw, &parsed); !st.ok()) {
+    call->End(rpc::ToGrpc(st));
+    return call;
+  }
+  const v1::GenerateRequest* request = &parsed;
   std::string generated_id;
   {
     absl::MutexLock l(&mu_);
@@ -278,7 +315,7 @@ void GenerationService::Serve(Call* call) {
       f->mutable_transfer()->set_seconds(usage->transfer_seconds());
       f->mutable_transfer()->set_transport(usage->transport());
     }
-    call->Send(std::move(g));
+    call->Send(g);
     call->End(grpc::Status::OK);
   };
 
@@ -374,7 +411,7 @@ void GenerationService::Serve(Call* call) {
         if (!first_token) first_token = now;
         last_token = now;
         sent_any = true;
-        call->Send(std::move(g));
+        call->Send(g);
         if (stopped) {
           ctx.TryCancel();  // a stop string ended it: the worker stops generating
           break;
@@ -409,16 +446,23 @@ void GenerationService::Serve(Call* call) {
 }
 
 grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContext* context,
-                                                      const v1::TokenizeRequest* request,
-                                                      v1::TokenizeResponse* response) {
+                                                      const grpc::ByteBuffer* raw,
+                                                      grpc::ByteBuffer* raw_response) {
   auto* reactor = context->DefaultReactor();
-  absl::StatusOr<std::vector<int32_t>> ids = TokenizeInput(*model_, *request);
+  v1::TokenizeRequest request;
+  if (absl::Status st = ParseRequest(*raw, &request); !st.ok()) {
+    reactor->Finish(rpc::ToGrpc(st));
+    return reactor;
+  }
+  absl::StatusOr<std::vector<int32_t>> ids = TokenizeInput(*model_, request);
   if (!ids.ok()) {
     reactor->Finish(rpc::ToGrpc(ids.status()));
     return reactor;
   }
-  *response->mutable_token_ids() = {ids->begin(), ids->end()};
-  response->set_max_context(model_->config.max_position_embeddings);
+  v1::TokenizeResponse response;
+  *response.mutable_token_ids() = {ids->begin(), ids->end()};
+  response.set_max_context(model_->config.max_position_embeddings);
+  *raw_response = ToByteBuffer(response);
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }

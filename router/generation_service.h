@@ -33,17 +33,22 @@ struct GenerationOptions {
   SchedulerOptions scheduler;
 };
 
-class GenerationService final : public v1::Generation::CallbackService {
+// Generate and Tokenize take their requests as raw bytes and parse them here: text
+// fields that are not UTF-8 make protobuf's parser fail, which gRPC would report as
+// an unhelpful UNIMPLEMENTED; parsed here they get INVALID_ARGUMENT saying so.
+class GenerationService final
+    : public v1::Generation::WithRawCallbackMethod_Generate<
+          v1::Generation::WithRawCallbackMethod_Tokenize<v1::Generation::CallbackService>> {
  public:
   GenerationService(const ModelContext* model, WorkerRegistry* registry, GenerationOptions options);
   // Ends queued requests (UNAVAILABLE) and joins the runners (Shutdown first).
   ~GenerationService() override;
 
-  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
-      grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* context,
+                                                       const grpc::ByteBuffer* request) override;
   grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
-                                     const v1::TokenizeRequest* request,
-                                     v1::TokenizeResponse* response) override;
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* context,
                                        const v1::ListModelsRequest* request,
                                        v1::ListModelsResponse* response) override;
