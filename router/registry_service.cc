@@ -47,7 +47,12 @@ class ConnectReactor final : public grpc::ServerBidiReactor<v1::WorkerMessage, v
       Send(std::move(ack));
       service_->Changed();
     } else if (in_.has_load()) {
-      reg.OnLoad(conn_, in_.load(), now);
+      if (!reg.OnLoad(conn_, in_.load(), now)) {
+        v1::RouterMessage m;
+        m.mutable_snapshot_request();
+        Send(std::move(m));
+        service_->Changed();  // back from the dead
+      }
     } else if (in_.has_events()) {
       if (!reg.OnEvents(conn_, in_.events(), now)) {
         v1::RouterMessage m;

@@ -54,7 +54,7 @@ absl::Status WorkerRegistry::OnRegister(uint64_t conn, const v1::WorkerRegistrat
     by_id_[r.worker_id()] = slot;
   }
   Entry& e = slots_[slot];
-  if (e.used && e.alive && e.conn != conn) by_conn_.erase(e.conn);  // the newer stream wins
+  if (e.used && e.conn != conn) by_conn_.erase(e.conn);  // the newer stream wins
   (void)index_.ClearWorker(slot);
   e = Entry();
   e.used = true;
@@ -67,26 +67,40 @@ absl::Status WorkerRegistry::OnRegister(uint64_t conn, const v1::WorkerRegistrat
   return absl::OkStatus();
 }
 
-WorkerRegistry::Entry* WorkerRegistry::ForConn(uint64_t conn) {
+WorkerRegistry::Entry* WorkerRegistry::ForConn(uint64_t conn, absl::Time now, bool* revived) {
+  *revived = false;
   auto it = by_conn_.find(conn);
   if (it == by_conn_.end()) return nullptr;
   Entry& e = slots_[it->second];
-  return e.alive && e.conn == conn ? &e : nullptr;
+  if (e.conn != conn) return nullptr;
+  if (!e.alive) {  // expired, but its stream is still open: it is back
+    e.alive = true;
+    e.synced = false;
+    e.snapshot_requested = false;
+    *revived = true;
+  }
+  e.last_heard = now;
+  return &e;
 }
 
-void WorkerRegistry::OnLoad(uint64_t conn, const v1::LoadReport& load, absl::Time now) {
+bool WorkerRegistry::OnLoad(uint64_t conn, const v1::LoadReport& load, absl::Time now) {
   absl::MutexLock l(&mu_);
-  Entry* e = ForConn(conn);
-  if (e == nullptr) return;
+  bool revived = false;
+  Entry* e = ForConn(conn, now, &revived);
+  if (e == nullptr) return true;
   e->load = load;
-  e->last_heard = now;
+  if (revived) {
+    e->snapshot_requested = true;
+    return false;
+  }
+  return true;
 }
 
 bool WorkerRegistry::OnEvents(uint64_t conn, const v1::KvEventBatchMsg& batch, absl::Time now) {
   absl::MutexLock l(&mu_);
-  Entry* e = ForConn(conn);
+  bool revived = false;
+  Entry* e = ForConn(conn, now, &revived);
   if (e == nullptr) return true;
-  e->last_heard = now;
   const int slot = by_conn_[conn];
   if (!e->synced) {
     if (e->snapshot_requested) return true;  // asked already; wait for it
@@ -123,9 +137,9 @@ bool WorkerRegistry::OnEvents(uint64_t conn, const v1::KvEventBatchMsg& batch, a
 
 void WorkerRegistry::OnSnapshot(uint64_t conn, const v1::KvSnapshotMsg& snapshot, absl::Time now) {
   absl::MutexLock l(&mu_);
-  Entry* e = ForConn(conn);
+  bool revived = false;
+  Entry* e = ForConn(conn, now, &revived);
   if (e == nullptr) return;
-  e->last_heard = now;
   const int slot = by_conn_[conn];
   if (snapshot.incarnation() != e->reg.incarnation()) return;  // not the registered pool
   (void)index_.ReplaceWorker(
@@ -160,8 +174,7 @@ int WorkerRegistry::ExpireSilent(absl::Time now) {
   for (int s = 0; s < static_cast<int>(slots_.size()); ++s) {
     Entry& e = slots_[s];
     if (e.alive && now - e.last_heard > options_.heartbeat_timeout) {
-      by_conn_.erase(e.conn);
-      MarkDead(s);
+      MarkDead(s);  // the connection stays mapped: a later message revives the worker
       ++n;
     }
   }

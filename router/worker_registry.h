@@ -61,13 +61,16 @@ class WorkerRegistry {
   // incomplete registration, RESOURCE_EXHAUSTED when every slot is taken by a live
   // worker. OK: the connection now speaks for that worker (an older one no longer does).
   absl::Status OnRegister(uint64_t conn, const v1::WorkerRegistration& r, absl::Time now);
-  void OnLoad(uint64_t conn, const v1::LoadReport& load, absl::Time now);
+  // False when the worker must send a snapshot (it was expired and is back).
+  bool OnLoad(uint64_t conn, const v1::LoadReport& load, absl::Time now);
   // False when the worker must send a snapshot (ask it once; later events are ignored
   // until the snapshot comes).
   bool OnEvents(uint64_t conn, const v1::KvEventBatchMsg& batch, absl::Time now);
   void OnSnapshot(uint64_t conn, const v1::KvSnapshotMsg& snapshot, absl::Time now);
   void OnDisconnect(uint64_t conn);
-  // Marks workers silent for longer than heartbeat_timeout dead; how many.
+  // Marks workers silent for longer than heartbeat_timeout dead (entries dropped); how
+  // many. A dead worker whose stream is still open comes back with its next message
+  // and is asked for a snapshot.
   int ExpireSilent(absl::Time now);
 
   // --- routing ---
@@ -101,7 +104,9 @@ class WorkerRegistry {
     uint64_t last_chosen = 0;
   };
 
-  Entry* ForConn(uint64_t conn) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The worker this connection speaks for (alive again if it had expired: then
+  // *revived is set and a snapshot must be asked for), or nullptr.
+  Entry* ForConn(uint64_t conn, absl::Time now, bool* revived) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MarkDead(int slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   WorkerLoadView ViewOf(int slot) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
 

@@ -3,11 +3,13 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <utility>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "common/util/status.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/create_channel.h"
@@ -20,6 +22,7 @@ absl::StatusOr<std::vector<std::string>> ParseRouterList(const std::string& list
                                                          const std::string& flag) {
   std::vector<std::string> out;
   for (absl::string_view part : absl::StrSplit(list, ',', absl::SkipWhitespace())) {
+    part = absl::StripAsciiWhitespace(part);
     const size_t colon = part.rfind(':');
     int port = 0;
     if (colon == absl::string_view::npos || colon == 0 ||
@@ -161,7 +164,9 @@ class RegistryClient::Connection {
         auto wake = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
           return stop_ || read_done_ || want_snapshot_;
         };
-        mu_.AwaitWithTimeout(absl::Condition(&wake), o.event_poll);
+        // Wake for new events, and in time for the next load report.
+        mu_.AwaitWithTimeout(absl::Condition(&wake),
+                             std::min(o.event_poll, next_report - absl::Now()));
         if (stop_ || read_done_) break;
         snapshot = want_snapshot_;
         want_snapshot_ = false;
@@ -196,11 +201,16 @@ class RegistryClient::Connection {
     }
     ctx.TryCancel();
     reader.join();
-    (void)stream->Finish();  // the reason does not matter: we redial
+    const grpc::Status st = stream->Finish();
     absl::MutexLock l(&mu_);
     ctx_ = nullptr;
     const bool was = ever_acked_;
     ever_acked_ = false;
+    if (!was && !stop_ && !st.ok() && st.error_code() != grpc::StatusCode::CANCELLED) {
+      // Refused (another model, block size...) or unreachable: say why, then redial.
+      std::fprintf(stderr, "kvrelay registry: router %s: %s\n", router_.c_str(),
+                   st.error_message().c_str());
+    }
     return was;
   }
 
