@@ -54,7 +54,9 @@ void Usage(std::ostream& out) {
   out << "usage: kvrelay <command> [flags]\n\n"
          "commands:\n"
          "  make-model   write a small random-weight Hugging Face model folder\n"
-         "  generate     generate text from a model folder (single process)\n"
+         "  generate     generate text: from a model folder (single process), or from a\n"
+         "               server with --server HOST:PORT\n"
+         "  local        run the router, prefill and decode workers on this machine\n"
          "  help         this text\n\n"
          "Run 'kvrelay <command> --help' for the flags of a command.\n";
 }
@@ -69,6 +71,7 @@ int RunCli(int argc, char** argv, std::ostream& out, std::ostream& err) {
   const std::string cmd = argv[1];
   if (cmd == "make-model") return RunMakeModel(argc, argv, out, err);
   if (cmd == "generate") return RunGenerate(argc, argv, out, err);
+  if (cmd == "local") return RunLocal(argc, argv, out, err);
   if (cmd == "help" || cmd == "--help" || cmd == "-h") {
     Usage(out);
     return 0;

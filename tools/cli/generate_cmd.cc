@@ -1,20 +1,27 @@
 // kvrelay generate --model DIR --prompt TEXT [--prompt TEXT ...] [sampling flags] [--json]
 // (or --prompt-ids 1,2,3 [--prompt-ids ...]: turns given as token ids)
+// kvrelay generate --server HOST:PORT ...: the same, as a client of kvrelay.v1.Generation
+// (tokenizes each turn with Tokenize, sends history + turn as token ids), same output.
 #include <algorithm>
+#include <chrono>
 #include <limits>
 #include <memory>
 #include <ostream>
 
+#include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "common/kvcache/kv_pool.h"
 #include "common/kvcache/prefix_cache.h"
 #include "common/model/generator.h"
 #include "common/model/model.h"
+#include "common/rpc/convert.h"
 #include "common/sampling/sampler.h"
 #include "common/tokenizer/tokenizer.h"
 #include "common/util/file.h"
+#include "grpcpp/grpcpp.h"
 #include "kernels/ops.h"
+#include "kvrelay/v1/kvrelay.grpc.pb.h"
 #include "nlohmann/json.hpp"
 #include "tools/cli/args.h"
 #include "tools/cli/cli.h"
@@ -25,6 +32,10 @@ namespace {
 void DeclareFlags(Args& args) {
   using K = Args::Kind;
   args.Flag("model", K::kString, "Hugging Face model folder (default: the demo model)")
+      .Flag("server", K::kString,
+            "HOST:PORT of a kvrelay router: generate there (kvrelay.v1.Generation) instead of "
+            "in this process")
+      .Flag("model-name", K::kString, "--server: the model to use (default: the one served)")
       .Flag("prompt", K::kString, "prompt text; several are successive turns of one conversation",
             true)
       .Flag("prompt-ids", K::kString,
@@ -40,6 +51,8 @@ void DeclareFlags(Args& args) {
       .IntFlag("seed", 0, std::numeric_limits<long long>::max(), "sampling seed (default 0)")
       .IntFlag("stop-token-id", 0, std::numeric_limits<int32_t>::max(), "extra stop token id", true)
       .Flag("ignore-eos", K::kBool, "keep generating after an end-of-sequence token")
+      .Flag("stop", K::kString, "--server: stop string (the text ends before it)", true)
+      .Flag("deadline-seconds", K::kFloat, "--server: deadline of each call (default none)")
       .IntFlag("logprobs", 0, 20, "top-N logprobs per generated token (0-20, default 0)")
       .Flag("kv-dtype", K::kString, "KV cache dtype: f32 | f16 | bf16 | int8 (default f32)")
       .IntFlag("block-size", 1, 1024, "tokens per KV block (default 16)")
@@ -81,6 +94,137 @@ int Fail(std::ostream& err, const std::string& what, int code = 1) {
   return code;
 }
 
+int GrpcFail(std::ostream& err, const grpc::Status& s) {
+  const absl::Status st = rpc::FromGrpc(s);
+  return Fail(err, absl::StatusCodeToString(st.code()) + ": " + std::string(st.message()));
+}
+
+const char* PrefillModeName(v1::PrefillMode m) {
+  switch (m) {
+    case v1::PREFILL_MODE_LOCAL:
+      return "local";
+    case v1::PREFILL_MODE_REMOTE:
+      return "remote";
+    default:
+      return "";
+  }
+}
+
+// --server: the turns as calls to kvrelay.v1.Generation. Each fresh turn is tokenized by
+// the server (special tokens on turn 1 only, as in the single-process mode) and sent
+// after the history as token ids, so both modes compute the same thing.
+int RunServerGenerate(const Args& args, const std::vector<std::string>& prompts,
+                      const std::vector<std::vector<int32_t>>& id_turns,
+                      const sampling::SamplingParams& params, std::ostream& out,
+                      std::ostream& err) {
+  const std::string server = args.GetString("server", "");
+  if (server.empty()) return Fail(err, "--server needs HOST:PORT", 2);
+  const double deadline_seconds = args.GetFloat("deadline-seconds", 0);
+  if (args.Has("deadline-seconds") && !(deadline_seconds > 0)) {
+    return Fail(err, "--deadline-seconds must be > 0", 2);
+  }
+  auto set_deadline = [&](grpc::ClientContext& ctx) {
+    if (deadline_seconds > 0) {
+      ctx.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::microseconds(static_cast<int64_t>(deadline_seconds * 1e6)));
+    }
+  };
+  std::unique_ptr<v1::Generation::Stub> stub =
+      v1::Generation::NewStub(grpc::CreateChannel(server, grpc::InsecureChannelCredentials()));
+  const std::string model_name = args.GetString("model-name", "");
+  v1::SamplingParams sampling = rpc::ToProto(params);
+  for (const std::string& stop : args.GetAll("stop")) sampling.add_stop(stop);
+  const bool json = args.GetBool("json");
+  const size_t turns = prompts.empty() ? id_turns.size() : prompts.size();
+  std::vector<int32_t> history;  // previous turns' prompt + output
+  for (size_t turn = 0; turn < turns; ++turn) {
+    std::vector<int32_t> fresh;
+    if (prompts.empty()) {
+      fresh = id_turns[turn];
+    } else {
+      v1::TokenizeRequest treq;
+      treq.set_model(model_name);
+      treq.set_prompt(prompts[turn]);
+      treq.set_add_special_tokens(turn == 0);
+      v1::TokenizeResponse tresp;
+      grpc::ClientContext ctx;
+      set_deadline(ctx);
+      if (grpc::Status s = stub->Tokenize(&ctx, treq, &tresp); !s.ok()) return GrpcFail(err, s);
+      fresh.assign(tresp.token_ids().begin(), tresp.token_ids().end());
+    }
+    std::vector<int32_t> prompt = history;
+    prompt.insert(prompt.end(), fresh.begin(), fresh.end());
+    v1::GenerateRequest req;
+    req.set_model(model_name);
+    req.mutable_token_ids()->mutable_ids()->Add(prompt.begin(), prompt.end());
+    *req.mutable_sampling() = sampling;
+    req.set_cache_salt(args.GetString("cache-salt", ""));
+    // Without a tokenizer here, --prompt-ids turns print only the generated text.
+    if (!json && !prompts.empty()) out << prompts[turn] << std::flush;
+    grpc::ClientContext ctx;
+    set_deadline(ctx);
+    std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader = stub->Generate(&ctx, req);
+    std::vector<int32_t> ids;
+    std::string text, request_id;
+    nlohmann::ordered_json lps = nlohmann::ordered_json::array();
+    v1::Final final;
+    bool has_final = false;
+    v1::GenerateResponse m;
+    while (reader->Read(&m)) {
+      ids.insert(ids.end(), m.token_ids().begin(), m.token_ids().end());
+      text += m.text();
+      if (!json) out << m.text() << std::flush;
+      if (params.logprobs > 0) {
+        for (const v1::TokenLogprobs& lp : m.logprobs()) {
+          nlohmann::ordered_json e;
+          e["token_id"] = lp.token_id();
+          e["logprob"] = lp.logprob();
+          nlohmann::ordered_json top = nlohmann::ordered_json::array();
+          for (const v1::TopLogprob& t : lp.top()) top.push_back({t.token_id(), t.logprob()});
+          e["top"] = std::move(top);
+          lps.push_back(std::move(e));
+        }
+      }
+      if (!m.request_id().empty()) request_id = m.request_id();
+      if (m.has_final()) {
+        final = m.final();
+        has_final = true;
+      }
+    }
+    const grpc::Status status = reader->Finish();
+    if (!status.ok() || !has_final) {
+      if (!json) out << "\n" << std::flush;
+      if (!status.ok()) return GrpcFail(err, status);
+      return Fail(err, "the server ended the stream without its final message");
+    }
+    if (!json) {
+      out << "\n" << std::flush;
+    } else {
+      nlohmann::ordered_json j;
+      j["turn"] = turn + 1;
+      j["prompt_token_ids"] = prompt;
+      j["token_ids"] = ids;
+      j["text"] = text;
+      j["logprobs"] = std::move(lps);
+      j["finish_reason"] = final.finish_reason();
+      j["cached_tokens"] = final.usage().cached_tokens();
+      j["prefill_ms"] = final.timing().ttft_seconds() * 1e3;
+      j["decode_ms_per_token"] = final.timing().mean_itl_seconds() * 1e3;
+      // Only the server knows these.
+      j["request_id"] = request_id;
+      j["stop_reason"] = final.stop_reason();
+      j["decode_worker"] = final.route().decode_worker();
+      j["prefill_worker"] = final.route().prefill_worker();
+      j["prefill_mode"] = PrefillModeName(final.route().prefill_mode());
+      j["transfer_bytes"] = final.transfer().bytes();
+      out << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n" << std::flush;
+    }
+    history = prompt;
+    history.insert(history.end(), ids.begin(), ids.end());
+  }
+  return 0;
+}
+
 }  // namespace
 
 int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err) {
@@ -90,6 +234,7 @@ int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err) {
     return Fail(err, std::string(s.message()), 2);
   if (args.GetBool("help")) {
     out << "usage: kvrelay generate [--model DIR] --prompt TEXT [--prompt TEXT ...] [flags]\n"
+           "       kvrelay generate --server HOST:PORT --prompt TEXT [--prompt TEXT ...] [flags]\n"
         << args.Help();
     return 0;
   }
@@ -113,6 +258,24 @@ int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err) {
   sampling::SamplingParams params;
   if (absl::Status s = ReadSampling(args, &params); !s.ok())
     return Fail(err, std::string(s.message()), 2);
+  if (args.Has("server")) {
+    for (const char* local_only : {"model", "kv-dtype", "block-size", "kv-blocks", "prefill-chunk",
+                                   "model-id", "threads", "isa"}) {
+      if (args.Has(local_only)) {
+        return Fail(err,
+                    std::string("--") + local_only +
+                        " is for the single-process mode; the server has its own (use "
+                        "--model-name to pick a served model)",
+                    2);
+      }
+    }
+    return RunServerGenerate(args, prompts, id_turns, params, out, err);
+  }
+  for (const char* server_only : {"stop", "model-name", "deadline-seconds"}) {
+    if (args.Has(server_only)) {
+      return Fail(err, std::string("--") + server_only + " needs --server", 2);
+    }
+  }
   kernels::DType kv_dtype;
   const std::string kv_name = args.GetString("kv-dtype", "f32");
   if (!kernels::ParseDType(kv_name, &kv_dtype)) {
