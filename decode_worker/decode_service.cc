@@ -8,6 +8,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/rpc/convert.h"
+#include "common/rpc/queued_write_reactor.h"
 
 namespace kvrelay::decode {
 
@@ -50,10 +51,9 @@ namespace {
 
 // One Generate call. Engine callbacks (engine thread) queue messages; gRPC writes them
 // one at a time. `this` is deleted in OnDone, which gRPC calls only after Finish, and
-// Finish is called only after the engine's on_done (or before anything was submitted),
-// so no engine callback can run afterwards. Finish and StartWrite are called without
-// the lock held, and nothing touches `this` after Finish.
-class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse> {
+// End (hence Finish) comes only after the engine's on_done (or before anything was
+// submitted), so no engine callback can run afterwards.
+class GenerateReactor final : public rpc::QueuedWriteReactor<v1::DecodeResponse> {
  public:
   GenerateReactor(DecodeService* service, Engine* engine, const v1::DecodeRequest& request,
                   std::chrono::system_clock::time_point deadline)
@@ -61,7 +61,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse
     service_->calls().Started();
     absl::StatusOr<EngineRequest> r = FromProto(request);
     if (!r.ok()) {
-      Finish(rpc::ToGrpc(r.status()));
+      End(rpc::ToGrpc(r.status()));
       return;
     }
     // The caller's deadline also bounds the call to the prefill worker.
@@ -74,7 +74,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse
     cb.on_done = [this](const absl::Status& st, const RequestSummary& s) { OnEngineDone(st, s); };
     absl::StatusOr<uint64_t> h = engine_->Submit(*std::move(r), std::move(cb));
     if (!h.ok()) {
-      Finish(rpc::ToGrpc(h.status()));
+      End(rpc::ToGrpc(h.status()));
       return;
     }
     bool cancel = false;
@@ -96,16 +96,6 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse
     if (h) engine_->Cancel(*h);
   }
 
-  void OnWriteDone(bool ok) override {
-    {
-      absl::MutexLock l(&mu_);
-      queue_.pop_front();
-      writing_ = false;
-      if (!ok) broken_ = true;  // the client is gone: OnCancel follows
-    }
-    Pump();
-  }
-
   void OnDone() override {
     DecodeService* service = service_;
     delete this;
@@ -114,64 +104,36 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse
 
  private:
   void OnTokens(const StepOutput& out) {
-    {
-      absl::MutexLock l(&mu_);
-      v1::DecodeResponse& m = queue_.emplace_back();
-      for (size_t i = 0; i < out.tokens.size(); ++i) {
-        m.add_token_ids(out.tokens[i]);
-        if (logprobs_) rpc::ToProto(out.samples[i], m.add_logprobs());
-      }
+    v1::DecodeResponse m;
+    for (size_t i = 0; i < out.tokens.size(); ++i) {
+      m.add_token_ids(out.tokens[i]);
+      if (logprobs_) rpc::ToProto(out.samples[i], m.add_logprobs());
     }
-    Pump();
+    Send(std::move(m));
   }
 
   void OnEngineDone(const absl::Status& st, const RequestSummary& s) {
-    {
-      absl::MutexLock l(&mu_);
-      if (st.ok()) {
-        v1::DecodeResponse& m = queue_.emplace_back();
-        m.set_finish_reason(s.finish_reason);
-        v1::DecodeUsage* u = m.mutable_usage();
-        u->set_prompt_tokens(s.prompt_tokens);
-        u->set_completion_tokens(s.completion_tokens);
-        u->set_cached_tokens(s.cached_tokens);
-        u->set_prefill_mode(s.remote_prefill ? v1::PREFILL_MODE_REMOTE : v1::PREFILL_MODE_LOCAL);
-        u->set_prefill_cached_tokens(s.prefill_cached_tokens);
-        u->set_transfer_bytes(s.transfer_bytes);
-        u->set_transfer_seconds(s.transfer_seconds);
-        u->set_transfer_wait_seconds(s.transfer_wait_seconds);
-        u->set_transport(s.transport);
-        u->set_queue_seconds(s.queue_seconds);
-        u->set_ttft_seconds(s.ttft_seconds);
-        u->set_preemptions(s.preemptions);
-        u->set_kv_incarnation(s.kv_incarnation);
-        u->set_kv_event_seq(s.kv_event_seq);
-      }
-      final_ = rpc::ToGrpc(st);
+    if (st.ok()) {
+      v1::DecodeResponse m;
+      m.set_finish_reason(s.finish_reason);
+      v1::DecodeUsage* u = m.mutable_usage();
+      u->set_prompt_tokens(s.prompt_tokens);
+      u->set_completion_tokens(s.completion_tokens);
+      u->set_cached_tokens(s.cached_tokens);
+      u->set_prefill_mode(s.remote_prefill ? v1::PREFILL_MODE_REMOTE : v1::PREFILL_MODE_LOCAL);
+      u->set_prefill_cached_tokens(s.prefill_cached_tokens);
+      u->set_transfer_bytes(s.transfer_bytes);
+      u->set_transfer_seconds(s.transfer_seconds);
+      u->set_transfer_wait_seconds(s.transfer_wait_seconds);
+      u->set_transport(s.transport);
+      u->set_queue_seconds(s.queue_seconds);
+      u->set_ttft_seconds(s.ttft_seconds);
+      u->set_preemptions(s.preemptions);
+      u->set_kv_incarnation(s.kv_incarnation);
+      u->set_kv_event_seq(s.kv_event_seq);
+      Send(std::move(m));
     }
-    Pump();
-  }
-
-  // Starts the next write, or finishes once everything is written.
-  void Pump() {
-    const v1::DecodeResponse* next = nullptr;
-    std::optional<grpc::Status> finish;
-    {
-      absl::MutexLock l(&mu_);
-      if (writing_ || finishing_) return;
-      if (!queue_.empty() && !broken_) {
-        writing_ = true;
-        next = &queue_.front();
-      } else if (final_) {
-        finishing_ = true;
-        finish = broken_ ? grpc::Status(grpc::StatusCode::CANCELLED, "client went away") : *final_;
-      }
-    }
-    if (next != nullptr) {
-      StartWrite(next);
-    } else if (finish) {
-      Finish(*finish);  // last use of `this`
-    }
+    End(rpc::ToGrpc(st));
   }
 
   DecodeService* service_;
@@ -180,11 +142,6 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse
   absl::Mutex mu_;
   std::optional<uint64_t> handle_ ABSL_GUARDED_BY(mu_);
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
-  std::deque<v1::DecodeResponse> queue_ ABSL_GUARDED_BY(mu_);  // front: being written
-  bool writing_ ABSL_GUARDED_BY(mu_) = false;
-  bool broken_ ABSL_GUARDED_BY(mu_) = false;
-  bool finishing_ ABSL_GUARDED_BY(mu_) = false;
-  std::optional<grpc::Status> final_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace

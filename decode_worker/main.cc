@@ -1,15 +1,12 @@
 // kvrelay-decode: a decode worker. Prints "READY <port>" once it serves; SIGTERM or
 // SIGINT drains running requests (up to --drain-seconds) and exits.
-#include <signal.h>
-#include <unistd.h>
-
-#include <cerrno>
 #include <cstdio>
 #include <string>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "common/util/stop_signal.h"
 #include "decode_worker/decode_worker.h"
 
 ABSL_FLAG(std::string, model, "", "Hugging Face model folder (required)");
@@ -37,31 +34,13 @@ ABSL_FLAG(double, exit_linger_seconds, 1,
           "after draining, how long connections stay open before the server closes them: "
           "closing at once resets connections whose clients have not read the last messages");
 
-namespace {
-
-int stop_pipe[2] = {-1, -1};
-
-// Any thread may take the signal (gRPC starts threads before main can mask it), so the
-// handler only wakes the main thread.
-void OnStopSignal(int sig) {
-  const char c = static_cast<char>(sig);
-  (void)!::write(stop_pipe[1], &c, 1);
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("kvrelay-decode --model DIR [--listen HOST:PORT] ...");
   absl::ParseCommandLine(argc, argv);
-  if (::pipe(stop_pipe) != 0) {
-    std::perror("kvrelay-decode: pipe");
+  if (absl::Status s = kvrelay::InstallStopSignals(); !s.ok()) {
+    std::fprintf(stderr, "kvrelay-decode: %s\n", s.ToString().c_str());
     return 1;
   }
-  struct sigaction sa {};
-  sa.sa_handler = OnStopSignal;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGTERM, &sa, nullptr);
-  sigaction(SIGINT, &sa, nullptr);
 
   kvrelay::decode::DecodeWorkerOptions o;
   o.model_dir = absl::GetFlag(FLAGS_model);
@@ -92,9 +71,7 @@ int main(int argc, char** argv) {
   }
   std::printf("READY %d\n", (*worker)->port());
   std::fflush(stdout);
-  char sig = 0;
-  while (::read(stop_pipe[0], &sig, 1) < 0 && errno == EINTR) {
-  }
+  const int sig = kvrelay::WaitForStopSignal();
   std::fprintf(stderr, "kvrelay-decode: signal %d, draining\n", sig);
   (*worker)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)),
                       absl::Seconds(absl::GetFlag(FLAGS_exit_linger_seconds)));

@@ -12,6 +12,7 @@
 #include "common/kvcache/block_hash.h"
 #include "common/kvcache/kv_pool.h"
 #include "common/rpc/convert.h"
+#include "common/rpc/queued_write_reactor.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
@@ -54,7 +55,7 @@ absl::Status ParseRequest(const grpc::ByteBuffer& buffer, T* out) {
 // away or its deadline passed) cancels the current decode worker call. `this` is
 // deleted in OnDone, which gRPC calls only after Finish, and Finish only follows End:
 // the runner never touches the call after End.
-class GenerationService::Call final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+class GenerationService::Call final : public rpc::QueuedWriteReactor<grpc::ByteBuffer> {
  public:
   Call(GenerationService* service, grpc::CallbackServerContext* context)
       : service_(service), deadline_(context->deadline()), accepted_(absl::Now()) {
@@ -70,22 +71,7 @@ class GenerationService::Call final : public grpc::ServerWriteReactor<grpc::Byte
     return deadline_;
   }
 
-  void Send(const v1::GenerateResponse& m) {
-    grpc::ByteBuffer buffer = ToByteBuffer(m);
-    {
-      absl::MutexLock l(&mu_);
-      queue_.push_back(std::move(buffer));
-    }
-    Pump();
-  }
-
-  void End(grpc::Status status) {
-    {
-      absl::MutexLock l(&mu_);
-      final_ = std::move(status);
-    }
-    Pump();
-  }
+  void Send(const v1::GenerateResponse& m) { QueuedWriteReactor::Send(ToByteBuffer(m)); }
 
   // The decode worker call now in progress; false (nothing attached) if the client
   // has already cancelled.
@@ -110,16 +96,6 @@ class GenerationService::Call final : public grpc::ServerWriteReactor<grpc::Byte
     if (worker_call_ != nullptr) worker_call_->TryCancel();
   }
 
-  void OnWriteDone(bool ok) override {
-    {
-      absl::MutexLock l(&mu_);
-      queue_.pop_front();
-      writing_ = false;
-      if (!ok) broken_ = true;  // the client is gone: OnCancel follows
-    }
-    Pump();
-  }
-
   void OnDone() override {
     GenerationService* service = service_;
     delete this;
@@ -127,38 +103,12 @@ class GenerationService::Call final : public grpc::ServerWriteReactor<grpc::Byte
   }
 
  private:
-  void Pump() {
-    const grpc::ByteBuffer* next = nullptr;
-    std::optional<grpc::Status> finish;
-    {
-      absl::MutexLock l(&mu_);
-      if (writing_ || finishing_) return;
-      if (!queue_.empty() && !broken_) {
-        writing_ = true;
-        next = &queue_.front();
-      } else if (final_) {
-        finishing_ = true;
-        finish = broken_ ? grpc::Status(grpc::StatusCode::CANCELLED, "client went away") : *final_;
-      }
-    }
-    if (next != nullptr) {
-      StartWrite(next);
-    } else if (finish) {
-      Finish(*finish);  // last use of `this`
-    }
-  }
-
   GenerationService* service_;
   const std::chrono::system_clock::time_point deadline_;
   const absl::Time accepted_;
   mutable absl::Mutex mu_;
-  std::deque<grpc::ByteBuffer> queue_ ABSL_GUARDED_BY(mu_);  // front: being written
-  bool writing_ ABSL_GUARDED_BY(mu_) = false;
-  bool broken_ ABSL_GUARDED_BY(mu_) = false;
-  bool finishing_ ABSL_GUARDED_BY(mu_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
   grpc::ClientContext* worker_call_ ABSL_GUARDED_BY(mu_) = nullptr;
-  std::optional<grpc::Status> final_ ABSL_GUARDED_BY(mu_);
 };
 
 GenerationService::GenerationService(const ModelContext* model, WorkerRegistry* registry,
