@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "grpcpp/generic/generic_stub.h"
@@ -71,7 +72,8 @@ Result Generate(v1::Generation::Stub& stub, const v1::GenerateRequest& req,
 class Cluster {
  public:
   // A router and `prefill` + `decode` workers registered with it.
-  Cluster(int prefill, int decode) : prefill_(prefill), decode_(decode) {
+  Cluster(int prefill, int decode, std::vector<std::string> router_flags = {})
+      : prefill_(prefill), decode_(decode), router_flags_(std::move(router_flags)) {
     StartRouter();
     for (int i = 0; i < prefill; ++i)
       StartWorkerProcess("kvrelay-prefill", "prefill-" + std::to_string(i));
@@ -82,11 +84,21 @@ class Cluster {
   }
 
   void StartRouter(int port = 0) {
-    router_ = std::make_unique<testing::WorkerProcess>(testing::StartWorker(
-        "kvrelay-router",
-        {"--model", ModelDir(), "--listen", absl::StrCat("127.0.0.1:", port),
-         "--local_prefill_max_tokens", std::to_string(kLocalMax), "--heartbeat_interval_ms", "200",
-         "--heartbeat_timeout_ms", "10000", "--exit_linger_seconds", "0"}));
+    std::vector<std::string> args = {"--model",
+                                     ModelDir(),
+                                     "--listen",
+                                     absl::StrCat("127.0.0.1:", port),
+                                     "--local_prefill_max_tokens",
+                                     std::to_string(kLocalMax),
+                                     "--heartbeat_interval_ms",
+                                     "200",
+                                     "--heartbeat_timeout_ms",
+                                     "10000",
+                                     "--exit_linger_seconds",
+                                     "0"};
+    args.insert(args.end(), router_flags_.begin(), router_flags_.end());
+    router_ =
+        std::make_unique<testing::WorkerProcess>(testing::StartWorker("kvrelay-router", args));
     ASSERT_TRUE(router_->process);
     auto channel = grpc::CreateChannel(router_->address(), grpc::InsecureChannelCredentials());
     generation_ = v1::Generation::NewStub(channel);
@@ -147,6 +159,7 @@ class Cluster {
 
  private:
   int prefill_, decode_;
+  std::vector<std::string> router_flags_;
   std::unique_ptr<testing::WorkerProcess> router_;
   std::map<std::string, testing::WorkerProcess> workers_;
   std::unique_ptr<v1::Generation::Stub> generation_;
@@ -452,6 +465,58 @@ TEST(RouterFailureTest, DecodeWorkerKilledMidStreamRequestsMigrate) {
     const v1::WorkerStatus* w = cluster.Find(r, "decode-1");
     return w != nullptr && !w->alive() && w->indexed_blocks() == 0;
   });
+}
+
+TEST(RouterBusyTest, ABusyHolderIsSkippedUntilItIsNotBusy) {
+  // Busy: more than 5% of the 256-block pool in use.
+  Cluster cluster(0, 2, {"--decode_busy_threshold", "0.05"});
+  const auto prefix = RandomPrompt(96, 5000);
+  auto with_tail = [&](uint32_t seed) {
+    auto p = prefix;
+    const auto tail = RandomPrompt(20, seed);
+    p.insert(p.end(), tail.begin(), tail.end());
+    return p;
+  };
+  const v1::ListWorkersResponse before = cluster.List();
+  const Result first = Generate(cluster.gen(), Greedy(prefix, 4));
+  ASSERT_TRUE(first.status.ok()) << first.status.error_message();
+  const std::string holder = first.final.route().decode_worker();
+  const int64_t had = cluster.Find(before, holder)->indexed_blocks();
+  cluster.WaitForWorkers([&](const v1::ListWorkersResponse& r) {
+    const v1::WorkerStatus* w = cluster.Find(r, holder);
+    return w != nullptr && w->indexed_blocks() >= had + 6;
+  });
+  // A long request sharing the prefix goes to the holder and keeps it busy (31 blocks).
+  absl::Notification first_token;
+  Result long_result;
+  std::thread long_request([&] {
+    long_result =
+        Generate(cluster.gen(), Greedy(with_tail(5001), 380), [&](const v1::GenerateResponse& m) {
+          if (m.token_ids_size() > 0 && !first_token.HasBeenNotified()) {
+            first_token.Notify();
+          }
+        });
+  });
+  ASSERT_TRUE(first_token.WaitForNotificationWithTimeout(testing::kProcessTimeout));
+  // Meanwhile a request with the same prefix goes to the other, idle worker.
+  const Result other = Generate(cluster.gen(), Greedy(with_tail(5002), 4));
+  long_request.join();
+  ASSERT_TRUE(other.status.ok()) << other.status.error_message();
+  ASSERT_TRUE(long_result.status.ok()) << long_result.status.error_message();
+  EXPECT_EQ(long_result.final.route().decode_worker(), holder);
+  EXPECT_GE(long_result.final.usage().cached_tokens(), 96);
+  EXPECT_NE(other.final.route().decode_worker(), holder);
+  EXPECT_EQ(other.final.usage().cached_tokens(), 0);
+  // Once the holder is idle again (its load report says so), the prefix brings requests
+  // back to it.
+  cluster.WaitForWorkers([&](const v1::ListWorkersResponse& r) {
+    const v1::WorkerStatus* w = cluster.Find(r, holder);
+    return w != nullptr && w->load().active_blocks() == 0;
+  });
+  const Result back = Generate(cluster.gen(), Greedy(with_tail(5003), 4));
+  ASSERT_TRUE(back.status.ok()) << back.status.error_message();
+  EXPECT_EQ(back.final.route().decode_worker(), holder);
+  EXPECT_GE(back.final.usage().cached_tokens(), 96);
 }
 
 TEST(RouterFailureTest, RestartedWorkerAndRestartedRouter) {
