@@ -269,23 +269,28 @@ void GenerationService::Serve(Call* call) {
     call->End(grpc::Status::OK);
   };
 
+  // The finish reason if the tokens streamed so far already end the request (a worker
+  // that failed after the last token), else empty.
+  auto complete = [&]() -> std::string {
+    const std::vector<int32_t>& gen = out.generated();
+    if (gen.empty()) return "";
+    const int32_t last = gen.back();
+    const bool eos = !req.params.ignore_eos &&
+                     std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), last) !=
+                         cfg.eos_token_ids.end();
+    const bool stop_id =
+        std::find(req.params.stop_token_ids.begin(), req.params.stop_token_ids.end(), last) !=
+        req.params.stop_token_ids.end();
+    if (eos || stop_id) return "stop";
+    if (static_cast<int64_t>(gen.size()) >= req.params.max_tokens ||
+        static_cast<int64_t>(req.prompt.size() + gen.size()) >= cfg.max_position_embeddings) {
+      return "length";
+    }
+    return "";
+  };
+
   while (true) {
     const std::vector<int32_t>& gen = out.generated();
-    // A worker that failed after the last token: the request may be complete already.
-    if (!gen.empty()) {
-      const int32_t last = gen.back();
-      const bool eos = !req.params.ignore_eos &&
-                       std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), last) !=
-                           cfg.eos_token_ids.end();
-      const bool stop_id =
-          std::find(req.params.stop_token_ids.begin(), req.params.stop_token_ids.end(), last) !=
-          req.params.stop_token_ids.end();
-      if (eos || stop_id) return send_final("stop", nullptr);
-      if (static_cast<int64_t>(gen.size()) >= req.params.max_tokens ||
-          static_cast<int64_t>(req.prompt.size() + gen.size()) >= cfg.max_position_embeddings) {
-        return send_final("length", nullptr);
-      }
-    }
     std::vector<int32_t> tokens = req.prompt;
     tokens.insert(tokens.end(), gen.begin(), gen.end());
     const std::vector<uint64_t> hashes = kvcache::BlockHashes(root, tokens, bs);
@@ -344,6 +349,7 @@ void GenerationService::Serve(Call* call) {
     grpc::ClientContext ctx;
     if (auto deadline = call->deadline()) ctx.set_deadline(*deadline);
     if (!call->Attach(&ctx)) {
+      registry_->NoteDone(d->decode_slot, prefill_slot, load_blocks, load_tokens);
       return call->End(grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled"));
     }
     auto stub = v1::DecodeWorker::NewStub(ChannelTo(dw->address));
@@ -382,7 +388,11 @@ void GenerationService::Serve(Call* call) {
       return call->End(grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled"));
     }
     if (!st.ok() && IsRequestError(st.error_code())) return call->End(st);
-    // The decode worker failed (died, shut down, lost the connection): migrate.
+    // The decode worker failed (died, shut down, lost the connection) ...
+    if (const std::string reason = complete(); !reason.empty()) {
+      return send_final(reason, nullptr);  // ... after the last token: nothing to move
+    }
+    // ... mid-stream: migrate.
     last_failure = st.ok() ? grpc::Status(grpc::StatusCode::INTERNAL, "stream ended early") : st;
     if (migrations >= options_.migration_limit) {
       return call->End(grpc::Status(
