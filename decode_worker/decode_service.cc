@@ -49,6 +49,23 @@ absl::StatusOr<EngineRequest> FromProto(const v1::DecodeRequest& request) {
 
 namespace {
 
+void FillUsage(const RequestSummary& s, v1::DecodeUsage* u) {
+  u->set_prompt_tokens(s.prompt_tokens);
+  u->set_completion_tokens(s.completion_tokens);
+  u->set_cached_tokens(s.cached_tokens);
+  u->set_prefill_mode(s.remote_prefill ? v1::PREFILL_MODE_REMOTE : v1::PREFILL_MODE_LOCAL);
+  u->set_prefill_cached_tokens(s.prefill_cached_tokens);
+  u->set_transfer_bytes(s.transfer_bytes);
+  u->set_transfer_seconds(s.transfer_seconds);
+  u->set_transfer_wait_seconds(s.transfer_wait_seconds);
+  u->set_transport(s.transport);
+  u->set_queue_seconds(s.queue_seconds);
+  u->set_ttft_seconds(s.ttft_seconds);
+  u->set_preemptions(s.preemptions);
+  u->set_kv_incarnation(s.kv_incarnation);
+  u->set_kv_event_seq(s.kv_event_seq);
+}
+
 // One Generate call. Engine callbacks (engine thread) queue messages; gRPC writes them
 // one at a time. `this` is deleted in OnDone, which gRPC calls only after Finish, and
 // End (hence Finish) comes only after the engine's on_done (or before anything was
@@ -105,6 +122,7 @@ class GenerateReactor final : public rpc::QueuedWriteReactor<v1::DecodeResponse>
  private:
   void OnTokens(const StepOutput& out) {
     v1::DecodeResponse m;
+    if (out.prefill) FillUsage(*out.prefill, m.mutable_usage());
     for (size_t i = 0; i < out.tokens.size(); ++i) {
       m.add_token_ids(out.tokens[i]);
       if (logprobs_) rpc::ToProto(out.samples[i], m.add_logprobs());
@@ -116,21 +134,7 @@ class GenerateReactor final : public rpc::QueuedWriteReactor<v1::DecodeResponse>
     if (st.ok()) {
       v1::DecodeResponse m;
       m.set_finish_reason(s.finish_reason);
-      v1::DecodeUsage* u = m.mutable_usage();
-      u->set_prompt_tokens(s.prompt_tokens);
-      u->set_completion_tokens(s.completion_tokens);
-      u->set_cached_tokens(s.cached_tokens);
-      u->set_prefill_mode(s.remote_prefill ? v1::PREFILL_MODE_REMOTE : v1::PREFILL_MODE_LOCAL);
-      u->set_prefill_cached_tokens(s.prefill_cached_tokens);
-      u->set_transfer_bytes(s.transfer_bytes);
-      u->set_transfer_seconds(s.transfer_seconds);
-      u->set_transfer_wait_seconds(s.transfer_wait_seconds);
-      u->set_transport(s.transport);
-      u->set_queue_seconds(s.queue_seconds);
-      u->set_ttft_seconds(s.ttft_seconds);
-      u->set_preemptions(s.preemptions);
-      u->set_kv_incarnation(s.kv_incarnation);
-      u->set_kv_event_seq(s.kv_event_seq);
+      FillUsage(s, m.mutable_usage());
       Send(std::move(m));
     }
     End(rpc::ToGrpc(st));

@@ -494,9 +494,11 @@ void Engine::Emit(Seq* s, sampling::SampleResult r) {
   const int64_t position = static_cast<int64_t>(s->tokens.size());
   const int32_t tok = r.token;
   s->tokens.push_back(tok);
-  if (s->generated() == s->req.resumed_tokens + 1) s->summary.ttft_seconds = Now() - s->submitted;
+  const bool first = s->generated() == s->req.resumed_tokens + 1;
+  if (first) s->summary.ttft_seconds = Now() - s->submitted;
   if (s->cb.on_tokens) {
     StepOutput out;
+    if (first) out.prefill = std::make_shared<const RequestSummary>(s->summary);
     out.tokens.push_back(tok);
     out.samples.push_back(std::move(r));
     s->cb.on_tokens(out);

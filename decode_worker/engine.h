@@ -67,9 +67,13 @@ struct EngineRemote {
 };
 
 // Tokens produced by one step for one request (one token per step today).
+struct RequestSummary;
 struct StepOutput {
   std::vector<int32_t> tokens;
   std::vector<sampling::SampleResult> samples;
+  // With the request's first token: how its prompt was prefilled (cached tokens, prefill
+  // mode, transfer), so a stream cut short (stop string, failure) still reports it.
+  std::shared_ptr<const RequestSummary> prefill;
 };
 
 struct RequestSummary {

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "common/rpc/convert.h"
+#include "common/rpc/keepalive.h"
 #include "grpcpp/create_channel.h"
 
 namespace kvrelay::decode {
@@ -20,8 +21,7 @@ v1::PrefillWorker::Stub* PrefillClient::Stub(const std::string& address) {
   absl::MutexLock l(&mu_);
   auto& stub = stubs_[address];
   if (stub == nullptr) {
-    stub = v1::PrefillWorker::NewStub(
-        grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+    stub = v1::PrefillWorker::NewStub(rpc::CreateInternalChannel(address));
   }
   return stub.get();
 }

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/rpc/keepalive.h"
 #include "common/transfer/ucx/ucx_transport.h"
 #include "common/util/file.h"
 #include "common/util/status.h"
@@ -33,6 +34,7 @@ absl::StatusOr<std::unique_ptr<PrefillWorker>> PrefillWorker::Start(
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
+  rpc::AllowInternalKeepalive(builder);
   builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &w->port_);
   builder.RegisterService(w->service_.get());
   w->server_ = builder.BuildAndStart();

@@ -12,6 +12,7 @@
 #include "common/kvcache/block_hash.h"
 #include "common/kvcache/kv_pool.h"
 #include "common/rpc/convert.h"
+#include "common/rpc/keepalive.h"
 #include "common/rpc/queued_write_reactor.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/create_channel.h"
@@ -32,7 +33,11 @@ grpc::ByteBuffer ToByteBuffer(const google::protobuf::Message& m) {
 // INVALID_ARGUMENT when the bytes are not a `T` (malformed, or a text field that is
 // not UTF-8).
 template <typename T>
-absl::Status ParseRequest(const grpc::ByteBuffer& buffer, T* out) {
+absl::Status ParseRequest(const grpc::ByteBuffer& buffer, size_t max_bytes, T* out) {
+  if (buffer.Length() > max_bytes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the request has ", buffer.Length(), " bytes; the limit is ", max_bytes));
+  }
   std::vector<grpc::Slice> slices;
   std::string bytes;
   if (buffer.Dump(&slices).ok()) {
@@ -91,9 +96,15 @@ class GenerationService::Call final : public rpc::QueuedWriteReactor<grpc::ByteB
   }
 
   void OnCancel() override {
-    absl::MutexLock l(&mu_);
-    cancelled_ = true;
-    if (worker_call_ != nullptr) worker_call_->TryCancel();
+    {
+      absl::MutexLock l(&mu_);
+      cancelled_ = true;
+      if (worker_call_ != nullptr) worker_call_->TryCancel();
+    }
+    // Still waiting for a runner: leave the queue now (its place goes to a live request).
+    if (service_->RemoveQueued(this)) {
+      End(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while queued"));
+    }
   }
 
   void OnDone() override {
@@ -158,7 +169,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
     grpc::CallbackServerContext* context, const grpc::ByteBuffer* raw) {
   auto* call = new Call(this, context);
   v1::GenerateRequest parsed;
-  if (absl::Status st = ParseRequest(*raw, &parsed); !st.ok()) {
+  if (absl::Status st = ParseRequest(*raw, options_.max_request_bytes, &parsed); !st.ok()) {
     call->End(rpc::ToGrpc(st));
     return call;
   }
@@ -174,27 +185,35 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
     return call;
   }
   call->request = *std::move(p);
+  std::optional<grpc::Status> refused;
   {
     absl::MutexLock l(&mu_);
     if (!accepting_) {
-      call->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the router is shutting down"));
-      return call;
-    }
-    if (queue_.size() >= options_.max_queued) {
-      call->End(grpc::Status(
+      refused = grpc::Status(grpc::StatusCode::UNAVAILABLE, "the router is shutting down");
+    } else if (queue_.size() >= options_.max_queued) {
+      refused = grpc::Status(
           grpc::StatusCode::RESOURCE_EXHAUSTED,
-          absl::StrCat("the router's queue is full (", options_.max_queued, " requests waiting)")));
-      return call;
+          absl::StrCat("the router's queue is full (", options_.max_queued, " requests waiting)"));
+    } else {
+      queue_.push_back(call);
     }
-    queue_.push_back(call);
   }
+  if (refused) call->End(*refused);
   return call;
+}
+
+bool GenerationService::RemoveQueued(Call* call) {
+  absl::MutexLock l(&mu_);
+  auto it = std::find(queue_.begin(), queue_.end(), call);
+  if (it == queue_.end()) return false;
+  queue_.erase(it);
+  return true;
 }
 
 std::shared_ptr<grpc::Channel> GenerationService::ChannelTo(const std::string& address) {
   absl::MutexLock l(&channels_mu_);
   std::shared_ptr<grpc::Channel>& c = channels_[address];
-  if (c == nullptr) c = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  if (c == nullptr) c = rpc::CreateInternalChannel(address);
   return c;
 }
 
@@ -255,7 +274,7 @@ void GenerationService::Serve(Call* call) {
     r->set_prefill_worker(prefill_id);
     r->set_predicted_cached_tokens(predicted_cached);
     r->set_migrations(migrations);
-    r->set_prefill_mode(v1::PREFILL_MODE_LOCAL);
+    r->set_prefill_mode(prefill_id.empty() ? v1::PREFILL_MODE_LOCAL : v1::PREFILL_MODE_REMOTE);
     if (usage != nullptr) {
       f->mutable_usage()->set_cached_tokens(std::min(
           prompt_tokens, std::max(usage->cached_tokens(), usage->prefill_cached_tokens())));
@@ -373,10 +392,8 @@ void GenerationService::Serve(Call* call) {
           break;
         }
       }
-      if (!m.finish_reason().empty()) {
-        finish = m.finish_reason();
-        usage = m.usage();
-      }
+      if (m.has_usage()) usage = m.usage();  // the first token's, then the final one
+      if (!m.finish_reason().empty()) finish = m.finish_reason();
     }
     const grpc::Status st = reader->Finish();
     call->Detach();
@@ -390,7 +407,7 @@ void GenerationService::Serve(Call* call) {
     if (!st.ok() && IsRequestError(st.error_code())) return call->End(st);
     // The decode worker failed (died, shut down, lost the connection) ...
     if (const std::string reason = complete(); !reason.empty()) {
-      return send_final(reason, nullptr);  // ... after the last token: nothing to move
+      return send_final(reason, usage ? &*usage : nullptr);  // ... after the last token
     }
     // ... mid-stream: migrate.
     last_failure = st.ok() ? grpc::Status(grpc::StatusCode::INTERNAL, "stream ended early") : st;
@@ -410,7 +427,7 @@ grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContex
                                                       grpc::ByteBuffer* raw_response) {
   auto* reactor = context->DefaultReactor();
   v1::TokenizeRequest request;
-  if (absl::Status st = ParseRequest(*raw, &request); !st.ok()) {
+  if (absl::Status st = ParseRequest(*raw, options_.max_request_bytes, &request); !st.ok()) {
     reactor->Finish(rpc::ToGrpc(st));
     return reactor;
   }

@@ -30,6 +30,7 @@ struct GenerationOptions {
   int max_running = 64;      // requests being served at once (each holds a runner thread)
   size_t max_queued = 1024;  // admitted requests waiting for a runner; beyond: RESOURCE_EXHAUSTED
   int migration_limit = 2;   // times a request may move to another decode worker
+  size_t max_request_bytes = 4 << 20;  // larger Generate/Tokenize requests: RESOURCE_EXHAUSTED
   SchedulerOptions scheduler;
 };
 
@@ -41,7 +42,8 @@ class GenerationService final
           v1::Generation::WithRawCallbackMethod_Tokenize<v1::Generation::CallbackService>> {
  public:
   GenerationService(const ModelContext* model, WorkerRegistry* registry, GenerationOptions options);
-  // Ends queued requests (UNAVAILABLE) and joins the runners (Shutdown first).
+  // Joins the runners once the queue is empty. The server must have been shut down
+  // first: that cancels every call, so queued ones end at once (Router does this).
   ~GenerationService() override;
 
   grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* context,
@@ -61,6 +63,8 @@ class GenerationService final
 
  private:
   void RunLoop();
+  // Takes a call off the queue; false if a runner already has it (or it never queued).
+  bool RemoveQueued(Call* call);
   void Serve(Call* call);
   std::shared_ptr<grpc::Channel> ChannelTo(const std::string& address);
 

@@ -58,6 +58,7 @@ class ConnectReactor final : public grpc::ServerBidiReactor<v1::WorkerMessage, v
         v1::RouterMessage m;
         m.mutable_snapshot_request();
         Send(std::move(m));
+        service_->Changed();  // it may be back from the dead
       }
     } else if (in_.has_snapshot()) {
       reg.OnSnapshot(conn_, in_.snapshot(), now);
@@ -146,8 +147,8 @@ RegistryService::RegistryService(WorkerRegistry* registry, std::function<void()>
       mu_.AwaitWithTimeout(absl::Condition(&stop_), period);
       if (stop_) break;
       mu_.Unlock();
-      const int expired = registry_->ExpireSilent(absl::Now());
-      if (expired > 0) Changed();
+      registry_->ExpireSilent(absl::Now());
+      Changed();  // every tick: cheap when nothing changed, and catches any missed change
       mu_.Lock();
     }
   });

@@ -1,9 +1,11 @@
 #include "router/router.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/rpc/keepalive.h"
 #include "common/util/status.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -47,8 +49,10 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Start(const RouterOptions& optio
                      ? absl::StrCat("router-", absl::Hex(absl::ToUnixNanos(absl::Now()) & 0xffffff))
                      : options.router_id;
   r->registry_ = std::make_unique<WorkerRegistry>(ro);
+  GenerationOptions generation = options.generation;
+  generation.max_request_bytes = static_cast<size_t>(options.max_request_bytes);
   r->generation_ =
-      std::make_unique<GenerationService>(r->model_.get(), r->registry_.get(), options.generation);
+      std::make_unique<GenerationService>(r->model_.get(), r->registry_.get(), generation);
   Router* self = r.get();
   r->registry_service_ =
       std::make_unique<RegistryService>(r->registry_.get(), [self] { self->UpdateHealth(); });
@@ -56,8 +60,11 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Start(const RouterOptions& optio
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  rpc::AllowInternalKeepalive(builder);
   builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &r->port_);
-  builder.SetMaxReceiveMessageSize(options.max_request_bytes);
+  // Generate and Tokenize enforce max_request_bytes themselves; the server's limit only
+  // bounds the registry's messages (a snapshot of a 16M-block pool is 128 MiB).
+  builder.SetMaxReceiveMessageSize(std::max(options.max_request_bytes, 256 << 20));
   builder.RegisterService(r->generation_.get());
   builder.RegisterService(r->registry_service_.get());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
@@ -73,9 +80,9 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Start(const RouterOptions& optio
 }
 
 void Router::UpdateHealth() {
-  const bool serving = registry_->Alive(v1::WORKER_ROLE_DECODE) > 0;
-  absl::MutexLock l(&health_mu_);
+  absl::MutexLock l(&health_mu_);  // read and applied together: no stale status wins
   if (server_ == nullptr || shut_down_) return;
+  const bool serving = registry_->Alive(v1::WORKER_ROLE_DECODE) > 0;
   if (serving_known_ && serving == serving_) return;
   serving_known_ = true;
   serving_ = serving;

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "common/rpc/keepalive.h"
 #include "common/util/status.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/create_channel.h"
@@ -103,8 +104,7 @@ class RegistryClient::Connection {
  private:
   void Run() {
     const RegistryClientOptions& o = owner_->options_;
-    auto stub =
-        v1::Registry::NewStub(grpc::CreateChannel(router_, grpc::InsecureChannelCredentials()));
+    auto stub = v1::Registry::NewStub(CreateInternalChannel(router_));
     absl::Duration backoff = o.reconnect_min;
     while (true) {
       const bool was_acked = Session(*stub);
