@@ -34,6 +34,11 @@ struct KernelTable {
   // for j < count: axpy_kv(a[j], v + j * stride, vt, n, out), bit-identical to the single calls.
   void (*axpy_kv_rows)(const float* a, const void* v, int64_t stride, int count, DType vt,
                        int64_t n, float* out);
+  // out[r * ldo + j] = dot_kv(q + r * ldq, k + j * stride, kt, n) for r < rows, j < count:
+  // several query rows against the same key rows (each key row loaded once for all of them),
+  // bit-identical to the single calls.
+  void (*dot_kv_tile)(const float* q, int64_t ldq, int rows, const void* k, int64_t stride,
+                      int count, DType kt, int64_t n, float* out, int64_t ldo);
 };
 
 // Best table this CPU supports; KVRELAY_ISA=scalar|avx2 in the environment overrides.
@@ -82,7 +87,13 @@ void WriteKv(const PagedKvView& kv, int64_t block, int slot, int layer, const fl
 // Query token t belongs to a sequence with block table `block_tables[t]` and sits at
 // position `positions[t]`; it attends to positions [0, positions[t]] of that sequence,
 // all read from the cache (so the current token's K/V must be written first).
-// q: [n, num_heads, head_dim]; out: [n, num_heads, head_dim]. Parallel over (t, head).
+// q: [n, num_heads, head_dim]; out: [n, num_heads, head_dim].
+//
+// Consecutive tokens with the same block table pointer (one sequence's prefill chunk) are
+// processed in tiles, together with all query heads that share a KV head, so each K/V block
+// is read once per tile rather than once per (token, head). Each output element is still
+// computed by the same operations in the same order as attending that (token, head) alone:
+// tiling only interleaves independent per-query loops. Parallel over (tile, kv head).
 void PagedAttention(ThreadPool* pool, const PagedKvView& kv, int layer, const float* q, int64_t n,
                     const int32_t* const* block_tables, const int64_t* positions, int num_heads,
                     float scale, float* out);

@@ -72,9 +72,16 @@ void AxpyKvRowsScalar(const float* a, const void* v, int64_t stride, int count, 
     AxpyKvScalar(a[j], static_cast<const uint8_t*>(v) + j * stride, vt, n, out);
 }
 
+void DotKvTileScalar(const float* q, int64_t ldq, int rows, const void* k, int64_t stride,
+                     int count, DType kt, int64_t n, float* out, int64_t ldo) {
+  for (int r = 0; r < rows; ++r)
+    DotKvRowsScalar(q + r * ldq, k, stride, count, kt, n, out + r * ldo);
+}
+
 }  // namespace
 
-const KernelTable kScalarTable = {Isa::kScalar,  &MatMulScalar,    &DotKvScalar,
-                                  &AxpyKvScalar, &DotKvRowsScalar, &AxpyKvRowsScalar};
+const KernelTable kScalarTable = {Isa::kScalar,    &MatMulScalar,    &DotKvScalar,
+                                  &AxpyKvScalar,   &DotKvRowsScalar, &AxpyKvRowsScalar,
+                                  &DotKvTileScalar};
 
 }  // namespace kvrelay::kernels::cpu

@@ -225,63 +225,174 @@ void WriteKv(const PagedKvView& kv, int64_t block, int slot, int layer, const fl
   }
 }
 
+namespace {
+
+// Query rows (token, head) per attention tile: K/V blocks are read once per tile, and the
+// tile's scores (rows x context floats) should stay in L2.
+constexpr int kAttnTileRows = 32;
+
+// The largest of s[0, n) that is not NaN (-inf if none): the value of the sequential fold
+// mx = std::max(mx, s[j]) from mx = -inf, computed in 8 independent lanes (max is exact, so
+// the grouping cannot change the value; only the sign of a zero maximum may differ, and
+// exp(s[j] - mx) is the same for mx = +0 and -0).
+inline float MaxOf(const float* s, int64_t n) {
+  float m[8];
+  for (float& x : m) x = -INFINITY;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) m[l] = std::max(m[l], s[j + l]);
+  float mx = -INFINITY;
+  for (float x : m) mx = std::max(mx, x);
+  for (; j < n; ++j) mx = std::max(mx, s[j]);
+  return mx;
+}
+
+struct AttnArgs {
+  const PagedKvView* kv;
+  int layer;
+  const float* q;
+  const int32_t* const* block_tables;
+  const int64_t* positions;
+  int num_heads;
+  float scale;
+  float* out;
+};
+
+// Attention of query tokens [t0, t1) (one block table) for the query heads of kv head g.
+// Row r = (t0 + r / group, g * group + r % group). Per row, exactly the operations of
+// attending it alone: scores in key order (dot, int8 scale, softmax scale), max, exp and sum
+// in key order, then the weighted sum of V in key order, one block at a time. Only the loops
+// are interchanged (key block outside, rows inside) so each block is loaded once per tile.
+struct AttnTile {
+  std::vector<float> qbuf, scores, weights;
+  std::vector<int64_t> len;
+  std::vector<float> inv;
+
+  void Run(const KernelTable& k, const AttnArgs& a, int64_t t0, int64_t t1, int g) {
+    const PagedKvView& kv = *a.kv;
+    const auto& L = kv.layout;
+    const int group = a.num_heads / L.num_kv_heads;
+    const int hd = L.head_dim;
+    const int bs = L.block_size;
+    const bool i8 = L.dtype == DType::kI8;
+    const int nkv = L.num_kv_heads;
+    const int64_t stride = static_cast<int64_t>(L.token_bytes());  // slot to slot, same head
+    const int rows = static_cast<int>(t1 - t0) * group;
+    const int32_t* table = a.block_tables[t0];
+
+    // Query rows side by side, and each row's context length.
+    qbuf.resize(static_cast<size_t>(rows) * hd);
+    len.resize(rows);
+    int64_t max_len = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int r0 = static_cast<int>(t - t0) * group;
+      std::memcpy(&qbuf[static_cast<size_t>(r0) * hd], a.q + (t * a.num_heads + g * group) * hd,
+                  sizeof(float) * group * hd);
+      for (int i = 0; i < group; ++i) len[r0 + i] = a.positions[t] + 1;
+      max_len = std::max(max_len, a.positions[t] + 1);
+    }
+    const int64_t ld = max_len;  // scores row stride
+    scores.resize(static_cast<size_t>(rows) * ld);
+    weights.resize(bs);
+    inv.resize(rows);
+    // Keys of block [j0, j0 + bs) that row r sees (<= 0: none).
+    auto count = [&](int r, int64_t j0) {
+      return static_cast<int>(std::min<int64_t>(bs, len[r] - j0));
+    };
+
+    // Scores, one block at a time for all rows: runs of rows that see the same number of
+    // keys of the block go to the tile kernel together.
+    for (int64_t j0 = 0; j0 < max_len; j0 += bs) {
+      const int64_t blk = table[j0 / bs];
+      const uint8_t* kb = kv.row(blk, a.layer, 0, 0, g);
+      for (int r = 0; r < rows;) {
+        const int c = count(r, j0);
+        int r1 = r + 1;
+        while (r1 < rows && count(r1, j0) == c) ++r1;
+        if (c > 0) {
+          k.dot_kv_tile(&qbuf[static_cast<size_t>(r) * hd], hd, r1 - r, kb, stride, c, L.dtype, hd,
+                        &scores[r * ld + j0], ld);
+          for (int i = r; i < r1; ++i) {
+            float* s = &scores[i * ld + j0];
+            if (i8) {
+              const float* ks = kv.scale(blk, a.layer, 0, 0, g);  // slot j at ks[j * nkv]
+              for (int j = 0; j < c; ++j) s[j] *= ks[j * nkv];
+            }
+            for (int j = 0; j < c; ++j) s[j] *= a.scale;
+          }
+        }
+        r = r1;
+      }
+    }
+    // Softmax of each row over its own keys.
+    for (int r = 0; r < rows; ++r) {
+      float* s = &scores[r * ld];
+      const int64_t n = len[r];
+      const float mx = MaxOf(s, n);
+      float sum = 0.0f;
+      for (int64_t j = 0; j < n; ++j) {
+        s[j] = std::exp(s[j] - mx);
+        sum += s[j];
+      }
+      inv[r] = 1.0f / sum;
+    }
+    // Weighted sum of V, one block at a time for all rows.
+    auto out_row = [&](int r) {
+      const int64_t t = t0 + r / group;
+      return a.out + (t * a.num_heads + g * group + r % group) * hd;
+    };
+    for (int r = 0; r < rows; ++r) std::fill(out_row(r), out_row(r) + hd, 0.0f);
+    for (int64_t j0 = 0; j0 < max_len; j0 += bs) {
+      const int64_t blk = table[j0 / bs];
+      const uint8_t* vb = kv.row(blk, a.layer, 1, 0, g);
+      for (int r = 0; r < rows; ++r) {
+        const int c = count(r, j0);
+        if (c <= 0) continue;
+        const float* s = &scores[r * ld + j0];
+        for (int j = 0; j < c; ++j) weights[j] = s[j] * inv[r];
+        if (i8) {
+          const float* vs = kv.scale(blk, a.layer, 1, 0, g);
+          for (int j = 0; j < c; ++j) weights[j] *= vs[j * nkv];
+        }
+        k.axpy_kv_rows(weights.data(), vb, stride, c, L.dtype, hd, out_row(r));
+      }
+    }
+  }
+};
+
+}  // namespace
+
 void PagedAttention(ThreadPool* pool, const PagedKvView& kv, int layer, const float* q, int64_t n,
                     const int32_t* const* block_tables, const int64_t* positions, int num_heads,
                     float scale, float* out) {
-  const auto& L = kv.layout;
   const KernelTable& k = ActiveKernels();
-  const int group = num_heads / L.num_kv_heads;
-  const int hd = L.head_dim;
-  const int bs = L.block_size;
-  const bool i8 = L.dtype == DType::kI8;
-  const int64_t stride = static_cast<int64_t>(L.token_bytes());  // slot to slot, same head
+  const int nkv = kv.layout.num_kv_heads;
+  const int group = num_heads / nkv;
+  const int64_t max_tokens = std::max(1, kAttnTileRows / group);
+  // Tiles: runs of consecutive tokens with the same block table, each run cut into
+  // near-equal tiles of at most max_tokens tokens. The tiling never changes a result.
+  std::vector<int64_t> tiles;  // tile i is tokens [tiles[i], tiles[i + 1])
+  for (int64_t t = 0; t < n;) {
+    int64_t e = t + 1;
+    while (e < n && block_tables[e] == block_tables[t]) ++e;
+    const int64_t pieces = (e - t + max_tokens - 1) / max_tokens;
+    for (int64_t p = 0; p < pieces; ++p) tiles.push_back(t + (e - t) * p / pieces);
+    t = e;
+  }
+  tiles.push_back(n);
+  const int64_t num_tiles = static_cast<int64_t>(tiles.size()) - 1;
+  const AttnArgs args{&kv, layer, q, block_tables, positions, num_heads, scale, out};
   auto body = [&](int64_t b, int64_t e) {
-    std::vector<float> scores, weights;
+    AttnTile tile;
     for (int64_t job = b; job < e; ++job) {
-      const int64_t t = job / num_heads;
-      const int h = static_cast<int>(job % num_heads);
-      const int g = h / group;
-      const int64_t len = positions[t] + 1;
-      const int32_t* table = block_tables[t];
-      const float* qv = q + (t * num_heads + h) * hd;
-      scores.resize(len);
-      weights.resize(len);
-      // Scores, one block (a contiguous run of slots) at a time.
-      for (int64_t j0 = 0; j0 < len; j0 += bs) {
-        const int64_t blk = table[j0 / bs];
-        const int count = static_cast<int>(std::min<int64_t>(bs, len - j0));
-        k.dot_kv_rows(qv, kv.row(blk, layer, 0, 0, g), stride, count, L.dtype, hd, &scores[j0]);
-        for (int j = 0; j < count; ++j) {
-          if (i8) scores[j0 + j] *= *kv.scale(blk, layer, 0, j, g);
-          scores[j0 + j] *= scale;
-        }
-      }
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < len; ++j) mx = std::max(mx, scores[j]);
-      float sum = 0.0f;
-      for (int64_t j = 0; j < len; ++j) {
-        scores[j] = std::exp(scores[j] - mx);
-        sum += scores[j];
-      }
-      const float inv = 1.0f / sum;
-      float* o = out + (t * num_heads + h) * hd;
-      std::fill(o, o + hd, 0.0f);
-      for (int64_t j0 = 0; j0 < len; j0 += bs) {
-        const int64_t blk = table[j0 / bs];
-        const int count = static_cast<int>(std::min<int64_t>(bs, len - j0));
-        for (int j = 0; j < count; ++j) {
-          float a = scores[j0 + j] * inv;
-          if (i8) a *= *kv.scale(blk, layer, 1, j, g);
-          weights[j0 + j] = a;
-        }
-        k.axpy_kv_rows(&weights[j0], kv.row(blk, layer, 1, 0, g), stride, count, L.dtype, hd, o);
-      }
+      const int64_t i = job / nkv;
+      tile.Run(k, args, tiles[i], tiles[i + 1], static_cast<int>(job % nkv));
     }
   };
   if (pool == nullptr) {
-    body(0, n * num_heads);
+    body(0, num_tiles * nkv);
   } else {
-    pool->ParallelFor(n * num_heads, 1, body);
+    pool->ParallelFor(num_tiles * nkv, 1, body);
   }
 }
 

@@ -362,6 +362,43 @@ TEST_P(OpsKernelTableTest, RowFormsAreBitIdenticalToSingleRowCalls) {
   }
 }
 
+// The tile form (several query rows against the same key rows, as tiled attention calls it)
+// gives exactly the bytes of one dot_kv per (row, key) and writes nothing else.
+TEST_P(OpsKernelTableTest, TileFormIsBitIdenticalToSingleCalls) {
+  const KernelTable& k = KernelsFor(GetParam());
+  std::mt19937 rng(14);
+  const float kSentinel = -12345.0f;
+  for (DType t : {DType::kF32, DType::kF16, DType::kBF16, DType::kI8}) {
+    for (int64_t n : {1, 7, 8, 12, 16, 33, 36, 64, 128}) {
+      for (int rows : {1, 2, 3, 4, 5, 7, 8, 9, 13}) {
+        for (int count : {1, 2, 3, 4, 5, 7, 8, 9, 16, 17}) {
+          const int64_t pad = 5;
+          const Stored keys = RandStored(rng, (n + pad) * count, t);
+          const int64_t stride = (n + pad) * static_cast<int64_t>(DTypeSize(t));
+          const int64_t ldq = n + 3, ldo = count + 2;
+          const std::vector<float> q = RandVec(rng, ldq * rows, -2.0f, 2.0f);
+          std::vector<float> got(static_cast<size_t>(ldo) * rows, kSentinel);
+          k.dot_kv_tile(q.data(), ldq, rows, keys.data(), stride, count, t, n, got.data(), ldo);
+          for (int r = 0; r < rows; ++r) {
+            for (int64_t j = 0; j < ldo; ++j) {
+              const float g = got[r * ldo + j];
+              if (j >= count) {
+                ASSERT_EQ(g, kSentinel) << DTypeName(t) << " wrote r=" << r << " j=" << j;
+                continue;
+              }
+              const float want = k.dot_kv(
+                  q.data() + r * ldq, static_cast<const uint8_t*>(keys.data()) + j * stride, t, n);
+              ASSERT_EQ(std::memcmp(&g, &want, sizeof(float)), 0)
+                  << DTypeName(t) << " n=" << n << " rows=" << rows << " count=" << count
+                  << " r=" << r << " j=" << j << ": " << g << " vs " << want;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 KVRELAY_INSTANTIATE_ISA(OpsKernelTableTest);
 
 // Scalar and AVX2 tables agree within rounding (they are not bit-identical: AVX2 uses FMA).
@@ -1074,6 +1111,159 @@ TEST_P(OpsPagedAttentionTest, IsCausal) {
       EXPECT_FALSE(same) << "pos " << f.q_pos[t];
     }
   }
+}
+
+// PagedAttention as it was before query tiling: one (token, head) at a time, every K/V block of
+// the sequence re-read for each. The tiled kernel must reproduce it bit for bit.
+void PerQueryAttention(const KernelTable& k, const PagedKvView& kv, int layer, const float* q,
+                       int64_t n, const int32_t* const* block_tables, const int64_t* positions,
+                       int num_heads, float scale, float* out) {
+  const auto& L = kv.layout;
+  const int group = num_heads / L.num_kv_heads;
+  const int hd = L.head_dim;
+  const int bs = L.block_size;
+  const bool i8 = L.dtype == DType::kI8;
+  const int64_t stride = static_cast<int64_t>(L.token_bytes());
+  std::vector<float> scores, weights;
+  for (int64_t t = 0; t < n; ++t) {
+    for (int h = 0; h < num_heads; ++h) {
+      const int g = h / group;
+      const int64_t len = positions[t] + 1;
+      const int32_t* table = block_tables[t];
+      const float* qv = q + (t * num_heads + h) * hd;
+      scores.assign(len, 0.0f);
+      weights.assign(len, 0.0f);
+      for (int64_t j0 = 0; j0 < len; j0 += bs) {
+        const int64_t blk = table[j0 / bs];
+        const int count = static_cast<int>(std::min<int64_t>(bs, len - j0));
+        k.dot_kv_rows(qv, kv.row(blk, layer, 0, 0, g), stride, count, L.dtype, hd, &scores[j0]);
+        for (int j = 0; j < count; ++j) {
+          if (i8) scores[j0 + j] *= *kv.scale(blk, layer, 0, j, g);
+          scores[j0 + j] *= scale;
+        }
+      }
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < len; ++j) mx = std::max(mx, scores[j]);
+      float sum = 0.0f;
+      for (int64_t j = 0; j < len; ++j) {
+        scores[j] = std::exp(scores[j] - mx);
+        sum += scores[j];
+      }
+      const float inv = 1.0f / sum;
+      float* o = out + (t * num_heads + h) * hd;
+      std::fill(o, o + hd, 0.0f);
+      for (int64_t j0 = 0; j0 < len; j0 += bs) {
+        const int64_t blk = table[j0 / bs];
+        const int count = static_cast<int>(std::min<int64_t>(bs, len - j0));
+        for (int j = 0; j < count; ++j) {
+          float a = scores[j0 + j] * inv;
+          if (i8) a *= *kv.scale(blk, layer, 1, j, g);
+          weights[j0 + j] = a;
+        }
+        k.axpy_kv_rows(&weights[j0], kv.row(blk, layer, 1, 0, g), stride, count, L.dtype, hd, o);
+      }
+    }
+  }
+}
+
+// One call mixing prefill chunks (1..70 new tokens behind 0..~90 cached ones, so tiles
+// straddle block ends and every causal boundary), a chunk with positions out of order, a
+// sequence whose tokens come in two separate runs, and single decode tokens; scattered block
+// tables; unwritten slots stay poisoned (NaN). Tiled == per-query reference, memcmp-equal,
+// for every KV dtype, GQA ratio 1/2/4, block size 1/4/16, head_dim 32/36/64/128 and thread
+// count.
+TEST_P(OpsPagedAttentionTest, TiledEqualsPerQueryReferenceBitExact) {
+  const KernelTable& kt = KernelsFor(GetParam());
+  std::mt19937 rng(45);
+  int cases = 0;
+  for (DType dt : {DType::kF32, DType::kF16, DType::kBF16, DType::kI8}) {
+    for (int group : {1, 2, 4}) {
+      for (int bs : {1, 4, 16}) {
+        for (int hd : {32, 36, 64, 128}) {
+          PagedKvLayout L;
+          L.dtype = dt;
+          L.num_layers = 2;
+          L.block_size = bs;
+          L.num_kv_heads = 2;
+          L.head_dim = hd;
+          const int num_heads = L.num_kv_heads * group;
+          const std::string what = CaseName({dt, L.num_kv_heads, group, bs, hd});
+          // Sequences: (cached, new). The last two are decode steps.
+          std::uniform_int_distribution<int> fresh_d(1, 70), cached_d(0, 90);
+          std::vector<std::pair<int64_t, int64_t>> seqs;
+          seqs.push_back({0, fresh_d(rng)});              // a prompt's first chunk
+          seqs.push_back({cached_d(rng), 70});            // longest chunk behind a prefix
+          seqs.push_back({cached_d(rng), fresh_d(rng)});  // positions shuffled below
+          seqs.push_back({cached_d(rng), fresh_d(rng)});  // split into two runs below
+          seqs.push_back({cached_d(rng), 1});
+          seqs.push_back({static_cast<int64_t>(bs) * 3 - 1, 1});  // last slot of a block
+          int64_t blocks = 0;
+          for (auto [c, f] : seqs) blocks += (c + f + bs - 1) / bs;
+          blocks += 3;
+          TestPool pool(L, blocks);
+          std::vector<int32_t> ids(blocks);
+          std::iota(ids.begin(), ids.end(), 0);
+          std::shuffle(ids.begin(), ids.end(), rng);
+          std::vector<std::vector<int32_t>> tables(seqs.size());
+          size_t next = 0;
+          const int width = L.num_kv_heads * hd;
+          for (size_t s = 0; s < seqs.size(); ++s) {
+            const int64_t len = seqs[s].first + seqs[s].second;
+            for (int64_t j = 0; j < (len + bs - 1) / bs; ++j) tables[s].push_back(ids[next++]);
+            for (int64_t p = 0; p < len; ++p) {
+              const std::vector<float> kk = RandVec(rng, width, -3.0f, 3.0f);
+              const std::vector<float> vv = RandVec(rng, width, -2.0f, 2.0f);
+              WriteKv(pool.view, tables[s][p / bs], static_cast<int>(p % bs), AttnFixture::kLayer,
+                      kk.data(), vv.data());
+            }
+          }
+          // Query tokens: (sequence, position), in call order.
+          std::vector<std::pair<int, int64_t>> toks;
+          auto run = [&](int s, int64_t p0, int64_t p1) {
+            for (int64_t p = p0; p < p1; ++p) toks.push_back({s, p});
+          };
+          const auto& s3 = seqs[3];
+          run(4, seqs[4].first, seqs[4].first + 1);
+          run(0, 0, seqs[0].second);
+          run(3, s3.first, s3.first + s3.second / 2);
+          run(1, seqs[1].first, seqs[1].first + 70);
+          {
+            const size_t b = toks.size();
+            run(2, seqs[2].first, seqs[2].first + seqs[2].second);
+            std::shuffle(toks.begin() + b, toks.end(), rng);
+          }
+          run(5, seqs[5].first, seqs[5].first + 1);
+          run(3, s3.first + s3.second / 2, s3.first + s3.second);
+          const int64_t n = static_cast<int64_t>(toks.size());
+          std::vector<const int32_t*> bt;
+          std::vector<int64_t> pos;
+          for (auto [s, p] : toks) {
+            bt.push_back(tables[s].data());
+            pos.push_back(p);
+          }
+          const std::vector<float> q = RandVec(rng, n * num_heads * hd, -2.0f, 2.0f);
+          const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+          const size_t size = static_cast<size_t>(n) * num_heads * hd;
+          std::vector<float> want(size, NAN);
+          PerQueryAttention(kt, pool.view, AttnFixture::kLayer, q.data(), n, bt.data(), pos.data(),
+                            num_heads, scale, want.data());
+          for (int threads : {0, 2, 3}) {
+            std::vector<float> got(size, NAN);
+            PagedAttention(threads ? Pool(threads) : nullptr, pool.view, AttnFixture::kLayer,
+                           q.data(), n, bt.data(), pos.data(), num_heads, scale, got.data());
+            const int64_t d = FirstDiff(got.data(), want.data(), static_cast<int64_t>(size));
+            ASSERT_EQ(d, -1) << what << " threads=" << threads << " token " << d / (num_heads * hd)
+                             << " (seq " << toks[d / (num_heads * hd)].first << " pos "
+                             << toks[d / (num_heads * hd)].second << ") head " << d / hd % num_heads
+                             << ": " << got[d] << " vs " << want[d];
+            for (float x : got) ASSERT_TRUE(std::isfinite(x)) << what;
+          }
+          ++cases;
+        }
+      }
+    }
+  }
+  EXPECT_EQ(cases, 4 * 3 * 3 * 4);
 }
 
 KVRELAY_INSTANTIATE_ISA(OpsPagedAttentionTest);
