@@ -250,6 +250,7 @@ void GenerationService::Serve(Call* call) {
   int64_t predicted_cached = 0;
   std::string decode_id, prefill_id;
   grpc::Status last_failure;
+  std::optional<grpc::Status> busy;  // a decode worker refused for load: others are tried
   bool sent_any = false;
 
   auto send_final = [&](const std::string& finish_reason, const v1::DecodeUsage* usage) {
@@ -318,6 +319,7 @@ void GenerationService::Serve(Call* call) {
         ChooseRoute(options_.scheduler, static_cast<int64_t>(tokens.size()), bs, view.overlaps,
                     view.decode, view.prefill, excluded);
     if (!d.ok()) {
+      if (busy) return call->End(*busy);  // every decode worker left refused it
       if (migrations > 0) {
         return call->End(grpc::Status(
             grpc::StatusCode::UNAVAILABLE,
@@ -375,10 +377,12 @@ void GenerationService::Serve(Call* call) {
     std::unique_ptr<grpc::ClientReader<v1::DecodeResponse>> reader = stub->Generate(&ctx, dr);
     v1::DecodeResponse m;
     bool stopped = false;
+    bool got_tokens = false;
     std::optional<v1::DecodeUsage> usage;
     std::string finish;
     while (reader->Read(&m)) {
       if (m.token_ids_size() > 0) {
+        got_tokens = true;
         v1::GenerateResponse g;
         if (!sent_any) g.set_request_id(req.id);
         stopped = out.Push(m, &g);
@@ -403,6 +407,13 @@ void GenerationService::Serve(Call* call) {
     }
     if (call->cancelled()) {
       return call->End(grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled"));
+    }
+    if (st.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED && !got_tokens) {
+      // Its queue is full, or its pool too small for this prompt: another decode worker
+      // may take it (not a migration: nothing was streamed).
+      busy = st;
+      excluded.push_back(d->decode_slot);
+      continue;
     }
     if (!st.ok() && IsRequestError(st.error_code())) return call->End(st);
     // The decode worker failed (died, shut down, lost the connection) ...

@@ -826,6 +826,30 @@ TEST_F(GenerationServiceTest, RequestErrorsOfTheWorkerArePassedThrough) {
   EXPECT_EQ(a->calls() + b->calls(), 1) << "a request error is not migrated";
 }
 
+// A decode worker that refuses for load (its queue is full, its pool too small) before
+// streaming anything: the request goes to another one (not counted as a migration); when
+// every one refuses, the client gets RESOURCE_EXHAUSTED.
+TEST_F(GenerationServiceTest, AWorkerRefusingForLoadIsSkipped) {
+  ASSERT_NO_FATAL_FAILURE(StartRouter());
+  const std::vector<int32_t> out = Slice(Output(), 0, 3);
+  const grpc::Status full(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                          "decode engine queue is full (fake)");
+  FakeWorker* a = AddWorker("fake-a", FailAfter({}, full));
+  FakeWorker* b = AddWorker("fake-b", FailAfter({}, full));
+  Result r = Generate(Request(Prompt(), 3));
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_EQ(r.status.error_message(), "decode engine queue is full (fake)");
+  EXPECT_EQ(a->calls(), 1);
+  EXPECT_EQ(b->calls(), 1);
+  // One of them has room again.
+  b->SetScript(Complete(out));
+  r = Generate(Request(Prompt(), 3));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.tokens, out);
+  EXPECT_EQ(r.final.route().decode_worker(), "fake-b");
+  EXPECT_EQ(r.final.route().migrations(), 0);
+}
+
 TEST_F(GenerationServiceTest, StopStringAcrossTokensCutsTheTextAndCancelsTheWorker) {
   ASSERT_NO_FATAL_FAILURE(StartRouter());
   const std::vector<int32_t> prompt = Prompt();
