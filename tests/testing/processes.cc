@@ -49,6 +49,10 @@ WorkerProcess StartWorker(const std::string& binary, const std::vector<std::stri
   EXPECT_TRUE(p) << "cannot start " << binary;
   if (!p) return w;
   auto ready = p->ReadLine(kProcessTimeout);
+  if (ready && ready->rfind("METRICS ", 0) == 0) {  // comes first when metrics are served
+    EXPECT_TRUE(absl::SimpleAtoi(ready->substr(8), &w.metrics_port)) << *ready;
+    ready = p->ReadLine(kProcessTimeout);
+  }
   const bool ok =
       ready && ready->rfind("READY ", 0) == 0 && absl::SimpleAtoi(ready->substr(6), &w.port);
   EXPECT_TRUE(ok) << binary << " did not start: " << (ready ? *ready : "no output");

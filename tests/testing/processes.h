@@ -27,6 +27,7 @@ std::vector<int32_t> CliGenerate(const std::string& model_dir, const std::vector
 struct WorkerProcess {
   std::optional<Subprocess> process;
   int port = 0;
+  int metrics_port = 0;  // with --metrics_listen: from its "METRICS <port>" line
   std::string address() const { return "127.0.0.1:" + std::to_string(port); }
 };
 // Empty `process` (and a test failure) if it does not start.
