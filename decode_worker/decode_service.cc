@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/metrics/metrics.h"
 #include "common/rpc/convert.h"
 #include "common/rpc/queued_write_reactor.h"
 
@@ -78,7 +79,7 @@ class GenerateReactor final : public rpc::QueuedWriteReactor<v1::DecodeResponse>
     service_->calls().Started();
     absl::StatusOr<EngineRequest> r = FromProto(request);
     if (!r.ok()) {
-      End(rpc::ToGrpc(r.status()));
+      EndCall(rpc::ToGrpc(r.status()));
       return;
     }
     // The caller's deadline also bounds the call to the prefill worker.
@@ -91,7 +92,7 @@ class GenerateReactor final : public rpc::QueuedWriteReactor<v1::DecodeResponse>
     cb.on_done = [this](const absl::Status& st, const RequestSummary& s) { OnEngineDone(st, s); };
     absl::StatusOr<uint64_t> h = engine_->Submit(*std::move(r), std::move(cb));
     if (!h.ok()) {
-      End(rpc::ToGrpc(h.status()));
+      EndCall(rpc::ToGrpc(h.status()));
       return;
     }
     bool cancel = false;
@@ -137,7 +138,13 @@ class GenerateReactor final : public rpc::QueuedWriteReactor<v1::DecodeResponse>
       FillUsage(s, m.mutable_usage());
       Send(std::move(m));
     }
-    End(rpc::ToGrpc(st));
+    EndCall(rpc::ToGrpc(st));
+  }
+
+  // End, counted once (every path ends the call exactly once).
+  void EndCall(grpc::Status status) {
+    service_->CountFinished(status.error_code());
+    End(std::move(status));  // `this` may be gone after it
   }
 
   DecodeService* service_;
@@ -149,6 +156,22 @@ class GenerateReactor final : public rpc::QueuedWriteReactor<v1::DecodeResponse>
 };
 
 }  // namespace
+
+DecodeService::DecodeService(Engine* engine) : engine_(engine), registry_(engine->metrics()) {
+  auto& family = prometheus::BuildCounter()
+                     .Name("kvrelay_decode_requests_total")
+                     .Help("Finished Generate calls on this decode worker by gRPC status code")
+                     .Register(*registry_);
+  for (size_t c = 0; c < requests_.size(); ++c) {
+    requests_[c] =
+        &family.Add({{"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(c))}});
+  }
+}
+
+void DecodeService::CountFinished(grpc::StatusCode code) {
+  const size_t c = static_cast<size_t>(code);
+  requests_[c < requests_.size() ? c : static_cast<size_t>(grpc::StatusCode::UNKNOWN)]->Increment();
+}
 
 grpc::ServerWriteReactor<v1::DecodeResponse>* DecodeService::Generate(
     grpc::CallbackServerContext* context, const v1::DecodeRequest* request) {

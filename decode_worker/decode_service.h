@@ -3,9 +3,13 @@
 // reason and usage. A client cancel or deadline cancels the request in the engine.
 #pragma once
 
+#include <array>
+#include <memory>
+
 #include "common/rpc/call_tracker.h"
 #include "decode_worker/engine.h"
 #include "kvrelay/v1/worker.grpc.pb.h"
+#include "prometheus/counter.h"
 
 namespace kvrelay::decode {
 
@@ -15,7 +19,9 @@ absl::StatusOr<EngineRequest> FromProto(const v1::DecodeRequest& request);
 
 class DecodeService final : public v1::DecodeWorker::CallbackService {
  public:
-  explicit DecodeService(Engine* engine) : engine_(engine) {}
+  // Adds kvrelay_decode_requests_total{code} (finished Generate calls by gRPC code name:
+  // OK, CANCELLED, INVALID_ARGUMENT, ...) to the engine's metrics registry.
+  explicit DecodeService(Engine* engine);
 
   grpc::ServerWriteReactor<v1::DecodeResponse>* Generate(grpc::CallbackServerContext* context,
                                                          const v1::DecodeRequest* request) override;
@@ -23,9 +29,14 @@ class DecodeService final : public v1::DecodeWorker::CallbackService {
   // Calls in progress (graceful shutdown waits for none).
   rpc::CallTracker& calls() { return calls_; }
 
+  // Counts a Generate call that ends with `code`.
+  void CountFinished(grpc::StatusCode code);
+
  private:
   Engine* engine_;
   rpc::CallTracker calls_;
+  std::shared_ptr<prometheus::Registry> registry_;   // keeps requests_ alive
+  std::array<prometheus::Counter*, 17> requests_{};  // by code, OK (0) .. UNAUTHENTICATED (16)
 };
 
 }  // namespace kvrelay::decode

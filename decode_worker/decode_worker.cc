@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/metrics/metrics.h"
 #include "common/rpc/keepalive.h"
 #include "common/transfer/ucx/ucx_transport.h"
 #include "common/util/file.h"
@@ -25,13 +26,17 @@ absl::StatusOr<std::unique_ptr<DecodeWorker>> DecodeWorker::Start(
   KVR_ASSIGN_OR_RETURN(w->kv_, worker::CreateKvStore(*w->transport_, *w->model_, options.kv));
   const std::string model_id =
       options.model_id.empty() ? BaseName(options.model_dir) : options.model_id;
+  EngineOptions engine_options = options.engine;
+  if (options.metrics) engine_options.metrics = options.metrics;
+  if (!engine_options.metrics) engine_options.metrics = std::make_shared<prometheus::Registry>();
+  w->metrics_ = engine_options.metrics;
   EngineRemote remote;
   remote.client = &w->prefill_client_;
   remote.memory = w->kv_.memory.get();
   remote.prefill_timeout = options.prefill_timeout;
   KVR_ASSIGN_OR_RETURN(
       w->engine_, Engine::Create(w->model_.get(), w->kv_.pool.get(), w->kv_.cache.get(), model_id,
-                                 options.engine, remote));
+                                 engine_options, remote));
   w->service_ = std::make_unique<DecodeService>(w->engine_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -48,6 +53,7 @@ absl::StatusOr<std::unique_ptr<DecodeWorker>> DecodeWorker::Start(
       w->registry_,
       rpc::StartRegistryClient(options.registry, v1::WORKER_ROLE_DECODE, w->port_, model_id,
                                w->kv_.cache.get(), options.kv.kv_dtype, [self] {
+                                 self->engine_->UpdateKvBlockGauges();
                                  const EngineStats s = self->engine_->stats();
                                  const kvcache::PrefixCacheCounts c = self->kv_.cache->counts();
                                  v1::LoadReport r;

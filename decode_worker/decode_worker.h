@@ -28,6 +28,10 @@ struct DecodeWorkerOptions {
   EngineOptions engine;
   absl::Duration prefill_timeout = absl::Seconds(60);  // one remote prefill call
   rpc::RegistrySettings registry;                      // routers to register with
+  // The process's Prometheus registry (served on /metrics by the caller); the engine's
+  // and the service's series go there. Null: a registry of the worker's own. Takes
+  // precedence over engine.metrics.
+  std::shared_ptr<prometheus::Registry> metrics = nullptr;
 };
 
 class DecodeWorker {
@@ -39,6 +43,8 @@ class DecodeWorker {
 
   int port() const { return port_; }
   Engine& engine() { return *engine_; }
+  // The registry holding this worker's series (options.metrics or its own).
+  const std::shared_ptr<prometheus::Registry>& metrics() const { return metrics_; }
   kvcache::PrefixCache& cache() { return *kv_.cache; }
   // Routers whose registry stream is open (0 without --router).
   int registered_routers() const { return registry_ ? registry_->connected() : 0; }
@@ -53,6 +59,7 @@ class DecodeWorker {
  private:
   DecodeWorker() = default;
 
+  std::shared_ptr<prometheus::Registry> metrics_;
   std::unique_ptr<kernels::ThreadPool> threads_;
   std::unique_ptr<model::Model> model_;
   std::unique_ptr<transfer::KvTransport> transport_;

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/kvcache/block_hash.h"
+#include "common/metrics/metrics.h"
 #include "common/model/generator.h"
 #include "common/rpc/convert.h"
 #include "common/transfer/checksum.h"
@@ -20,7 +21,144 @@ double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// Distinct transport labels kept before further ones are counted as "other": the
+// label comes from the prefill worker's stats, so a bounded set is enforced here too.
+constexpr size_t kMaxTransportLabels = 16;
+
 }  // namespace
+
+// The engine's Prometheus series (DESIGN §7), looked up once: an update is an atomic
+// add (a histogram observation: a short search of its buckets and a lock it alone
+// takes). Updated once per step, per request or per loop turn, never per token.
+struct Engine::Metrics {
+  explicit Metrics(prometheus::Registry& r) {
+    auto& steps = prometheus::BuildCounter()
+                      .Name("kvrelay_decode_steps_total")
+                      .Help(
+                          "Decode engine steps (one forward pass each) by phase: decode (only "
+                          "decode tokens), prefill (only prefill chunks), mixed")
+                      .Register(r);
+    auto& step_seconds = prometheus::BuildHistogram()
+                             .Name("kvrelay_decode_step_seconds")
+                             .Help(
+                                 "Duration of the forward pass of one decode engine step (all its "
+                                 "sequences) by phase")
+                             .Register(r);
+    const char* phases[] = {"decode", "prefill", "mixed"};
+    for (int i = 0; i < 3; ++i) {
+      this->steps[i] = &steps.Add({{"phase", phases[i]}});
+      this->step_seconds[i] = &step_seconds.Add({{"phase", phases[i]}}, metrics::StepBuckets());
+    }
+    batch_sequences = &prometheus::BuildHistogram()
+                           .Name("kvrelay_decode_batch_sequences")
+                           .Help("Sequences in one decode engine step")
+                           .Register(r)
+                           .Add({}, metrics::CountBuckets());
+    batch_tokens = &prometheus::BuildHistogram()
+                        .Name("kvrelay_decode_batch_tokens")
+                        .Help("Tokens (decode tokens and prefill chunks) in one decode engine step")
+                        .Register(r)
+                        .Add({}, metrics::CountBuckets());
+    running = &prometheus::BuildGauge()
+                   .Name("kvrelay_decode_running_sequences")
+                   .Help("Sequences in the running batch (holding KV blocks)")
+                   .Register(r)
+                   .Add({});
+    waiting = &prometheus::BuildGauge()
+                   .Name("kvrelay_decode_waiting_sequences")
+                   .Help("Requests waiting for admission (new or preempted)")
+                   .Register(r)
+                   .Add({});
+    preemptions = &prometheus::BuildCounter()
+                       .Name("kvrelay_decode_preemptions_total")
+                       .Help("Sequences preempted for lack of KV blocks (recomputed later)")
+                       .Register(r)
+                       .Add({});
+    generated_tokens = &prometheus::BuildCounter()
+                            .Name("kvrelay_decode_generated_tokens_total")
+                            .Help("Tokens generated and streamed by this decode worker")
+                            .Register(r)
+                            .Add({});
+    prompt_tokens = &prometheus::BuildCounter()
+                         .Name("kvrelay_decode_prompt_tokens_total")
+                         .Help("Prompt tokens of admitted requests (counted at first admission)")
+                         .Register(r)
+                         .Add({});
+    cached_tokens = &prometheus::BuildCounter()
+                         .Name("kvrelay_decode_cached_tokens_total")
+                         .Help(
+                             "Prompt tokens reused from this worker's prefix cache at first "
+                             "admission (delivered hit rate: cached / prompt tokens)")
+                         .Register(r)
+                         .Add({});
+    auto& remote = prometheus::BuildCounter()
+                       .Name("kvrelay_decode_remote_prefills_total")
+                       .Help(
+                           "Remote prefills by result: ok, failed (the call failed; prefilled "
+                           "here instead), checksum_mismatch (KV arrived corrupt; prefilled "
+                           "here instead), cancelled (the request ended first)")
+                       .Register(r);
+    const char* results[] = {"ok", "failed", "checksum_mismatch", "cancelled"};
+    for (int i = 0; i < 4; ++i) remote_prefills[i] = &remote.Add({{"result", results[i]}});
+    checksum_failures = &prometheus::BuildCounter()
+                             .Name("kvrelay_kv_checksum_failures_total")
+                             .Help("KV blocks from remote prefills whose checksum did not match")
+                             .Register(r)
+                             .Add({});
+    received_bytes = &prometheus::BuildCounter()
+                          .Name("kvrelay_kv_transfer_received_bytes_total")
+                          .Help(
+                              "Bytes of KV written into this worker's pool by remote prefills "
+                              "(as the prefill worker reports them), by transport")
+                          .Register(r);
+    quarantined = &prometheus::BuildGauge()
+                       .Name("kvrelay_decode_quarantined_blocks")
+                       .Help(
+                           "KV blocks held from reuse until a failed or cancelled remote "
+                           "prefill is known to have ended")
+                       .Register(r)
+                       .Add({});
+    auto& blocks = prometheus::BuildGauge()
+                       .Name("kvrelay_kv_blocks")
+                       .Help(
+                           "KV pool blocks by state: free, in_use (held by sequences), "
+                           "cached_free (unused but reusable from the prefix cache)")
+                       .Register(r);
+    kv_free = &blocks.Add({{"state", "free"}});
+    kv_in_use = &blocks.Add({{"state", "in_use"}});
+    kv_cached_free = &blocks.Add({{"state", "cached_free"}});
+  }
+
+  // Engine thread only.
+  prometheus::Counter& ReceivedBytes(const std::string& transport) {
+    const std::string label = transport.empty() ? "unknown" : transport;
+    auto it = received_by_transport.find(label);
+    if (it != received_by_transport.end()) return *it->second;
+    const std::string key = received_by_transport.size() < kMaxTransportLabels ? label : "other";
+    prometheus::Counter* c = &received_bytes->Add({{"transport", key}});
+    received_by_transport.emplace(key, c);
+    return *c;
+  }
+
+  prometheus::Counter* steps[3];
+  prometheus::Histogram* step_seconds[3];
+  prometheus::Histogram* batch_sequences;
+  prometheus::Histogram* batch_tokens;
+  prometheus::Gauge* running;
+  prometheus::Gauge* waiting;
+  prometheus::Counter* preemptions;
+  prometheus::Counter* generated_tokens;
+  prometheus::Counter* prompt_tokens;
+  prometheus::Counter* cached_tokens;
+  prometheus::Counter* remote_prefills[4];  // by RemoteOutcome
+  prometheus::Counter* checksum_failures;
+  prometheus::Family<prometheus::Counter>* received_bytes;
+  absl::flat_hash_map<std::string, prometheus::Counter*> received_by_transport;
+  prometheus::Gauge* quarantined;
+  prometheus::Gauge* kv_free;
+  prometheus::Gauge* kv_in_use;
+  prometheus::Gauge* kv_cached_free;
+};
 
 struct Engine::Seq {
   uint64_t handle = 0;
@@ -70,10 +208,14 @@ Engine::Engine(const model::Model* model, kvcache::KvPool* pool, kvcache::Prefix
       model_id_(std::move(model_id)),
       options_(options),
       remote_(remote),
+      registry_(options.metrics ? options.metrics : std::make_shared<prometheus::Registry>()),
+      metrics_(std::make_unique<Metrics>(*registry_)),
       thread_([this] {
         pthread_setname_np(pthread_self(), "kvr-engine");
         Loop();
-      }) {}
+      }) {
+  UpdateKvBlockGauges();
+}
 
 Engine::~Engine() {
   {
@@ -146,6 +288,34 @@ EngineStats Engine::stats() const {
   return stats_;
 }
 
+void Engine::UpdateKvBlockGauges() {
+  const kvcache::PrefixCacheCounts c = cache_->counts();
+  metrics_->kv_free->Set(static_cast<double>(c.free));
+  metrics_->kv_in_use->Set(static_cast<double>(c.in_use));
+  metrics_->kv_cached_free->Set(static_cast<double>(c.cached_free));
+}
+
+void Engine::RecordStep(int decode_items, int prefill_items, double seconds, int64_t sequences,
+                        int64_t tokens) {
+  const int phase = prefill_items == 0 ? 0 : decode_items == 0 ? 1 : 2;
+  Metrics& m = *metrics_;
+  m.steps[phase]->Increment();
+  m.step_seconds[phase]->Observe(seconds);
+  m.batch_sequences->Observe(static_cast<double>(sequences));
+  m.batch_tokens->Observe(static_cast<double>(tokens));
+}
+
+void Engine::RecordRemote(RemoteOutcome outcome) {
+  metrics_->remote_prefills[static_cast<int>(outcome)]->Increment();
+}
+
+void Engine::RecordLoopGauges(int64_t quarantined_blocks) {
+  metrics_->running->Set(static_cast<double>(running_.size()));
+  metrics_->waiting->Set(static_cast<double>(waiting_.size()));
+  metrics_->quarantined->Set(static_cast<double>(quarantined_blocks));
+  UpdateKvBlockGauges();
+}
+
 void Engine::Loop() {
   bool idle = false;  // the last step could do nothing: wait for news
   for (;;) {
@@ -191,6 +361,7 @@ void Engine::Loop() {
       for (auto& [h, s] : seqs_) all.push_back(s.get());
       for (Seq* s : all) Finish(s, absl::UnavailableError("decode engine stopped"), "");
       quarantine_.clear();
+      RecordLoopGauges(0);
       return;
     }
     DriveQuarantine();
@@ -199,11 +370,12 @@ void Engine::Loop() {
     if (!seqs_.empty()) Step();
     idle = stats().steps == steps_before && seqs_.size() == seqs_before &&
            running_.size() == running_before;
+    int64_t q = 0;
+    for (const auto& [id, e] : quarantine_) q += static_cast<int64_t>(e.kv->blocks().size());
+    RecordLoopGauges(q);
     absl::MutexLock l(&mu_);
     stats_.running = static_cast<int64_t>(running_.size());
     stats_.waiting = static_cast<int64_t>(waiting_.size());
-    int64_t q = 0;
-    for (const auto& [id, e] : quarantine_) q += static_cast<int64_t>(e.kv->blocks().size());
     stats_.quarantined_blocks = q;
   }
 }
@@ -255,13 +427,27 @@ void Engine::OnRemoteResult(RemoteResult r) {
   Seq* s = it->second.get();
   s->remote_pending = false;
   absl::Status st = r.status;
+  RemoteOutcome outcome = RemoteOutcome::kFailed;
   if (st.ok()) {
+    const v1::PrefillStats& ps = r.response.stats();
+    if (ps.transfer_bytes() > 0) {
+      metrics_->ReceivedBytes(ps.transport()).Increment(static_cast<double>(ps.transfer_bytes()));
+    }
     std::vector<uint64_t> sums(r.response.block_checksums().begin(),
                                r.response.block_checksums().end());
-    st = transfer::VerifyBlockChecksums(remote_.memory->data(), pool_->layout().block_bytes(),
-                                        s->dest_blocks, sums);
+    const uint64_t block_bytes = pool_->layout().block_bytes();
+    st = transfer::VerifyBlockChecksums(remote_.memory->data(), block_bytes, s->dest_blocks, sums);
+    if (absl::IsDataLoss(st)) {  // count the bad blocks (only on this failure path)
+      outcome = RemoteOutcome::kChecksumMismatch;
+      const std::vector<uint64_t> got =
+          transfer::BlockChecksums(remote_.memory->data(), block_bytes, s->dest_blocks);
+      int64_t bad = 0;
+      for (size_t i = 0; i < got.size() && i < sums.size(); ++i) bad += got[i] != sums[i];
+      metrics_->checksum_failures->Increment(static_cast<double>(bad));
+    }
   }
   if (!st.ok()) {
+    RecordRemote(outcome);
     // Fall back to prefill here, on other blocks; these wait in quarantine.
     ++s->summary.remote_failures;
     {
@@ -286,6 +472,8 @@ void Engine::OnRemoteResult(RemoteResult r) {
   s->summary.transport = ps.transport();
   s->computed = static_cast<int64_t>(s->tokens.size());
   s->kv->Commit(s->tokens, s->computed);
+  RecordRemote(RemoteOutcome::kOk);
+  metrics_->generated_tokens->Increment();
   Emit(s, rpc::FromProto(r.response.first_logprobs()));
 }
 
@@ -346,6 +534,10 @@ bool Engine::Admit(Seq* s) {
     s->admitted_once = true;
     s->summary.cached_tokens = cached;
     s->summary.queue_seconds = Now() - s->submitted;
+    metrics_->prompt_tokens->Increment(static_cast<double>(s->prompt_len));
+    // A resumed request's cached blocks may cover generated tokens too: the hit rate
+    // counts prompt tokens only.
+    metrics_->cached_tokens->Increment(static_cast<double>(std::min(cached, s->prompt_len)));
   }
   return true;
 }
@@ -356,12 +548,16 @@ void Engine::Preempt(Seq* s) {
   ++s->summary.preemptions;
   running_.erase(std::find(running_.begin(), running_.end(), s));
   waiting_.push_front(s);
+  metrics_->preemptions->Increment();
   absl::MutexLock l(&mu_);
   ++stats_.preemptions;
 }
 
 void Engine::Finish(Seq* s, const absl::Status& status, std::string finish_reason) {
-  if (s->remote_pending) Quarantine(s);  // the prefill worker may still be writing
+  if (s->remote_pending) {  // the prefill worker may still be writing
+    RecordRemote(RemoteOutcome::kCancelled);
+    Quarantine(s);
+  }
   s->kv.reset();
   auto r = std::find(running_.begin(), running_.end(), s);
   if (r != running_.end()) running_.erase(r);
@@ -435,6 +631,7 @@ void Engine::Step() {
       --budget;
     }
   }
+  const int decode_items = static_cast<int>(items.size());
   for (Seq* s : running_) {
     if (s->remote_pending) continue;
     const int64_t left = static_cast<int64_t>(s->tokens.size()) - s->computed;
@@ -446,7 +643,7 @@ void Engine::Step() {
   if (items.empty()) return;  // everything waits for remote prefills
   std::vector<model::SeqChunk> batch;
   batch.reserve(items.size());
-  int64_t batch_tokens = 0;
+  int64_t batch_tokens = 0, sampled = 0;
   for (const Item& it : items) {
     model::SeqChunk c;
     c.tokens =
@@ -454,11 +651,14 @@ void Engine::Step() {
     c.start_pos = it.seq->computed;
     c.block_table = it.seq->kv->blocks();
     c.want_logits = it.end == static_cast<int64_t>(it.seq->tokens.size());
+    sampled += c.want_logits ? 1 : 0;
     batch_tokens += it.end - it.seq->computed;
     batch.push_back(c);
   }
   logits_.clear();
+  const double started = Now();
   const absl::Status st = model_->Forward(batch, pool_->view(), &logits_);
+  const double forward_seconds = Now() - started;
   {
     absl::MutexLock l(&mu_);
     ++stats_.steps;
@@ -467,10 +667,15 @@ void Engine::Step() {
     stats_.max_batch_sequences =
         std::max(stats_.max_batch_sequences, static_cast<int64_t>(items.size()));
   }
+  // Recorded before any token of the step is reported: a client that has seen its
+  // stream end sees its steps and tokens counted.
+  RecordStep(decode_items, static_cast<int>(items.size()) - decode_items, forward_seconds,
+             static_cast<int64_t>(items.size()), batch_tokens);
   if (!st.ok()) {
     for (const Item& it : items) Finish(it.seq, absl::InternalError(st.ToString()), "");
     return;
   }
+  if (sampled > 0) metrics_->generated_tokens->Increment(static_cast<double>(sampled));
 
   const model::ModelConfig& c = model_->config();
   size_t row = 0;

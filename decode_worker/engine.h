@@ -31,6 +31,7 @@
 #include "common/transfer/kv_transport.h"
 #include "decode_worker/prefill_client.h"
 #include "kvrelay/v1/worker.pb.h"
+#include "prometheus/registry.h"
 
 namespace kvrelay::decode {
 
@@ -39,6 +40,9 @@ struct EngineOptions {
   int max_running = 64;        // sequences in the running batch
   int prefill_chunk = 256;     // most tokens of one sequence's prefill per step
   size_t max_waiting = 1024;   // requests queued beyond that get RESOURCE_EXHAUSTED
+  // Where the engine's Prometheus series go (DESIGN §7; the decode service adds its own
+  // to the same registry). Null: a registry of the engine's own.
+  std::shared_ptr<prometheus::Registry> metrics = nullptr;
 };
 
 struct EngineRequest {
@@ -143,8 +147,27 @@ class Engine {
   EngineStats stats() const;
   const model::Model& model() const { return *model_; }
 
+  // The registry holding the engine's series: options.metrics, or the engine's own.
+  // Series (all updated per step or per request, never per token):
+  //   kvrelay_decode_steps_total{phase}, kvrelay_decode_step_seconds{phase}
+  //     (phase: decode | prefill | mixed), kvrelay_decode_batch_sequences,
+  //   kvrelay_decode_batch_tokens, kvrelay_decode_running_sequences,
+  //   kvrelay_decode_waiting_sequences, kvrelay_decode_preemptions_total,
+  //   kvrelay_decode_{generated,prompt,cached}_tokens_total,
+  //   kvrelay_decode_remote_prefills_total{result} (ok | failed | checksum_mismatch |
+  //     cancelled), kvrelay_kv_checksum_failures_total,
+  //   kvrelay_kv_transfer_received_bytes_total{transport},
+  //   kvrelay_decode_quarantined_blocks, kvrelay_kv_blocks{state} (free | in_use |
+  //     cached_free).
+  const std::shared_ptr<prometheus::Registry>& metrics() const { return registry_; }
+  // Sets kvrelay_kv_blocks from the prefix cache now. The engine does after every loop
+  // turn; the worker's load-report path calls it too. Any thread.
+  void UpdateKvBlockGauges();
+
  private:
   struct Seq;
+  struct Metrics;
+  enum class RemoteOutcome { kOk, kFailed, kChecksumMismatch, kCancelled };
   struct RemoteResult {
     uint64_t handle = 0;
     absl::Status status;
@@ -181,6 +204,11 @@ class Engine {
   void Emit(Seq* s, sampling::SampleResult r);
   void Preempt(Seq* s);
   void Finish(Seq* s, const absl::Status& status, std::string finish_reason);
+  // Metric updates: one call per step, per remote prefill, per loop turn.
+  void RecordStep(int decode_items, int prefill_items, double seconds, int64_t sequences,
+                  int64_t tokens);
+  void RecordRemote(RemoteOutcome outcome);
+  void RecordLoopGauges(int64_t quarantined_blocks);
 
   const model::Model* model_;
   kvcache::KvPool* pool_;
@@ -188,6 +216,8 @@ class Engine {
   const std::string model_id_;
   const EngineOptions options_;
   const EngineRemote remote_;
+  const std::shared_ptr<prometheus::Registry> registry_;
+  const std::unique_ptr<Metrics> metrics_;  // its series live in registry_
 
   mutable absl::Mutex mu_;
   std::vector<RemoteResult> remote_results_ ABSL_GUARDED_BY(mu_);

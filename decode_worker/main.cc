@@ -6,6 +6,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "common/metrics/metrics.h"
 #include "common/util/stop_signal.h"
 #include "decode_worker/decode_worker.h"
 
@@ -29,6 +30,8 @@ ABSL_FLAG(std::string, worker_id, "",
           "this worker's id in the registry (default: decode-HOST:PORT)");
 ABSL_FLAG(std::string, advertise_host, "127.0.0.1",
           "host routers and prefill workers use to reach this worker");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "host:port serving Prometheus /metrics (port 0: any free port; empty: off)");
 ABSL_FLAG(double, drain_seconds, 30, "on SIGTERM, how long running requests may finish");
 ABSL_FLAG(double, exit_linger_seconds, 1,
           "after draining, how long connections stay open before the server closes them: "
@@ -64,6 +67,14 @@ int main(int argc, char** argv) {
   o.registry.routers = *routers;
   o.registry.worker_id = absl::GetFlag(FLAGS_worker_id);
   o.registry.advertise_host = absl::GetFlag(FLAGS_advertise_host);
+  auto registry = std::make_shared<prometheus::Registry>();
+  o.metrics = registry;
+  auto metrics =
+      kvrelay::metrics::MetricsServer::StartFromFlag(absl::GetFlag(FLAGS_metrics_listen), registry);
+  if (!metrics.ok()) {
+    std::fprintf(stderr, "kvrelay-decode: %s\n", metrics.status().ToString().c_str());
+    return 2;
+  }
   auto worker = kvrelay::decode::DecodeWorker::Start(o);
   if (!worker.ok()) {
     std::fprintf(stderr, "kvrelay-decode: %s\n", worker.status().ToString().c_str());

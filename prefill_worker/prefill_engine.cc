@@ -6,10 +6,12 @@
 #include <chrono>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "common/kvcache/block_hash.h"
 #include "common/kvcache/kv_sequence.h"
+#include "common/metrics/metrics.h"
 #include "common/model/generator.h"
 #include "common/transfer/checksum.h"
 #include "common/util/status.h"
@@ -21,7 +23,118 @@ double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// Distinct transport labels kept before further ones are counted as "other".
+constexpr size_t kMaxTransportLabels = 16;
+
 }  // namespace
+
+// The engine's Prometheus series (DESIGN §7), looked up once: an update is an atomic
+// add or a histogram observation. Updated per job or per forward pass.
+struct PrefillEngine::Metrics {
+  explicit Metrics(prometheus::Registry& r) {
+    queue_depth = &prometheus::BuildGauge()
+                       .Name("kvrelay_prefill_queue_depth")
+                       .Help("Prefill jobs queued behind the running one")
+                       .Register(r)
+                       .Add({});
+    prefill_seconds = &prometheus::BuildHistogram()
+                           .Name("kvrelay_prefill_seconds")
+                           .Help(
+                               "Duration of a successful prefill job: prefix lookup, "
+                               "computation and KV transfer until remotely complete")
+                           .Register(r)
+                           .Add({}, metrics::LatencyBuckets());
+    computed_tokens = &prometheus::BuildCounter()
+                           .Name("kvrelay_prefill_computed_tokens_total")
+                           .Help("Prompt tokens computed by this prefill worker")
+                           .Register(r)
+                           .Add({});
+    cached_tokens = &prometheus::BuildCounter()
+                         .Name("kvrelay_prefill_cached_tokens_total")
+                         .Help("Prompt tokens reused from this prefill worker's prefix cache")
+                         .Register(r)
+                         .Add({});
+    bytes = &prometheus::BuildCounter()
+                 .Name("kvrelay_kv_transfer_bytes_total")
+                 .Help("Bytes of KV written into decode workers' pools, by transport")
+                 .Register(r);
+    puts = &prometheus::BuildCounter()
+                .Name("kvrelay_kv_transfer_puts_total")
+                .Help("Put operations issued for KV transfers, by transport")
+                .Register(r);
+    seconds = &prometheus::BuildHistogram()
+                   .Name("kvrelay_kv_transfer_seconds")
+                   .Help(
+                       "KV transfer of one prefill job, first write issued to last write "
+                       "remotely complete (jobs whose writes all succeeded), by transport")
+                   .Register(r);
+    auto& failures = prometheus::BuildCounter()
+                         .Name("kvrelay_kv_transfer_failures_total")
+                         .Help(
+                             "Prefill jobs whose KV transfer failed, by reason: unavailable "
+                             "(peer gone), timeout, cancelled, invalid, other")
+                         .Register(r);
+    const char* reasons[] = {"unavailable", "timeout", "cancelled", "invalid", "other"};
+    for (int i = 0; i < 5; ++i) this->failures[i] = &failures.Add({{"reason", reasons[i]}});
+    auto& blocks = prometheus::BuildGauge()
+                       .Name("kvrelay_kv_blocks")
+                       .Help(
+                           "KV pool blocks by state: free, in_use (held by jobs), "
+                           "cached_free (unused but reusable from the prefix cache)")
+                       .Register(r);
+    kv_free = &blocks.Add({{"state", "free"}});
+    kv_in_use = &blocks.Add({{"state", "in_use"}});
+    kv_cached_free = &blocks.Add({{"state", "cached_free"}});
+  }
+
+  struct ByTransport {
+    prometheus::Counter* bytes;
+    prometheus::Counter* puts;
+    prometheus::Histogram* seconds;
+  };
+  // Engine thread only.
+  const ByTransport& For(const std::string& transport) {
+    const std::string label = transport.empty() ? "unknown" : transport;
+    auto it = by_transport.find(label);
+    if (it != by_transport.end()) return it->second;
+    const std::string key = by_transport.size() < kMaxTransportLabels ? label : "other";
+    it = by_transport.find(key);
+    if (it != by_transport.end()) return it->second;
+    const prometheus::Labels l = {{"transport", key}};
+    return by_transport
+        .emplace(key, ByTransport{&bytes->Add(l), &puts->Add(l),
+                                  &seconds->Add(l, metrics::StepBuckets())})
+        .first->second;
+  }
+
+  prometheus::Counter& Failure(const absl::Status& st) {
+    switch (st.code()) {
+      case absl::StatusCode::kUnavailable:
+        return *failures[0];
+      case absl::StatusCode::kDeadlineExceeded:
+        return *failures[1];
+      case absl::StatusCode::kCancelled:
+        return *failures[2];
+      case absl::StatusCode::kInvalidArgument:
+        return *failures[3];
+      default:
+        return *failures[4];
+    }
+  }
+
+  prometheus::Gauge* queue_depth;
+  prometheus::Histogram* prefill_seconds;
+  prometheus::Counter* computed_tokens;
+  prometheus::Counter* cached_tokens;
+  prometheus::Family<prometheus::Counter>* bytes;
+  prometheus::Family<prometheus::Counter>* puts;
+  prometheus::Family<prometheus::Histogram>* seconds;
+  prometheus::Counter* failures[5];
+  absl::flat_hash_map<std::string, ByTransport> by_transport;
+  prometheus::Gauge* kv_free;
+  prometheus::Gauge* kv_in_use;
+  prometheus::Gauge* kv_cached_free;
+};
 
 absl::Status ValidateJob(const model::Model& model, const kernels::PagedKvLayout& layout,
                          const PrefillJob& job) {
@@ -92,10 +205,25 @@ PrefillEngine::PrefillEngine(const model::Model* model, kvcache::KvPool* pool,
       transport_(transport),
       model_id_(std::move(model_id)),
       options_(options),
+      registry_(options.metrics ? options.metrics : std::make_shared<prometheus::Registry>()),
+      metrics_(std::make_unique<Metrics>(*registry_)),
       thread_([this] {
         pthread_setname_np(pthread_self(), "kvr-prefill");
         Loop();
-      }) {}
+      }) {
+  UpdateKvBlockGauges();
+}
+
+void PrefillEngine::UpdateKvBlockGauges() {
+  const kvcache::PrefixCacheCounts c = cache_->counts();
+  metrics_->kv_free->Set(static_cast<double>(c.free));
+  metrics_->kv_in_use->Set(static_cast<double>(c.in_use));
+  metrics_->kv_cached_free->Set(static_cast<double>(c.cached_free));
+}
+
+void PrefillEngine::SetQueueDepth() {
+  metrics_->queue_depth->Set(static_cast<double>(queue_.size()));
+}
 
 PrefillEngine::~PrefillEngine() {
   {
@@ -120,6 +248,7 @@ absl::StatusOr<uint64_t> PrefillEngine::Submit(PrefillJob spec, PrefillDone done
   }
   job->handle = next_handle_++;
   queue_.push_back(job);
+  SetQueueDepth();
   return job->handle;
 }
 
@@ -136,6 +265,7 @@ void PrefillEngine::Cancel(uint64_t handle) {
     if (it == queue_.end()) return;
     queued = *it;
     queue_.erase(it);
+    SetQueueDepth();
   }
   queued->done(absl::CancelledError("prefill cancelled before it started"));
 }
@@ -157,6 +287,7 @@ void PrefillEngine::Abort(const std::string& request_id, uint64_t lease_generati
         ++it;
       }
     }
+    SetQueueDepth();
     if (running_ && matches(*running_)) {
       running_->cancelled = true;
       running_->on_ended.push_back(std::move(ended));
@@ -194,9 +325,11 @@ void PrefillEngine::Loop() {
       if (stop_) break;
       job = queue_.front();
       queue_.pop_front();
+      SetQueueDepth();
       running_ = job;
     }
     absl::StatusOr<PrefillOutcome> r = Run(*job);
+    UpdateKvBlockGauges();  // the job's blocks are back
     std::vector<std::function<void(bool)>> on_ended;
     {
       absl::MutexLock l(&mu_);
@@ -210,6 +343,7 @@ void PrefillEngine::Loop() {
   {
     absl::MutexLock l(&mu_);
     left.swap(queue_);
+    SetQueueDepth();
   }
   for (auto& j : left) j->done(absl::UnavailableError("prefill engine stopped"));
 }
@@ -225,6 +359,7 @@ absl::StatusOr<PrefillOutcome> PrefillEngine::Run(Job& job) {
   kvcache::KvSequence seq(cache_, kvcache::RootHash(model_id_, spec.cache_salt));
   out.cached_tokens = seq.AcquirePrefix(spec.prompt);
   out.computed_tokens = n - out.cached_tokens;
+  metrics_->cached_tokens->Increment(static_cast<double>(out.cached_tokens));
   KVR_RETURN_IF_ERROR(seq.Reserve(n));
 
   // Writes in flight; their callbacks run on the transport's thread.
@@ -237,18 +372,23 @@ absl::StatusOr<PrefillOutcome> PrefillEngine::Run(Job& job) {
     double last_done ABSL_GUARDED_BY(mu) = 0;
   } writes;
   int64_t sent = spec.first_block;  // prompt blocks [first_block, sent) are on their way
+  absl::Status send_error;          // a write that could not be issued
   auto send = [&](int64_t upto) -> absl::Status {
     if (upto <= sent) return absl::OkStatus();
     std::vector<int32_t> src(seq.blocks().begin() + sent, seq.blocks().begin() + upto);
     std::vector<int32_t> dst(spec.destination_blocks.begin() + (sent - spec.first_block),
                              spec.destination_blocks.begin() + (upto - spec.first_block));
-    KVR_ASSIGN_OR_RETURN(std::vector<transfer::WriteRange> ranges,
-                         transfer::CoalesceBlocks(src, dst, block_bytes));
+    absl::StatusOr<std::vector<transfer::WriteRange>> ranges =
+        transfer::CoalesceBlocks(src, dst, block_bytes);
+    if (!ranges.ok()) {
+      send_error = ranges.status();
+      return send_error;
+    }
     if (writes.first_issued == 0) writes.first_issued = Now();
     absl::MutexLock l(&writes.mu);
     ++writes.outstanding;
     absl::StatusOr<transfer::TransferId> id =
-        transport_->Write(*memory_, spec.destination, std::move(ranges), options_.transfer,
+        transport_->Write(*memory_, spec.destination, *std::move(ranges), options_.transfer,
                           [&writes, &out](transfer::TransferResult r) {
                             absl::MutexLock l(&writes.mu);
                             --writes.outstanding;
@@ -260,7 +400,8 @@ absl::StatusOr<PrefillOutcome> PrefillEngine::Run(Job& job) {
                           });
     if (!id.ok()) {
       --writes.outstanding;
-      return id.status();
+      send_error = id.status();
+      return send_error;
     }
     writes.ids.push_back(*id);
     sent = upto;
@@ -309,6 +450,7 @@ absl::StatusOr<PrefillOutcome> PrefillEngine::Run(Job& job) {
     c.want_logits = start + len == n;
     st = model_->Forward({c}, pool_->view(), &logits);
     if (!st.ok()) break;
+    metrics_->computed_tokens->Increment(static_cast<double>(len));
     seq.Commit(spec.prompt, start + len);
     st = send(start + len == n ? nblocks : (start + len) / B);
   }
@@ -316,6 +458,20 @@ absl::StatusOr<PrefillOutcome> PrefillEngine::Run(Job& job) {
   const double compute_end = Now();
   finish_writes(/*abort=*/!st.ok());
   out.transfer_wait_seconds = Now() - compute_end;
+  {  // Transfer metrics, once per job that issued writes (or tried to).
+    absl::MutexLock l(&writes.mu);
+    const absl::Status& error = !writes.error.ok() ? writes.error : send_error;
+    if (writes.first_issued > 0 || !error.ok()) {
+      const Metrics::ByTransport& m = metrics_->For(out.transport);
+      m.bytes->Increment(static_cast<double>(out.transfer_bytes));
+      m.puts->Increment(static_cast<double>(out.puts));
+      if (error.ok()) {
+        m.seconds->Observe(writes.last_done - writes.first_issued);
+      } else {
+        metrics_->Failure(error).Increment();
+      }
+    }
+  }
   if (!st.ok()) return st;
   {
     absl::MutexLock l(&writes.mu);
@@ -331,6 +487,7 @@ absl::StatusOr<PrefillOutcome> PrefillEngine::Run(Job& job) {
   out.first =
       sampling::Sample(absl::MakeConstSpan(logits.data(), vocab), spec.params, spec.prompt, {}, n);
   out.prefill_seconds = Now() - t0;
+  metrics_->prefill_seconds->Observe(out.prefill_seconds);
   return out;
 }
 

@@ -23,6 +23,7 @@
 #include "common/model/model.h"
 #include "common/sampling/sampler.h"
 #include "common/transfer/kv_transport.h"
+#include "prometheus/registry.h"
 
 namespace kvrelay::prefill {
 
@@ -30,6 +31,9 @@ struct PrefillEngineOptions {
   int prefill_chunk = 256;             // tokens per forward pass
   size_t max_queue = 256;              // jobs waiting beyond this get RESOURCE_EXHAUSTED
   transfer::TransferOptions transfer;  // chunking, window, timeout of each write
+  // Where the engine's Prometheus series go (DESIGN §7; the prefill service adds its
+  // own to the same registry). Null: a registry of the engine's own.
+  std::shared_ptr<prometheus::Registry> metrics = nullptr;
 };
 
 struct PrefillJob {
@@ -101,10 +105,26 @@ class PrefillEngine {
   };
   Load load() const;
 
+  // The registry holding the engine's series: options.metrics, or the engine's own.
+  // Series (updated per job or per forward pass):
+  //   kvrelay_prefill_queue_depth, kvrelay_prefill_seconds (successful jobs),
+  //   kvrelay_prefill_{computed,cached}_tokens_total,
+  //   kvrelay_kv_transfer_bytes_total{transport}, kvrelay_kv_transfer_puts_total{transport},
+  //   kvrelay_kv_transfer_seconds{transport} (first write issued to last write complete,
+  //     jobs whose writes all succeeded),
+  //   kvrelay_kv_transfer_failures_total{reason} (unavailable | timeout | cancelled |
+  //     invalid | other), kvrelay_kv_blocks{state} (free | in_use | cached_free).
+  const std::shared_ptr<prometheus::Registry>& metrics() const { return registry_; }
+  // Sets kvrelay_kv_blocks from the prefix cache now. The engine does after every job;
+  // the worker's load-report path calls it too. Any thread.
+  void UpdateKvBlockGauges();
+
  private:
   struct Job;
+  struct Metrics;
   void Loop();
   absl::StatusOr<PrefillOutcome> Run(Job& job);
+  void SetQueueDepth() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const model::Model* model_;
   kvcache::KvPool* pool_;
@@ -113,6 +133,8 @@ class PrefillEngine {
   transfer::KvTransport* transport_;
   const std::string model_id_;
   const PrefillEngineOptions options_;
+  const std::shared_ptr<prometheus::Registry> registry_;
+  const std::unique_ptr<Metrics> metrics_;  // its series live in registry_
 
   mutable absl::Mutex mu_;
   std::deque<std::shared_ptr<Job>> queue_ ABSL_GUARDED_BY(mu_);

@@ -3,6 +3,7 @@
 #include <optional>
 #include <utility>
 
+#include "absl/status/status.h"
 #include "common/rpc/convert.h"
 
 namespace kvrelay::prefill {
@@ -45,13 +46,13 @@ class PrefillReactor final : public grpc::ServerUnaryReactor {
     service_->calls().Started();
     absl::StatusOr<PrefillJob> job = FromProto(request);
     if (!job.ok()) {
-      Finish(rpc::ToGrpc(job.status()));
+      FinishCall(rpc::ToGrpc(job.status()));
       return;
     }
     absl::StatusOr<uint64_t> h =
         engine_->Submit(*std::move(job), [this](absl::StatusOr<PrefillOutcome> r) { Done(r); });
     if (!h.ok()) {
-      Finish(rpc::ToGrpc(h.status()));
+      FinishCall(rpc::ToGrpc(h.status()));
       return;
     }
     bool cancel = false;
@@ -82,7 +83,7 @@ class PrefillReactor final : public grpc::ServerUnaryReactor {
  private:
   void Done(const absl::StatusOr<PrefillOutcome>& r) {
     if (!r.ok()) {
-      Finish(rpc::ToGrpc(r.status()));
+      FinishCall(rpc::ToGrpc(r.status()));
       return;
     }
     response_->set_first_token(r->first.token);
@@ -97,7 +98,13 @@ class PrefillReactor final : public grpc::ServerUnaryReactor {
     s->set_transport(r->transport);
     s->set_prefill_seconds(r->prefill_seconds);
     s->set_transfer_wait_seconds(r->transfer_wait_seconds);
-    Finish(grpc::Status::OK);  // last use of `this`
+    FinishCall(grpc::Status::OK);  // last use of `this`
+  }
+
+  // Finish, counted (every path finishes the call exactly once).
+  void FinishCall(const grpc::Status& status) {
+    service_->CountFinished(status.error_code());
+    Finish(status);
   }
 
   PrefillService* service_;
@@ -135,6 +142,23 @@ class AbortReactor final : public grpc::ServerUnaryReactor {
 };
 
 }  // namespace
+
+PrefillService::PrefillService(PrefillEngine* engine)
+    : engine_(engine), registry_(engine->metrics()) {
+  auto& family = prometheus::BuildCounter()
+                     .Name("kvrelay_prefill_requests_total")
+                     .Help("Finished Prefill calls on this prefill worker by gRPC status code")
+                     .Register(*registry_);
+  for (size_t c = 0; c < requests_.size(); ++c) {
+    requests_[c] =
+        &family.Add({{"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(c))}});
+  }
+}
+
+void PrefillService::CountFinished(grpc::StatusCode code) {
+  const size_t c = static_cast<size_t>(code);
+  requests_[c < requests_.size() ? c : static_cast<size_t>(grpc::StatusCode::UNKNOWN)]->Increment();
+}
 
 grpc::ServerUnaryReactor* PrefillService::Abort(grpc::CallbackServerContext* context,
                                                 const v1::AbortRequest* request,

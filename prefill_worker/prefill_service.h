@@ -3,9 +3,13 @@
 // A cancelled call (client cancel or deadline) cancels the job.
 #pragma once
 
+#include <array>
+#include <memory>
+
 #include "common/rpc/call_tracker.h"
 #include "kvrelay/v1/worker.grpc.pb.h"
 #include "prefill_worker/prefill_engine.h"
+#include "prometheus/counter.h"
 
 namespace kvrelay::prefill {
 
@@ -14,7 +18,9 @@ absl::StatusOr<PrefillJob> FromProto(const v1::PrefillRequest& request);
 
 class PrefillService final : public v1::PrefillWorker::CallbackService {
  public:
-  explicit PrefillService(PrefillEngine* engine) : engine_(engine) {}
+  // Adds kvrelay_prefill_requests_total{code} (finished Prefill calls by gRPC code name:
+  // OK, CANCELLED, INVALID_ARGUMENT, ...) to the engine's metrics registry.
+  explicit PrefillService(PrefillEngine* engine);
 
   grpc::ServerUnaryReactor* Prefill(grpc::CallbackServerContext* context,
                                     const v1::PrefillRequest* request,
@@ -26,9 +32,14 @@ class PrefillService final : public v1::PrefillWorker::CallbackService {
   // Calls in progress (graceful shutdown waits for none).
   rpc::CallTracker& calls() { return calls_; }
 
+  // Counts a Prefill call that ends with `code`.
+  void CountFinished(grpc::StatusCode code);
+
  private:
   PrefillEngine* engine_;
   rpc::CallTracker calls_;
+  std::shared_ptr<prometheus::Registry> registry_;   // keeps requests_ alive
+  std::array<prometheus::Counter*, 17> requests_{};  // by code, OK (0) .. UNAUTHENTICATED (16)
 };
 
 }  // namespace kvrelay::prefill

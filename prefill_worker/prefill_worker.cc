@@ -27,9 +27,13 @@ absl::StatusOr<std::unique_ptr<PrefillWorker>> PrefillWorker::Start(
   KVR_ASSIGN_OR_RETURN(w->kv_, worker::CreateKvStore(*w->transport_, *w->model_, options.kv));
   const std::string model_id =
       options.model_id.empty() ? BaseName(options.model_dir) : options.model_id;
+  PrefillEngineOptions engine_options = options.engine;
+  if (options.metrics) engine_options.metrics = options.metrics;
+  if (!engine_options.metrics) engine_options.metrics = std::make_shared<prometheus::Registry>();
+  w->metrics_ = engine_options.metrics;
   w->engine_ = std::make_unique<PrefillEngine>(w->model_.get(), w->kv_.pool.get(),
                                                w->kv_.memory.get(), w->kv_.cache.get(),
-                                               w->transport_.get(), model_id, options.engine);
+                                               w->transport_.get(), model_id, engine_options);
   w->service_ = std::make_unique<PrefillService>(w->engine_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -46,6 +50,7 @@ absl::StatusOr<std::unique_ptr<PrefillWorker>> PrefillWorker::Start(
       w->registry_,
       rpc::StartRegistryClient(options.registry, v1::WORKER_ROLE_PREFILL, w->port_, model_id,
                                w->kv_.cache.get(), options.kv.kv_dtype, [self] {
+                                 self->engine_->UpdateKvBlockGauges();
                                  const PrefillEngine::Load load = self->engine_->load();
                                  const kvcache::PrefixCacheCounts c = self->kv_.cache->counts();
                                  v1::LoadReport r;

@@ -27,6 +27,10 @@ struct PrefillWorkerOptions {
   int threads = 0;  // CPU threads for the forward pass; 0: all cores
   PrefillEngineOptions engine;
   rpc::RegistrySettings registry;  // routers to register with
+  // The process's Prometheus registry (served on /metrics by the caller); the engine's
+  // and the service's series go there. Null: a registry of the worker's own. Takes
+  // precedence over engine.metrics.
+  std::shared_ptr<prometheus::Registry> metrics = nullptr;
 };
 
 class PrefillWorker {
@@ -39,6 +43,8 @@ class PrefillWorker {
   int port() const { return port_; }
   kvcache::PrefixCache& cache() { return *kv_.cache; }
   PrefillEngine& engine() { return *engine_; }
+  // The registry holding this worker's series (options.metrics or its own).
+  const std::shared_ptr<prometheus::Registry>& metrics() const { return metrics_; }
 
   // Health turns NOT_SERVING; running calls finish (up to `grace`, then they are
   // cancelled); connections stay open for `linger`; then the server stops.
@@ -47,6 +53,7 @@ class PrefillWorker {
  private:
   PrefillWorker() = default;
 
+  std::shared_ptr<prometheus::Registry> metrics_;
   std::unique_ptr<kernels::ThreadPool> threads_;
   std::unique_ptr<model::Model> model_;
   std::unique_ptr<transfer::KvTransport> transport_;

@@ -10,6 +10,7 @@
 #include "common/model/generator.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "prometheus/registry.h"
 #include "tests/testing/test_models.h"
 
 namespace kvrelay::decode {
@@ -87,6 +88,34 @@ class Collector {
   std::map<std::string, Outcome> outcomes_;
   int done_ = 0;
 };
+
+// Sum over the series `name` of `registry` whose labels include `labels`: counter and
+// gauge values, histogram sample counts (or sample sums with `histogram_sum`). -1 when
+// there is no such series.
+double Metric(const prometheus::Registry& registry, const std::string& name,
+              const std::map<std::string, std::string>& labels = {}, bool histogram_sum = false) {
+  double sum = 0;
+  bool found = false;
+  for (const prometheus::MetricFamily& f : registry.Collect()) {
+    if (f.name != name) continue;
+    for (const prometheus::ClientMetric& m : f.metric) {
+      const bool match = std::all_of(labels.begin(), labels.end(), [&](const auto& want) {
+        return std::any_of(m.label.begin(), m.label.end(), [&](const auto& l) {
+          return l.name == want.first && l.value == want.second;
+        });
+      });
+      if (!match) continue;
+      found = true;
+      if (f.type == prometheus::MetricType::Counter) sum += m.counter.value;
+      if (f.type == prometheus::MetricType::Gauge) sum += m.gauge.value;
+      if (f.type == prometheus::MetricType::Histogram) {
+        sum +=
+            histogram_sum ? m.histogram.sample_sum : static_cast<double>(m.histogram.sample_count);
+      }
+    }
+  }
+  return found ? sum : -1;
+}
 
 // The reference: single-sequence generation on its own pool.
 model::GenerationResult Reference(const model::Model& m, const std::vector<int32_t>& prompt,
@@ -259,8 +288,91 @@ TEST_P(EngineTest, SmallPoolPreemptsAndEveryRequestStillMatches) {
   }
   EXPECT_GT(preemptions, 0);
   EXPECT_EQ((*engine)->stats().preemptions, preemptions);
+  EXPECT_EQ(Metric(*(*engine)->metrics(), "kvrelay_decode_preemptions_total"), preemptions);
   EXPECT_EQ(kv.cache->counts().in_use, 0);
   EXPECT_TRUE(kv.cache->Validate().ok());
+}
+
+// The engine's Prometheus series follow the work it did: steps by phase, batch sizes,
+// prompt/cached/generated tokens, and the KV block gauges (DESIGN §7).
+TEST_P(EngineTest, MetricsFollowTheWork) {
+  const model::Model& m = M();
+  const int kBlocks = 128;
+  Kv kv = MakeKv(m, kBlocks);
+  EngineOptions o;
+  o.prefill_chunk = 24;
+  o.max_batch_tokens = 64;
+  o.metrics = std::make_shared<prometheus::Registry>();
+  const prometheus::Registry& reg = *o.metrics;
+  auto engine = Engine::Create(&m, kv.pool.get(), kv.cache.get(), "tiny", o);
+  ASSERT_TRUE(engine.ok());
+  EXPECT_EQ((*engine)->metrics(), o.metrics);
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_blocks", {{"state", "free"}}), kBlocks);
+  const int vocab = m.config().vocab_size;
+  sampling::SamplingParams p;
+  p.max_tokens = 5;
+  p.ignore_eos = true;
+  Collector col;
+  // Alone: 40 prompt tokens in chunks of 24 and 16 (2 prefill steps), 4 decode steps.
+  EngineRequest a{"a", Prompt(40, 7, vocab), p, "", ""};
+  ASSERT_TRUE((*engine)->Submit(a, col.For("a")).ok());
+  col.Wait(1);
+  EXPECT_EQ(Metric(reg, "kvrelay_decode_steps_total", {{"phase", "prefill"}}), 2);
+  EXPECT_EQ(Metric(reg, "kvrelay_decode_steps_total", {{"phase", "decode"}}), 4);
+  EXPECT_EQ(Metric(reg, "kvrelay_decode_steps_total", {{"phase", "mixed"}}), 0);
+  // The same prompt: its 2 full blocks come from the prefix cache.
+  a.id = "b";
+  ASSERT_TRUE((*engine)->Submit(a, col.For("b")).ok());
+  col.Wait(2);
+  EXPECT_EQ(Metric(reg, "kvrelay_decode_cached_tokens_total"), 32);
+  EXPECT_EQ(Metric(reg, "kvrelay_decode_prompt_tokens_total"), 80);
+  // A short request decoding while a long one prefills: mixed steps.
+  sampling::SamplingParams longer = p;
+  longer.max_tokens = 40;
+  EngineRequest c{"c", Prompt(3, 8, vocab), longer, "", ""};
+  EngineRequest d{"d", Prompt(130, 9, vocab), p, "", ""};
+  ASSERT_TRUE((*engine)->Submit(c, col.For("c")).ok());
+  ASSERT_TRUE((*engine)->Submit(d, col.For("d")).ok());
+  col.Wait(4);
+  int64_t generated = 0, prompt = 0, cached = 0, processed = 0;
+  for (const std::string id : {"a", "b", "c", "d"}) {
+    const Outcome out = col.Get(id);
+    ASSERT_TRUE(out.status.ok()) << out.status;
+    generated += static_cast<int64_t>(out.tokens.size());
+    prompt += out.summary.prompt_tokens;
+    cached += out.summary.cached_tokens;
+    // Each step feeds the prompt's uncached tokens and every generated token but the last.
+    processed += out.summary.prompt_tokens - out.summary.cached_tokens +
+                 static_cast<int64_t>(out.tokens.size()) - 1;
+  }
+  EXPECT_EQ(Metric(reg, "kvrelay_decode_generated_tokens_total"), generated);
+  EXPECT_EQ(Metric(reg, "kvrelay_decode_prompt_tokens_total"), prompt);
+  EXPECT_EQ(Metric(reg, "kvrelay_decode_cached_tokens_total"), cached);
+  EXPECT_GT(Metric(reg, "kvrelay_decode_steps_total", {{"phase", "mixed"}}), 0);
+  const int64_t steps = (*engine)->stats().steps;
+  EXPECT_EQ(Metric(reg, "kvrelay_decode_steps_total"), steps);
+  for (const std::string phase : {"decode", "prefill", "mixed"}) {
+    EXPECT_EQ(Metric(reg, "kvrelay_decode_step_seconds", {{"phase", phase}}),
+              Metric(reg, "kvrelay_decode_steps_total", {{"phase", phase}}))
+        << phase;
+  }
+  EXPECT_GT(Metric(reg, "kvrelay_decode_step_seconds", {}, /*histogram_sum=*/true), 0);
+  EXPECT_EQ(Metric(reg, "kvrelay_decode_batch_sequences"), steps);
+  EXPECT_GT(Metric(reg, "kvrelay_decode_batch_sequences", {}, true), steps);  // some had 2
+  EXPECT_EQ(Metric(reg, "kvrelay_decode_batch_tokens"), steps);
+  EXPECT_EQ(Metric(reg, "kvrelay_decode_batch_tokens", {}, true), processed);
+  EXPECT_EQ(Metric(reg, "kvrelay_decode_preemptions_total"), 0);
+  EXPECT_EQ(Metric(reg, "kvrelay_decode_remote_prefills_total"), 0);
+  // Once the engine is gone (its loop has ended), the gauges are final.
+  engine->reset();
+  EXPECT_EQ(Metric(reg, "kvrelay_decode_running_sequences"), 0);
+  EXPECT_EQ(Metric(reg, "kvrelay_decode_waiting_sequences"), 0);
+  EXPECT_EQ(Metric(reg, "kvrelay_decode_quarantined_blocks"), 0);
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_blocks", {{"state", "in_use"}}), 0);
+  EXPECT_GT(Metric(reg, "kvrelay_kv_blocks", {{"state", "cached_free"}}), 0);
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_blocks"), kBlocks);
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_blocks", {{"state", "cached_free"}}),
+            kv.cache->counts().cached_free);
 }
 
 TEST_P(EngineTest, CancelAtRandomPointsReleasesEverything) {

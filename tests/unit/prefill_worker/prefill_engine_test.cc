@@ -1,10 +1,14 @@
 #include "prefill_worker/prefill_engine.h"
 
+#include <algorithm>
 #include <cstring>
+#include <map>
 #include <numeric>
 #include <random>
+#include <string>
 
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "common/kvcache/block_hash.h"
 #include "common/model/generator.h"
 #include "common/transfer/checksum.h"
@@ -12,6 +16,7 @@
 #include "common/worker/kv_store.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "prometheus/registry.h"
 #include "tests/testing/test_models.h"
 
 namespace kvrelay::prefill {
@@ -82,6 +87,32 @@ struct Rig {
   }
 };
 
+// Sum over the series `name` of `registry` whose labels include `labels` (counter and
+// gauge values, histogram sample counts); -1 when there is no such series.
+double Metric(const prometheus::Registry& registry, const std::string& name,
+              const std::map<std::string, std::string>& labels = {}) {
+  double sum = 0;
+  bool found = false;
+  for (const prometheus::MetricFamily& f : registry.Collect()) {
+    if (f.name != name) continue;
+    for (const prometheus::ClientMetric& m : f.metric) {
+      const bool match = std::all_of(labels.begin(), labels.end(), [&](const auto& want) {
+        return std::any_of(m.label.begin(), m.label.end(), [&](const auto& l) {
+          return l.name == want.first && l.value == want.second;
+        });
+      });
+      if (!match) continue;
+      found = true;
+      if (f.type == prometheus::MetricType::Counter) sum += m.counter.value;
+      if (f.type == prometheus::MetricType::Gauge) sum += m.gauge.value;
+      if (f.type == prometheus::MetricType::Histogram) {
+        sum += static_cast<double>(m.histogram.sample_count);
+      }
+    }
+  }
+  return found ? sum : -1;
+}
+
 // The prompt's KV and last-token logits computed in a fresh pool, blocks 0, 1, ...
 struct Reference {
   std::unique_ptr<kvcache::KvPool> pool;
@@ -102,7 +133,12 @@ Reference ComputeReference(const std::vector<int32_t>& prompt) {
 }
 
 TEST(PrefillEngineTest, PushesExactKvAndTheFirstToken) {
-  Rig s;
+  PrefillEngineOptions o;
+  o.metrics = std::make_shared<prometheus::Registry>();
+  const prometheus::Registry& reg = *o.metrics;
+  Rig s(kBlock, o);
+  EXPECT_EQ(s.engine->metrics(), o.metrics);
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_blocks", {{"state", "free"}}), 64);
   const auto prompt = Prompt(50, 1);  // blocks of 16, 16, 16 and 2 tokens
   const std::vector<int32_t> dst = {10, 11, 12, 30};
   auto out = s.Run(s.Job(prompt, 0, dst));
@@ -136,6 +172,24 @@ TEST(PrefillEngineTest, PushesExactKvAndTheFirstToken) {
     EXPECT_EQ(std::memcmp(s.DBlock(dst[i]), ref.pool->view().base + i * bb, bb), 0)
         << "block " << i;
   }
+
+  // The metrics (DESIGN §7) saw both jobs: tokens computed and reused, the bytes, puts
+  // and time of each transfer by transport, each job's duration, and the pool by state.
+  EXPECT_EQ(Metric(reg, "kvrelay_prefill_computed_tokens_total"), 52);
+  EXPECT_EQ(Metric(reg, "kvrelay_prefill_cached_tokens_total"), 48);
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_transfer_bytes_total", {{"transport", "memcpy"}}),
+            static_cast<double>(8 * bb));
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_transfer_bytes_total"), static_cast<double>(8 * bb));
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_transfer_puts_total", {{"transport", "memcpy"}}),
+            static_cast<double>(out->puts + again->puts));
+  EXPECT_GT(out->puts, 0);
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_transfer_seconds", {{"transport", "memcpy"}}), 2);
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_transfer_failures_total"), 0);
+  EXPECT_EQ(Metric(reg, "kvrelay_prefill_seconds"), 2);
+  EXPECT_EQ(Metric(reg, "kvrelay_prefill_queue_depth"), 0);
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_blocks", {{"state", "in_use"}}), 0);
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_blocks", {{"state", "cached_free"}}), 3);  // full blocks only
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_blocks"), 64);
 }
 
 TEST(PrefillEngineTest, SendsOnlyTheBlocksTheDecodeWorkerLacks) {
@@ -218,13 +272,24 @@ TEST(PrefillEngineTest, CancelEndsRunningAndQueuedJobs) {
         second_done.Notify();
       });
   ASSERT_TRUE(h2.ok());
+  const prometheus::Registry& reg = *s.engine->metrics();
+  for (int i = 0; i < 10000 && s.engine->load().running == 0; ++i)
+    absl::SleepFor(absl::Milliseconds(1));
+  EXPECT_EQ(s.engine->queued(), 1);
+  EXPECT_EQ(Metric(reg, "kvrelay_prefill_queue_depth"), 1);
   s.engine->Cancel(*h2);  // queued behind the long first job
   second_done.WaitForNotification();
+  EXPECT_EQ(Metric(reg, "kvrelay_prefill_queue_depth"), 0);
   EXPECT_EQ(second_status.code(), absl::StatusCode::kCancelled) << second_status;
   EXPECT_THAT(second_status.message(), HasSubstr("before it started"));
   s.engine->Cancel(*h1);
   first_done.WaitForNotification();
   EXPECT_EQ(first_status.code(), absl::StatusCode::kCancelled) << first_status;
+  // Writes still in flight when it was cancelled count as a cancelled transfer (there
+  // may have been none).
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_transfer_failures_total"),
+            Metric(reg, "kvrelay_kv_transfer_failures_total", {{"reason", "cancelled"}}));
+  EXPECT_EQ(Metric(reg, "kvrelay_prefill_seconds"), 0);  // only successful jobs
   EXPECT_EQ(s.p_kv.cache->counts().in_use, 0);
   // Nothing of the second job reached the destination.
   const uint64_t bb = s.d_kv.pool->layout().block_bytes();
@@ -251,6 +316,11 @@ TEST(PrefillEngineTest, DeadDestinationFailsTheJobAndReleasesEverything) {
   EXPECT_FALSE(out.ok());
   EXPECT_EQ(out.status().code(), absl::StatusCode::kUnavailable) << out.status();
   EXPECT_EQ(s.p_kv.cache->counts().in_use, 0);
+  const prometheus::Registry& reg = *s.engine->metrics();
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_transfer_failures_total", {{"reason", "unavailable"}}), 1);
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_transfer_failures_total"), 1);
+  EXPECT_LE(Metric(reg, "kvrelay_kv_transfer_seconds"), 0);  // no successful transfer
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_blocks", {{"state", "in_use"}}), 0);
 }
 
 }  // namespace

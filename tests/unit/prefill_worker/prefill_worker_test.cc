@@ -1,5 +1,8 @@
 #include "prefill_worker/prefill_worker.h"
 
+#include <algorithm>
+#include <map>
+#include <string>
 #include <thread>
 
 #include "absl/synchronization/notification.h"
@@ -8,6 +11,7 @@
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "prometheus/registry.h"
 #include "tests/testing/test_models.h"
 
 namespace kvrelay::prefill {
@@ -21,6 +25,32 @@ PrefillWorkerOptions Options() {
   o.kv.kv_blocks = 64;
   o.threads = 1;
   return o;
+}
+
+// Sum over the series `name` of `registry` whose labels include `labels` (counter and
+// gauge values, histogram sample counts); -1 when there is no such series.
+double Metric(const prometheus::Registry& registry, const std::string& name,
+              const std::map<std::string, std::string>& labels = {}) {
+  double sum = 0;
+  bool found = false;
+  for (const prometheus::MetricFamily& f : registry.Collect()) {
+    if (f.name != name) continue;
+    for (const prometheus::ClientMetric& m : f.metric) {
+      const bool match = std::all_of(labels.begin(), labels.end(), [&](const auto& want) {
+        return std::any_of(m.label.begin(), m.label.end(), [&](const auto& l) {
+          return l.name == want.first && l.value == want.second;
+        });
+      });
+      if (!match) continue;
+      found = true;
+      if (f.type == prometheus::MetricType::Counter) sum += m.counter.value;
+      if (f.type == prometheus::MetricType::Gauge) sum += m.gauge.value;
+      if (f.type == prometheus::MetricType::Histogram) {
+        sum += static_cast<double>(m.histogram.sample_count);
+      }
+    }
+  }
+  return found ? sum : -1;
 }
 
 TEST(PrefillWorkerTest, BadOptionsNameTheOption) {
@@ -38,8 +68,11 @@ TEST(PrefillWorkerTest, BadOptionsNameTheOption) {
 TEST(PrefillWorkerTest, ShutdownLetsARunningPrefillFinish) {
   PrefillWorkerOptions o = Options();
   o.engine.prefill_chunk = 1;  // 400 forward passes: still running at shutdown
+  o.metrics = std::make_shared<prometheus::Registry>();
+  const prometheus::Registry& reg = *o.metrics;
   auto w = PrefillWorker::Start(o);
   ASSERT_TRUE(w.ok()) << w.status();
+  EXPECT_EQ((*w)->metrics(), o.metrics);
   // The destination: a pool on another UCX transport in this process.
   auto transport = transfer::NewUcxTransport();
   ASSERT_TRUE(transport.ok()) << transport.status();
@@ -56,6 +89,12 @@ TEST(PrefillWorkerTest, ShutdownLetsARunningPrefillFinish) {
   req.set_kv_dtype("f32");
   auto stub = v1::PrefillWorker::NewStub(grpc::CreateChannel(
       "127.0.0.1:" + std::to_string((*w)->port()), grpc::InsecureChannelCredentials()));
+  {  // A bad call first: counted by its code.
+    grpc::ClientContext bad_ctx;
+    v1::PrefillResponse bad_resp;
+    EXPECT_EQ(stub->Prefill(&bad_ctx, v1::PrefillRequest(), &bad_resp).error_code(),
+              grpc::StatusCode::INVALID_ARGUMENT);
+  }
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
   v1::PrefillResponse resp;
@@ -75,6 +114,26 @@ TEST(PrefillWorkerTest, ShutdownLetsARunningPrefillFinish) {
   EXPECT_TRUE(status.ok()) << status.error_message();
   EXPECT_EQ(resp.block_checksums_size(), 25);
   EXPECT_EQ(resp.stats().computed_tokens(), 400);
+  // The metrics (DESIGN §7): both calls by code; the job's tokens, duration and transfer,
+  // labelled with the UCX transport that carried it.
+  EXPECT_EQ(Metric(reg, "kvrelay_prefill_requests_total", {{"code", "OK"}}), 1);
+  EXPECT_EQ(Metric(reg, "kvrelay_prefill_requests_total", {{"code", "INVALID_ARGUMENT"}}), 1);
+  EXPECT_EQ(Metric(reg, "kvrelay_prefill_requests_total"), 2);
+  EXPECT_EQ(Metric(reg, "kvrelay_prefill_computed_tokens_total"), 400);
+  EXPECT_EQ(Metric(reg, "kvrelay_prefill_seconds"), 1);
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_transfer_bytes_total"),
+            static_cast<double>(resp.stats().transfer_bytes()));
+  EXPECT_GT(resp.stats().transfer_bytes(), 0u);
+  EXPECT_EQ(
+      Metric(reg, "kvrelay_kv_transfer_bytes_total", {{"transport", resp.stats().transport()}}),
+      static_cast<double>(resp.stats().transfer_bytes()));
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_transfer_puts_total"),
+            static_cast<double>(resp.stats().puts()));
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_transfer_seconds"), 1);
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_transfer_failures_total"), 0);
+  EXPECT_EQ(Metric(reg, "kvrelay_prefill_queue_depth"), 0);
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_blocks", {{"state", "in_use"}}), 0);
+  EXPECT_EQ(Metric(reg, "kvrelay_kv_blocks"), 64);
   w->reset();
   kv->pool.reset();
   kv->memory.reset();
