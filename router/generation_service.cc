@@ -3,14 +3,17 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <optional>
 #include <utility>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/kvcache/block_hash.h"
 #include "common/kvcache/kv_pool.h"
+#include "common/metrics/metrics.h"
 #include "common/rpc/convert.h"
 #include "common/rpc/keepalive.h"
 #include "common/rpc/queued_write_reactor.h"
@@ -78,6 +81,26 @@ class GenerationService::Call final : public rpc::QueuedWriteReactor<grpc::ByteB
 
   void Send(const v1::GenerateResponse& m) { QueuedWriteReactor::Send(ToByteBuffer(m)); }
 
+  // Ends the call (the first status wins) and counts it, once, in the metrics: before
+  // the client can see the status, so a scrape after the call ended includes it.
+  void End(grpc::Status status) {
+    if (!ended_.exchange(true)) {
+      grpc::StatusCode code = status.error_code();
+      // A deadline passing cancels the call: the client sees DEADLINE_EXCEEDED. (gRPC's
+      // timers and the system clock differ by a few ms: a cancel that close counts too.)
+      if (code == grpc::StatusCode::CANCELLED && deadline() &&
+          std::chrono::system_clock::now() + std::chrono::milliseconds(50) >= *deadline()) {
+        code = grpc::StatusCode::DEADLINE_EXCEEDED;
+      }
+      service_->RecordEnd(*this, code, admitted);
+    }
+    QueuedWriteReactor::End(std::move(status));  // `this` may be gone after it
+  }
+
+  // Set (under the service's mu_) when the call enters the queue; read by whoever ends
+  // it, which took it off the queue under mu_ (or is the thread that set it).
+  bool admitted = false;
+
   // The decode worker call now in progress; false (nothing attached) if the client
   // has already cancelled.
   bool Attach(grpc::ClientContext* ctx) {
@@ -117,14 +140,89 @@ class GenerationService::Call final : public rpc::QueuedWriteReactor<grpc::ByteB
   GenerationService* service_;
   const std::chrono::system_clock::time_point deadline_;
   const absl::Time accepted_;
+  std::atomic<bool> ended_{false};
   mutable absl::Mutex mu_;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
   grpc::ClientContext* worker_call_ ABSL_GUARDED_BY(mu_) = nullptr;
 };
 
+GenerationService::Metrics::Metrics(prometheus::Registry& r) {
+  auto& by_code = prometheus::BuildCounter()
+                      .Name("kvrelay_router_requests_total")
+                      .Help("Finished Generate calls by gRPC status code (refused ones included)")
+                      .Register(r);
+  for (size_t c = 0; c < requests.size(); ++c) {  // codes 0..16, named as gRPC names them
+    requests[c] =
+        &by_code.Add({{"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(c))}});
+  }
+  auto histogram = [&r](const char* name, const char* help,
+                        const prometheus::Histogram::BucketBoundaries& buckets) {
+    return &prometheus::BuildHistogram().Name(name).Help(help).Register(r).Add({}, buckets);
+  };
+  ttft = histogram("kvrelay_router_ttft_seconds",
+                   "Time from accepting a Generate call to its first token, in seconds",
+                   metrics::LatencyBuckets());
+  inter_token =
+      histogram("kvrelay_router_inter_token_seconds",
+                "Time between consecutive tokens of a request (one per token), in seconds",
+                metrics::StepBuckets());
+  duration = histogram("kvrelay_router_request_duration_seconds",
+                       "Time from accepting an admitted Generate call to its end, any status, "
+                       "in seconds",
+                       metrics::LatencyBuckets());
+  queue = histogram("kvrelay_router_queue_seconds",
+                    "Time an admitted Generate call waited in the router's queue, in seconds",
+                    metrics::LatencyBuckets());
+  auto counter = [&r](const char* name, const char* help) {
+    return &prometheus::BuildCounter().Name(name).Help(help).Register(r).Add({});
+  };
+  prompt_tokens = counter("kvrelay_router_prompt_tokens_total",
+                          "Prompt tokens of routed requests (counted at the first route)");
+  generated_tokens =
+      counter("kvrelay_router_generated_tokens_total", "Generated tokens streamed to clients");
+  prefix_available = counter(
+      "kvrelay_router_prefix_available_tokens_total",
+      "Prompt tokens of routed requests cached anywhere in the fleet per the prefix index "
+      "(longest cached prefix); divide by kvrelay_router_prompt_tokens_total for the hit rate");
+  prefix_predicted =
+      counter("kvrelay_router_prefix_predicted_tokens_total",
+              "Prompt tokens of routed requests the prefix index predicted cached on the chosen "
+              "worker(s); divide by kvrelay_router_prompt_tokens_total for the hit rate");
+  prefix_delivered = counter(
+      "kvrelay_router_prefix_delivered_tokens_total",
+      "Prompt tokens of routed requests the workers reported reused from their caches; divide "
+      "by kvrelay_router_prompt_tokens_total for the hit rate");
+  auto& prefill = prometheus::BuildCounter()
+                      .Name("kvrelay_router_prefill_total")
+                      .Help(
+                          "Finished requests by how their prompt was prefilled (local on the "
+                          "decode worker, or remote on a prefill worker)")
+                      .Register(r);
+  prefill_local = &prefill.Add({{"mode", "local"}});
+  prefill_remote = &prefill.Add({{"mode", "remote"}});
+  migrations = counter("kvrelay_router_migrations_total",
+                       "Requests moved to another decode worker after theirs failed mid-stream");
+  running = &prometheus::BuildGauge()
+                 .Name("kvrelay_router_requests_running")
+                 .Help("Generate calls being served (routed and streaming)")
+                 .Register(r)
+                 .Add({});
+  queue_depth = &prometheus::BuildGauge()
+                     .Name("kvrelay_router_queue_depth")
+                     .Help("Admitted Generate calls waiting for a runner")
+                     .Register(r)
+                     .Add({});
+}
+
 GenerationService::GenerationService(const ModelContext* model, WorkerRegistry* registry,
-                                     GenerationOptions options)
-    : model_(model), registry_(registry), options_(std::move(options)) {
+                                     GenerationOptions options,
+                                     std::shared_ptr<prometheus::Registry> metrics)
+    : model_(model),
+      registry_(registry),
+      options_(std::move(options)),
+      metrics_registry_(metrics != nullptr ? std::move(metrics)
+                                           : std::make_shared<prometheus::Registry>()),
+      m_(*metrics_registry_) {
   for (int i = 0; i < std::max(1, options_.max_running); ++i) {
     runners_.emplace_back([this] {
       pthread_setname_np(pthread_self(), "kvr-route");
@@ -158,10 +256,13 @@ void GenerationService::RunLoop() {
       call = queue_.front();
       queue_.pop_front();
       ++busy_;
+      m_.queue_depth->Set(static_cast<double>(queue_.size()));
+      m_.running->Set(busy_);
     }
     Serve(call);
     absl::MutexLock l(&mu_);
     --busy_;
+    m_.running->Set(busy_);
   }
 }
 
@@ -195,7 +296,9 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
           grpc::StatusCode::RESOURCE_EXHAUSTED,
           absl::StrCat("the router's queue is full (", options_.max_queued, " requests waiting)"));
     } else {
+      call->admitted = true;
       queue_.push_back(call);
+      m_.queue_depth->Set(static_cast<double>(queue_.size()));
     }
   }
   if (refused) call->End(*refused);
@@ -207,7 +310,15 @@ bool GenerationService::RemoveQueued(Call* call) {
   auto it = std::find(queue_.begin(), queue_.end(), call);
   if (it == queue_.end()) return false;
   queue_.erase(it);
+  m_.queue_depth->Set(static_cast<double>(queue_.size()));
   return true;
+}
+
+void GenerationService::RecordEnd(const Call& call, grpc::StatusCode code, bool admitted) {
+  const size_t c = static_cast<size_t>(code);
+  m_.requests[c < m_.requests.size() ? c : static_cast<size_t>(grpc::StatusCode::UNKNOWN)]
+      ->Increment();
+  if (admitted) m_.duration->Observe(absl::ToDoubleSeconds(absl::Now() - call.accepted()));
 }
 
 std::shared_ptr<grpc::Channel> GenerationService::ChannelTo(const std::string& address) {
@@ -243,6 +354,8 @@ void GenerationService::Serve(Call* call) {
   const model::ModelConfig& cfg = model_->config;
   const int bs = model_->block_size;
   const uint64_t root = kvcache::RootHash(model_->model_id, req.cache_salt);
+  const int64_t prompt_tokens = static_cast<int64_t>(req.prompt.size());
+  m_.queue->Observe(Seconds(absl::Now() - call->accepted()));
   OutputStream out(model_->tokenizer.get(), req.prompt, req.stop);
   std::vector<int> excluded;
   int migrations = 0;
@@ -252,6 +365,7 @@ void GenerationService::Serve(Call* call) {
   grpc::Status last_failure;
   std::optional<grpc::Status> busy;  // a decode worker refused for load: others are tried
   bool sent_any = false;
+  bool delivered_counted = false;  // the prefix hit the workers reported (once per request)
 
   auto send_final = [&](const std::string& finish_reason, const v1::DecodeUsage* usage) {
     v1::GenerateResponse g;
@@ -260,7 +374,6 @@ void GenerationService::Serve(Call* call) {
     v1::Final* f = g.mutable_final();
     f->set_finish_reason(out.matched_stop() ? "stop" : finish_reason);
     if (out.matched_stop()) f->set_stop_reason(*out.matched_stop());
-    const int64_t prompt_tokens = static_cast<int64_t>(req.prompt.size());
     const int64_t n = static_cast<int64_t>(out.generated().size());
     f->mutable_usage()->set_prompt_tokens(prompt_tokens);
     f->mutable_usage()->set_completion_tokens(n);
@@ -285,6 +398,8 @@ void GenerationService::Serve(Call* call) {
       f->mutable_transfer()->set_seconds(usage->transfer_seconds());
       f->mutable_transfer()->set_transport(usage->transport());
     }
+    (r->prefill_mode() == v1::PREFILL_MODE_REMOTE ? m_.prefill_remote : m_.prefill_local)
+        ->Increment();
     call->Send(g);
     call->End(grpc::Status::OK);
   };
@@ -349,8 +464,13 @@ void GenerationService::Serve(Call* call) {
       dispatched = absl::Now();
       const int32_t blocks = pw ? std::max(d->decode_overlap_blocks, d->prefill_overlap_blocks)
                                 : d->decode_overlap_blocks;
-      predicted_cached =
-          std::min(static_cast<int64_t>(req.prompt.size()), static_cast<int64_t>(blocks) * bs);
+      predicted_cached = std::min(prompt_tokens, static_cast<int64_t>(blocks) * bs);
+      // The hit rate three ways, over the prompts of routed requests (delivered: when the
+      // worker reports it).
+      m_.prompt_tokens->Increment(static_cast<double>(prompt_tokens));
+      m_.prefix_available->Increment(static_cast<double>(
+          std::min(prompt_tokens, static_cast<int64_t>(d->max_overlap_blocks) * bs)));
+      m_.prefix_predicted->Increment(static_cast<double>(predicted_cached));
     }
     decode_id = dw->id;
     prefill_id = pw ? pw->id : "";
@@ -380,14 +500,28 @@ void GenerationService::Serve(Call* call) {
     bool got_tokens = false;
     std::optional<v1::DecodeUsage> usage;
     std::string finish;
+    const bool resumed = !gen.empty();
     while (reader->Read(&m)) {
       if (m.token_ids_size() > 0) {
         got_tokens = true;
         v1::GenerateResponse g;
         if (!sent_any) g.set_request_id(req.id);
+        const size_t before = out.generated().size();
         stopped = out.Push(m, &g);
+        const size_t added = out.generated().size() - before;
         const absl::Time now = absl::Now();
-        if (!first_token) first_token = now;
+        // One inter-token observation per token: the tokens of one message share the gap
+        // since the previous message (the first token has none).
+        size_t gaps = added;
+        if (!first_token) {
+          first_token = now;
+          m_.ttft->Observe(Seconds(now - call->accepted()));
+          gaps = added > 0 ? added - 1 : 0;
+          last_token = now;
+        }
+        const double gap = added > 0 ? Seconds(now - *last_token) / static_cast<double>(added) : 0;
+        for (size_t i = 0; i < gaps; ++i) m_.inter_token->Observe(gap);
+        m_.generated_tokens->Increment(static_cast<double>(added));
         last_token = now;
         sent_any = true;
         call->Send(g);
@@ -396,7 +530,16 @@ void GenerationService::Serve(Call* call) {
           break;
         }
       }
-      if (m.has_usage()) usage = m.usage();  // the first token's, then the final one
+      if (m.has_usage()) {
+        usage = m.usage();  // the first token's, then the final one
+        // The prompt's prefix reuse, from the first attempt that computed the prompt
+        // itself (a resumed one also caches the tokens streamed before).
+        if (!delivered_counted && !resumed) {
+          delivered_counted = true;
+          m_.prefix_delivered->Increment(static_cast<double>(std::min(
+              prompt_tokens, std::max(usage->cached_tokens(), usage->prefill_cached_tokens()))));
+        }
+      }
       if (!m.finish_reason().empty()) finish = m.finish_reason();
     }
     const grpc::Status st = reader->Finish();
@@ -406,6 +549,8 @@ void GenerationService::Serve(Call* call) {
       return send_final(finish.empty() ? "stop" : finish, usage ? &*usage : nullptr);
     }
     if (call->cancelled()) {
+      // The worker's call carries the client's deadline: it ends with it.
+      if (st.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) return call->End(st);
       return call->End(grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled"));
     }
     if (st.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED && !got_tokens) {
@@ -429,6 +574,7 @@ void GenerationService::Serve(Call* call) {
                        "); migration limit (", options_.migration_limit, ") reached")));
     }
     ++migrations;
+    m_.migrations->Increment();
     excluded.push_back(d->decode_slot);
   }
 }

@@ -4,8 +4,24 @@
 // client as text and ids (stop strings applied here), and migrates the request to
 // another decode worker when its worker fails mid-stream. gRPC deadlines and client
 // cancels reach the decode worker (and from there the prefill worker).
+//
+// Metrics (DESIGN §7), in the registry given (or a private one):
+//   kvrelay_router_requests_total{code}            counter: finished Generate calls by gRPC code
+//       name, refused ones included (a call its client's deadline ended: DEADLINE_EXCEEDED)
+//   kvrelay_router_ttft_seconds                    histogram: accepted -> first token
+//   kvrelay_router_inter_token_seconds             histogram: one observation per token gap
+//   kvrelay_router_request_duration_seconds        histogram: admitted calls, accepted -> end
+//   kvrelay_router_queue_seconds                   histogram: accepted -> taken by a runner
+//   kvrelay_router_prompt_tokens_total             counter: prompt tokens of routed requests
+//   kvrelay_router_generated_tokens_total          counter: tokens streamed to clients
+//   kvrelay_router_prefix_{available,predicted,delivered}_tokens_total  counters: the prefix
+//       hit rate three ways over the same prompts (divide by prompt_tokens_total)
+//   kvrelay_router_prefill_total{mode}             counter: finished requests, local | remote
+//   kvrelay_router_migrations_total                counter
+//   kvrelay_router_requests_running, kvrelay_router_queue_depth   gauges
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -20,6 +36,10 @@
 #include "grpcpp/channel.h"
 #include "kvrelay/v1/kvrelay.grpc.pb.h"
 #include "kvrelay/v1/worker.grpc.pb.h"
+#include "prometheus/counter.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
 #include "router/model_context.h"
 #include "router/scheduler.h"
 #include "router/worker_registry.h"
@@ -41,7 +61,9 @@ class GenerationService final
     : public v1::Generation::WithRawCallbackMethod_Generate<
           v1::Generation::WithRawCallbackMethod_Tokenize<v1::Generation::CallbackService>> {
  public:
-  GenerationService(const ModelContext* model, WorkerRegistry* registry, GenerationOptions options);
+  // `metrics`: the registry the service's metrics join (nullptr: a private one).
+  GenerationService(const ModelContext* model, WorkerRegistry* registry, GenerationOptions options,
+                    std::shared_ptr<prometheus::Registry> metrics = nullptr);
   // Joins the runners once the queue is empty. The server must have been shut down
   // first: that cancels every call, so queued ones end at once (Router does this).
   ~GenerationService() override;
@@ -62,7 +84,28 @@ class GenerationService final
   class Call;  // one Generate stream (generation_service.cc)
 
  private:
+  struct Metrics {
+    explicit Metrics(prometheus::Registry& r);
+    std::array<prometheus::Counter*, 17> requests{};  // by grpc::StatusCode (0..16)
+    prometheus::Histogram* ttft;
+    prometheus::Histogram* inter_token;
+    prometheus::Histogram* duration;
+    prometheus::Histogram* queue;
+    prometheus::Counter* prompt_tokens;
+    prometheus::Counter* generated_tokens;
+    prometheus::Counter* prefix_available;
+    prometheus::Counter* prefix_predicted;
+    prometheus::Counter* prefix_delivered;
+    prometheus::Counter* prefill_local;
+    prometheus::Counter* prefill_remote;
+    prometheus::Counter* migrations;
+    prometheus::Gauge* running;
+    prometheus::Gauge* queue_depth;
+  };
+
   void RunLoop();
+  // A Generate call ends with `code` (counted once per call; `admitted`: it was queued).
+  void RecordEnd(const Call& call, grpc::StatusCode code, bool admitted);
   // Takes a call off the queue; false if a runner already has it (or it never queued).
   bool RemoveQueued(Call* call);
   void Serve(Call* call);
@@ -71,6 +114,8 @@ class GenerationService final
   const ModelContext* model_;
   WorkerRegistry* registry_;
   const GenerationOptions options_;
+  const std::shared_ptr<prometheus::Registry> metrics_registry_;  // owns what m_ points to
+  const Metrics m_;
   rpc::CallTracker calls_;
 
   absl::Mutex mu_;

@@ -6,6 +6,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "common/metrics/metrics.h"
 #include "common/util/stop_signal.h"
 #include "router/router.h"
 
@@ -30,6 +31,8 @@ ABSL_FLAG(int64_t, local_prefill_max_tokens, 256,
           "prefill on the decode worker when fewer prompt tokens are uncached");
 ABSL_FLAG(double, local_prefill_max_ratio, 0.0,
           "... or when uncached / prompt tokens is below this (0: off)");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "host:port serving Prometheus /metrics (port 0: any free port; empty: off)");
 ABSL_FLAG(double, drain_seconds, 30, "on SIGTERM, how long running requests may finish");
 ABSL_FLAG(double, exit_linger_seconds, 1,
           "after draining, how long connections stay open before the server closes them");
@@ -62,6 +65,14 @@ int main(int argc, char** argv) {
   s.prefill_max_queued_tokens = absl::GetFlag(FLAGS_prefill_max_queued_tokens);
   s.local_prefill_max_tokens = absl::GetFlag(FLAGS_local_prefill_max_tokens);
   s.local_prefill_max_ratio = absl::GetFlag(FLAGS_local_prefill_max_ratio);
+  auto registry = std::make_shared<prometheus::Registry>();
+  o.metrics = registry;
+  auto metrics =
+      kvrelay::metrics::MetricsServer::StartFromFlag(absl::GetFlag(FLAGS_metrics_listen), registry);
+  if (!metrics.ok()) {
+    std::fprintf(stderr, "kvrelay-router: %s\n", metrics.status().ToString().c_str());
+    return 2;
+  }
   auto router = kvrelay::router::Router::Start(o);
   if (!router.ok()) {
     std::fprintf(stderr, "kvrelay-router: %s\n", router.status().ToString().c_str());

@@ -48,11 +48,13 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Start(const RouterOptions& optio
   ro.router_id = options.router_id.empty()
                      ? absl::StrCat("router-", absl::Hex(absl::ToUnixNanos(absl::Now()) & 0xffffff))
                      : options.router_id;
-  r->registry_ = std::make_unique<WorkerRegistry>(ro);
+  std::shared_ptr<prometheus::Registry> metrics =
+      options.metrics != nullptr ? options.metrics : std::make_shared<prometheus::Registry>();
+  r->registry_ = std::make_unique<WorkerRegistry>(ro, metrics);
   GenerationOptions generation = options.generation;
   generation.max_request_bytes = static_cast<size_t>(options.max_request_bytes);
-  r->generation_ =
-      std::make_unique<GenerationService>(r->model_.get(), r->registry_.get(), generation);
+  r->generation_ = std::make_unique<GenerationService>(r->model_.get(), r->registry_.get(),
+                                                       generation, std::move(metrics));
   Router* self = r.get();
   r->registry_service_ =
       std::make_unique<RegistryService>(r->registry_.get(), [self] { self->UpdateHealth(); });

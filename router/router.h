@@ -11,6 +11,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "grpcpp/server.h"
+#include "prometheus/registry.h"
 #include "router/generation_service.h"
 #include "router/model_context.h"
 #include "router/registry_service.h"
@@ -29,6 +30,9 @@ struct RouterOptions {
   absl::Duration heartbeat_interval = absl::Milliseconds(500);
   absl::Duration heartbeat_timeout = absl::Seconds(5);
   GenerationOptions generation;
+  // Where the router's metrics (kvrelay_router_*) go, e.g. the registry main.cc serves
+  // on /metrics; nullptr: a private registry.
+  std::shared_ptr<prometheus::Registry> metrics;
 };
 
 class Router {

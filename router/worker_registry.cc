@@ -7,8 +7,63 @@
 
 namespace kvrelay::router {
 
-WorkerRegistry::WorkerRegistry(RegistryOptions options)
-    : options_(std::move(options)), slots_(PrefixIndex::kMaxWorkers) {}
+WorkerRegistry::Metrics::Metrics(prometheus::Registry& r) {
+  index_blocks = &prometheus::BuildGauge()
+                      .Name("kvrelay_router_index_blocks")
+                      .Help("Distinct KV block hashes in the router's prefix index")
+                      .Register(r)
+                      .Add({});
+  resyncs = &prometheus::BuildCounter()
+                 .Name("kvrelay_router_index_resyncs_total")
+                 .Help(
+                     "Worker cache snapshots applied to the prefix index (after a "
+                     "registration, a gap in the event sequence or a revival)")
+                 .Register(r)
+                 .Add({});
+  kv_events = &prometheus::BuildCounter()
+                   .Name("kvrelay_router_kv_events_total")
+                   .Help("Workers' KV cache events applied to the prefix index")
+                   .Register(r)
+                   .Add({});
+  auto& workers_family = prometheus::BuildGauge()
+                             .Name("kvrelay_router_workers")
+                             .Help("Workers registered with this router by role and state")
+                             .Register(r);
+  for (int decode = 0; decode < 2; ++decode) {
+    for (int alive = 0; alive < 2; ++alive) {
+      workers[decode][alive] = &workers_family.Add(
+          {{"role", decode ? "decode" : "prefill"}, {"state", alive ? "alive" : "dead"}});
+    }
+  }
+  auto& deaths = prometheus::BuildCounter()
+                     .Name("kvrelay_router_worker_deaths_total")
+                     .Help(
+                         "Workers declared dead: their registry stream ended (disconnected) "
+                         "or they missed the heartbeat deadline (heartbeat_timeout)")
+                     .Register(r);
+  deaths_disconnected = &deaths.Add({{"reason", "disconnected"}});
+  deaths_heartbeat = &deaths.Add({{"reason", "heartbeat_timeout"}});
+}
+
+WorkerRegistry::WorkerRegistry(RegistryOptions options,
+                               std::shared_ptr<prometheus::Registry> metrics)
+    : options_(std::move(options)),
+      metrics_registry_(metrics != nullptr ? std::move(metrics)
+                                           : std::make_shared<prometheus::Registry>()),
+      m_(*metrics_registry_),
+      slots_(PrefixIndex::kMaxWorkers) {}
+
+void WorkerRegistry::UpdateWorkerGauges() {
+  int64_t n[2][2] = {{0, 0}, {0, 0}};
+  for (const Entry& e : slots_) {
+    if (e.used) ++n[e.reg.role() == v1::WORKER_ROLE_DECODE ? 1 : 0][e.alive ? 1 : 0];
+  }
+  for (int decode = 0; decode < 2; ++decode) {
+    for (int alive = 0; alive < 2; ++alive) {
+      m_.workers[decode][alive]->Set(static_cast<double>(n[decode][alive]));
+    }
+  }
+}
 
 uint64_t WorkerRegistry::NewConnection() {
   absl::MutexLock l(&mu_);
@@ -64,6 +119,8 @@ absl::Status WorkerRegistry::OnRegister(uint64_t conn, const v1::WorkerRegistrat
   e.last_heard = now;
   e.snapshot_requested = true;  // a worker sends its snapshot right after registering
   by_conn_[conn] = slot;
+  UpdateIndexGauge();
+  UpdateWorkerGauges();
   return absl::OkStatus();
 }
 
@@ -78,6 +135,7 @@ WorkerRegistry::Entry* WorkerRegistry::ForConn(uint64_t conn, absl::Time now, bo
     e.synced = false;
     e.snapshot_requested = false;
     *revived = true;
+    UpdateWorkerGauges();
   }
   e.last_heard = now;
   return &e;
@@ -112,6 +170,7 @@ bool WorkerRegistry::OnEvents(uint64_t conn, const v1::KvEventBatchMsg& batch, a
     (void)index_.ClearWorker(slot);  // out of step: trust nothing until the snapshot
     e->synced = false;
     e->snapshot_requested = true;
+    UpdateIndexGauge();
     return false;
   }
   for (const v1::KvEventMsg& ev : batch.events()) {
@@ -132,6 +191,8 @@ bool WorkerRegistry::OnEvents(uint64_t conn, const v1::KvEventBatchMsg& batch, a
     e->applied_seq = ev.seq();
     e->next_seq = ev.seq() + 1;
   }
+  m_.kv_events->Increment(static_cast<double>(batch.events_size()));
+  UpdateIndexGauge();
   return true;
 }
 
@@ -148,6 +209,8 @@ void WorkerRegistry::OnSnapshot(uint64_t conn, const v1::KvSnapshotMsg& snapshot
   e->snapshot_requested = false;
   e->applied_seq = snapshot.seq();
   e->next_seq = snapshot.seq() + 1;
+  m_.resyncs->Increment();
+  UpdateIndexGauge();
 }
 
 void WorkerRegistry::MarkDead(int slot) {
@@ -157,6 +220,8 @@ void WorkerRegistry::MarkDead(int slot) {
   e.snapshot_requested = false;
   e.load = v1::LoadReport();
   (void)index_.ClearWorker(slot);
+  UpdateIndexGauge();
+  UpdateWorkerGauges();
 }
 
 void WorkerRegistry::OnDisconnect(uint64_t conn) {
@@ -165,7 +230,10 @@ void WorkerRegistry::OnDisconnect(uint64_t conn) {
   if (it == by_conn_.end()) return;
   const int slot = it->second;
   by_conn_.erase(it);
-  if (slots_[slot].alive && slots_[slot].conn == conn) MarkDead(slot);
+  if (slots_[slot].alive && slots_[slot].conn == conn) {
+    MarkDead(slot);
+    m_.deaths_disconnected->Increment();
+  }
 }
 
 int WorkerRegistry::ExpireSilent(absl::Time now) {
@@ -175,6 +243,7 @@ int WorkerRegistry::ExpireSilent(absl::Time now) {
     Entry& e = slots_[s];
     if (e.alive && now - e.last_heard > options_.heartbeat_timeout) {
       MarkDead(s);  // the connection stays mapped: a later message revives the worker
+      m_.deaths_heartbeat->Increment();
       ++n;
     }
   }

@@ -10,9 +10,19 @@
 // holding nothing (a routing miss costs a recompute, a wrong hit would cost more). A
 // worker whose stream ends or that misses its heartbeat deadline is dead: its entries
 // leave the index at once.
+//
+// Metrics (DESIGN §7), in the registry given (or a private one), updated where the state
+// changes:
+//   kvrelay_router_index_blocks              gauge: distinct block hashes in the index
+//   kvrelay_router_index_resyncs_total       counter: snapshots applied (after a
+//                                            registration, a gap or a revival)
+//   kvrelay_router_kv_events_total           counter: KV events applied
+//   kvrelay_router_workers{role,state}       gauge: role prefill | decode, state alive | dead
+//   kvrelay_router_worker_deaths_total{reason}  counter: disconnected | heartbeat_timeout
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -24,6 +34,9 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "kvrelay/v1/registry.pb.h"
+#include "prometheus/counter.h"
+#include "prometheus/gauge.h"
+#include "prometheus/registry.h"
 #include "router/prefix_index.h"
 #include "router/scheduler.h"
 
@@ -51,7 +64,9 @@ struct WorkerRef {
 
 class WorkerRegistry {
  public:
-  explicit WorkerRegistry(RegistryOptions options);
+  // `metrics`: the registry this one's metrics join (nullptr: a private one).
+  explicit WorkerRegistry(RegistryOptions options,
+                          std::shared_ptr<prometheus::Registry> metrics = nullptr);
 
   const RegistryOptions& options() const { return options_; }
 
@@ -104,13 +119,30 @@ class WorkerRegistry {
     uint64_t last_chosen = 0;
   };
 
+  struct Metrics {
+    explicit Metrics(prometheus::Registry& r);
+    prometheus::Gauge* index_blocks;
+    prometheus::Counter* resyncs;
+    prometheus::Counter* kv_events;
+    prometheus::Gauge* workers[2][2];  // [decode?][alive?]
+    prometheus::Counter* deaths_disconnected;
+    prometheus::Counter* deaths_heartbeat;
+  };
+
   // The worker this connection speaks for (alive again if it had expired: then
   // *revived is set and a snapshot must be asked for), or nullptr.
   Entry* ForConn(uint64_t conn, absl::Time now, bool* revived) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MarkDead(int slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The workers{role,state} gauges from the slots (after a registration or a death).
+  void UpdateWorkerGauges() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void UpdateIndexGauge() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    m_.index_blocks->Set(static_cast<double>(index_.size()));
+  }
   WorkerLoadView ViewOf(int slot) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
   const RegistryOptions options_;
+  const std::shared_ptr<prometheus::Registry> metrics_registry_;  // owns what m_ points to
+  const Metrics m_;
   mutable absl::Mutex mu_;
   uint64_t next_conn_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t choices_ ABSL_GUARDED_BY(mu_) = 0;

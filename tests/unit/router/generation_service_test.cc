@@ -4,7 +4,8 @@
 // servers whose every call runs a script the test writes (stream these tokens then
 // finish; stream some then fail; block until released or cancelled). The fakes register
 // with the router through a real rpc::RegistryClient over a real kvcache::PrefixCache,
-// so the router routes to them exactly as to real workers. Every wait is bounded.
+// so the router routes to them exactly as to real workers. Every wait is bounded. The
+// router's metrics go to a registry the test reads back (Collect).
 #include "router/generation_service.h"
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -40,6 +42,8 @@
 #include "gtest/gtest.h"
 #include "kvrelay/v1/kvrelay.grpc.pb.h"
 #include "kvrelay/v1/worker.grpc.pb.h"
+#include "prometheus/metric_family.h"
+#include "prometheus/registry.h"
 #include "router/router.h"
 #include "tests/testing/test_models.h"
 
@@ -70,6 +74,34 @@ bool WaitFor(Pred pred, absl::Duration timeout = kWait) {
 const std::string& ModelDir() {
   static const std::string* dir = new std::string(testing::ModelDir(testing::TinyVariants()[0]));
   return *dir;
+}
+
+// The value of `name`{labels...} in `registry`: a counter's or gauge's value, a
+// histogram's sample count; -1 when there is no such sample.
+double Metric(const prometheus::Registry& registry, const std::string& name,
+              const std::map<std::string, std::string>& labels = {}) {
+  for (const prometheus::MetricFamily& f : registry.Collect()) {
+    if (f.name != name) continue;
+    for (const prometheus::ClientMetric& m : f.metric) {
+      size_t matched = 0;
+      for (const prometheus::ClientMetric::Label& l : m.label) {
+        auto it = labels.find(l.name);
+        if (it != labels.end() && it->second == l.value) ++matched;
+      }
+      if (matched != labels.size()) continue;
+      switch (f.type) {
+        case prometheus::MetricType::Counter:
+          return m.counter.value;
+        case prometheus::MetricType::Gauge:
+          return m.gauge.value;
+        case prometheus::MetricType::Histogram:
+          return static_cast<double>(m.histogram.sample_count);
+        default:
+          return -1;
+      }
+    }
+  }
+  return -1;
 }
 
 // --- the fake decode worker ---
@@ -308,6 +340,34 @@ Script Complete(std::vector<int32_t> ids, std::string reason = "length") {
   };
 }
 
+// As a real decode worker would: reuses the prompt's leading blocks found in the fake's
+// cache (reported as usage.cached_tokens in the final message) and caches the prompt's
+// full blocks (KV events reach the router's index), then streams `ids` and finishes.
+Script CachingComplete(std::string model_id, std::vector<int32_t> ids) {
+  return [model_id, ids](FakeWorker::Call& c) {
+    kvcache::PrefixCache& cache = c.worker().cache();
+    const std::vector<int32_t> prompt(c.request().prompt_token_ids().begin(),
+                                      c.request().prompt_token_ids().end());
+    const std::vector<uint64_t> hashes =
+        kvcache::BlockHashes(kvcache::RootHash(model_id, c.request().cache_salt()), prompt, kBlock);
+    const int64_t hit = cache.Lookup(hashes, prompt);
+    const int64_t n = static_cast<int64_t>(hashes.size());
+    if (hit < n) {
+      absl::StatusOr<std::vector<int32_t>> blocks = cache.Allocate(n - hit);
+      if (!blocks.ok()) return grpc::Status(grpc::StatusCode::INTERNAL, "fake cache full");
+      cache.Store(hit > 0 ? std::optional<uint64_t>(hashes[hit - 1]) : std::nullopt, *blocks,
+                  absl::MakeConstSpan(hashes).subspan(hit),
+                  absl::MakeConstSpan(prompt).subspan(hit * kBlock, (n - hit) * kBlock));
+      cache.Release(*blocks);
+    }
+    if (!c.WriteTokens(ids)) return grpc::Status(grpc::StatusCode::CANCELLED, "gone");
+    v1::DecodeResponse f = FinishMessage(c.request(), static_cast<int64_t>(ids.size()), "length");
+    f.mutable_usage()->set_cached_tokens(hit * kBlock);
+    c.Write(f);
+    return grpc::Status::OK;
+  };
+}
+
 // Streams `ids`, then ends the call with `status` (a worker failing mid-stream).
 Script FailAfter(std::vector<int32_t> ids, grpc::Status status) {
   return [ids, status](FakeWorker::Call& c) {
@@ -472,6 +532,7 @@ class GenerationServiceTest : public ::testing::Test {
     // Generous: a loaded machine must not expire a healthy fake.
     o.heartbeat_timeout = absl::Seconds(120);
     o.generation = std::move(generation);
+    o.metrics = metrics_;
     absl::StatusOr<std::unique_ptr<Router>> r = Router::Start(o);
     ASSERT_TRUE(r.ok()) << r.status();
     router_ = *std::move(r);
@@ -536,6 +597,15 @@ class GenerationServiceTest : public ::testing::Test {
     return ids;
   }
 
+  // kvrelay_router_* in the router's registry (see Metric).
+  double M(const std::string& name, const std::map<std::string, std::string>& labels = {}) const {
+    return Metric(*metrics_, name, labels);
+  }
+  double Requests(const std::string& code) const {
+    return M("kvrelay_router_requests_total", {{"code", code}});
+  }
+
+  std::shared_ptr<prometheus::Registry> metrics_ = std::make_shared<prometheus::Registry>();
   // Declared first, destroyed last: the router goes before its workers.
   std::vector<std::unique_ptr<FakeWorker>> workers_;
   std::unique_ptr<Router> router_;
@@ -577,10 +647,111 @@ TEST_F(GenerationServiceTest, StreamsTheWorkersTokensWithUsageAndRoute) {
   EXPECT_EQ(got[0].sampling().stop_size(), 0) << "stop strings are the router's";
 }
 
+TEST_F(GenerationServiceTest, MetricsCountRequestsByCodeLatenciesAndTokens) {
+  ASSERT_NO_FATAL_FAILURE(StartRouter());
+  // Every family is there from the start (label values known up front at zero).
+  EXPECT_EQ(Requests("OK"), 0);
+  EXPECT_EQ(Requests("INVALID_ARGUMENT"), 0);
+  EXPECT_EQ(Requests("RESOURCE_EXHAUSTED"), 0);
+  EXPECT_EQ(M("kvrelay_router_ttft_seconds"), 0);
+  EXPECT_EQ(M("kvrelay_router_prefill_total", {{"mode", "remote"}}), 0);
+  EXPECT_EQ(M("kvrelay_router_requests_running"), 0);
+  EXPECT_EQ(M("kvrelay_router_queue_depth"), 0);
+
+  const std::vector<int32_t> out = Slice(Output(), 0, 6);
+  AddWorker("fake-a", Complete(out, "length"));
+  const std::vector<int32_t> prompt = Prompt();
+  const Result ok = Generate(Request(prompt, 6));
+  ASSERT_TRUE(ok.status.ok()) << ok.status.error_message();
+  const Result bad = Generate(v1::GenerateRequest());  // no input
+  EXPECT_EQ(bad.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+
+  // Counted before the client saw the status.
+  EXPECT_EQ(Requests("OK"), 1);
+  EXPECT_EQ(Requests("INVALID_ARGUMENT"), 1);
+  EXPECT_EQ(Requests("UNAVAILABLE"), 0);
+  EXPECT_EQ(M("kvrelay_router_ttft_seconds"), 1);
+  EXPECT_EQ(M("kvrelay_router_request_duration_seconds"), 1) << "refused calls are not timed";
+  EXPECT_EQ(M("kvrelay_router_queue_seconds"), 1);
+  EXPECT_EQ(M("kvrelay_router_inter_token_seconds"), 5) << "one per gap between 6 tokens";
+  EXPECT_EQ(M("kvrelay_router_prompt_tokens_total"), static_cast<double>(prompt.size()));
+  EXPECT_EQ(M("kvrelay_router_generated_tokens_total"), 6);
+  EXPECT_EQ(M("kvrelay_router_prefill_total", {{"mode", "local"}}), 1);
+  EXPECT_EQ(M("kvrelay_router_prefill_total", {{"mode", "remote"}}), 0);
+  EXPECT_EQ(M("kvrelay_router_migrations_total"), 0);
+  EXPECT_TRUE(WaitFor([&] { return M("kvrelay_router_requests_running") == 0; }));
+  EXPECT_EQ(M("kvrelay_router_queue_depth"), 0);
+  // The histograms' sums agree with the final message.
+  for (const prometheus::MetricFamily& f : metrics_->Collect()) {
+    if (f.name == "kvrelay_router_ttft_seconds") {
+      ASSERT_EQ(f.metric.size(), 1u);
+      EXPECT_NEAR(f.metric[0].histogram.sample_sum, ok.final.timing().ttft_seconds(), 1e-6);
+    }
+    if (f.name == "kvrelay_router_inter_token_seconds") {
+      ASSERT_EQ(f.metric.size(), 1u);
+      EXPECT_NEAR(f.metric[0].histogram.sample_sum, 5 * ok.final.timing().mean_itl_seconds(), 1e-6);
+    }
+  }
+}
+
+// The prefix hit rate three ways over the same prompts: available anywhere in the fleet
+// (the index), predicted for the chosen worker (the index), delivered (the worker's
+// usage.cached_tokens).
+TEST_F(GenerationServiceTest, MetricsCountThePrefixHitRateThreeWays) {
+  ASSERT_NO_FATAL_FAILURE(StartRouter());
+  FakeWorker* a = AddWorker("fake-a", CachingComplete(model().model_id, Slice(Output(), 0, 2)));
+  std::vector<int32_t> prompt;  // 3 full blocks and 5 tokens more
+  for (int i = 0; i < 3 * kBlock + 5; ++i) prompt.push_back(30 + (i * 11) % 250);
+  const double p = static_cast<double>(prompt.size());
+
+  // Cold: nothing cached anywhere.
+  Result r = Generate(Request(prompt, 2));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.final.usage().cached_tokens(), 0);
+  EXPECT_EQ(M("kvrelay_router_prompt_tokens_total"), p);
+  EXPECT_EQ(M("kvrelay_router_prefix_available_tokens_total"), 0);
+  EXPECT_EQ(M("kvrelay_router_prefix_predicted_tokens_total"), 0);
+  EXPECT_EQ(M("kvrelay_router_prefix_delivered_tokens_total"), 0);
+
+  // The worker cached the prompt's blocks; once its events reached the index ...
+  const std::vector<uint64_t> hashes =
+      kvcache::BlockHashes(kvcache::RootHash(model().model_id, ""), prompt, kBlock);
+  ASSERT_EQ(hashes.size(), 3u);
+  const int slot = SlotOf("fake-a");
+  ASSERT_GE(slot, 0);
+  ASSERT_TRUE(WaitFor([&] { return router_->registry().View(hashes).overlaps[slot] == 3; }))
+      << router_->registry().List().ShortDebugString();
+  EXPECT_GE(M("kvrelay_router_kv_events_total"), 1);
+  EXPECT_EQ(M("kvrelay_router_index_blocks"), 3);
+
+  // ... the same prompt is a hit three ways.
+  r = Generate(Request(prompt, 2));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.final.usage().cached_tokens(), 3 * kBlock);
+  EXPECT_EQ(r.final.route().predicted_cached_tokens(), 3 * kBlock);
+  EXPECT_EQ(M("kvrelay_router_prompt_tokens_total"), 2 * p);
+  EXPECT_EQ(M("kvrelay_router_prefix_available_tokens_total"), 3 * kBlock);
+  EXPECT_EQ(M("kvrelay_router_prefix_predicted_tokens_total"), 3 * kBlock);
+  EXPECT_EQ(M("kvrelay_router_prefix_delivered_tokens_total"), 3 * kBlock);
+  EXPECT_EQ(Requests("OK"), 2);
+  EXPECT_EQ(a->calls(), 2);
+
+  // A prompt refused before routing counts in none of them.
+  v1::GenerateRequest unknown = Request(prompt, 2);
+  unknown.set_model("no-such-model");
+  EXPECT_EQ(Generate(unknown).status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Requests("NOT_FOUND"), 1);
+  EXPECT_EQ(M("kvrelay_router_prompt_tokens_total"), 2 * p);
+}
+
 TEST_F(GenerationServiceTest, NoDecodeWorkerIsUnavailable) {
   ASSERT_NO_FATAL_FAILURE(StartRouter());
   const Result r = Generate(Request(Prompt(), 4));
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE) << r.status.error_message();
+  EXPECT_EQ(Requests("UNAVAILABLE"), 1);
+  EXPECT_EQ(M("kvrelay_router_prompt_tokens_total"), 0) << "not routed";
+  EXPECT_EQ(M("kvrelay_router_request_duration_seconds"), 1);
+  EXPECT_EQ(M("kvrelay_router_ttft_seconds"), 0);
 }
 
 TEST_F(GenerationServiceTest, AdmissionQueueIsBounded) {
@@ -639,6 +810,10 @@ TEST_F(GenerationServiceTest, AdmissionQueueIsBounded) {
   EXPECT_EQ(got[0].request_id(), "first");
   EXPECT_EQ(got[1].request_id(), admitted[0]->first_request_id);
   EXPECT_NE(got[1].request_id(), refused[0]->first_request_id);
+  EXPECT_EQ(Requests("OK"), 2);
+  EXPECT_EQ(Requests("RESOURCE_EXHAUSTED"), 1);
+  EXPECT_EQ(M("kvrelay_router_queue_seconds"), 2);
+  EXPECT_EQ(M("kvrelay_router_request_duration_seconds"), 2);
 }
 
 TEST_F(GenerationServiceTest, MigratesToAnotherWorkerWhenItsWorkerFails) {
@@ -675,6 +850,14 @@ TEST_F(GenerationServiceTest, MigratesToAnotherWorkerWhenItsWorkerFails) {
   EXPECT_EQ(moved.sampling().seed(), 1234u);
   EXPECT_EQ(moved.sampling().max_tokens(), 8u) << "resumed tokens count as output";
   EXPECT_EQ(a->calls(), 1);
+  EXPECT_EQ(M("kvrelay_router_migrations_total"), 1);
+  EXPECT_EQ(Requests("OK"), 1);
+  EXPECT_EQ(Requests("UNAVAILABLE"), 0);
+  EXPECT_EQ(M("kvrelay_router_generated_tokens_total"), 8) << "every token once";
+  EXPECT_EQ(M("kvrelay_router_inter_token_seconds"), 7);
+  EXPECT_EQ(M("kvrelay_router_ttft_seconds"), 1);
+  EXPECT_EQ(M("kvrelay_router_prompt_tokens_total"), static_cast<double>(prompt.size()))
+      << "the migrated prompt is not counted again";
 }
 
 TEST_F(GenerationServiceTest, MigratesWhenTheWorkersServerGoesAway) {
@@ -721,6 +904,10 @@ TEST_F(GenerationServiceTest, MigrationLimitZeroFailsNamingTheWorker) {
   EXPECT_THAT(r.tokens, ElementsAreArray(Slice(out, 0, 3))) << "what was streamed stays sent";
   EXPECT_EQ(r.finals, 0);
   EXPECT_EQ(b->calls(), 0);
+  EXPECT_EQ(Requests("UNAVAILABLE"), 1);
+  EXPECT_EQ(M("kvrelay_router_migrations_total"), 0);
+  EXPECT_EQ(M("kvrelay_router_generated_tokens_total"), 3);
+  EXPECT_EQ(M("kvrelay_router_prefill_total", {{"mode", "local"}}), 0) << "no final message";
 }
 
 TEST_F(GenerationServiceTest, MigrationStopsWhenNoOtherWorkerIsLeft) {
@@ -920,6 +1107,7 @@ TEST_F(GenerationServiceTest, ClientCancelReachesTheWorker) {
   }
   EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
   EXPECT_TRUE(a->WaitCancelledCalls(1)) << "the client's cancel must reach the worker";
+  EXPECT_TRUE(WaitFor([&] { return Requests("CANCELLED") == 1; }));
   // The router released what it had noted on the worker.
   EXPECT_TRUE(WaitFor([&] {
     FleetView v = router_->registry().View({});
@@ -959,6 +1147,9 @@ TEST_F(GenerationServiceTest, ClientDeadlineIsForwardedToTheWorker) {
   const Result r = Generate(Request(Prompt(), 100), absl::Seconds(2));
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << r.status.error_message();
   EXPECT_TRUE(a->WaitCancelledCalls(1));
+  EXPECT_TRUE(WaitFor([&] { return Requests("DEADLINE_EXCEEDED") == 1; }));
+  EXPECT_EQ(Requests("OK"), 2);
+  EXPECT_EQ(Requests("CANCELLED"), 0);
 }
 
 TEST_F(GenerationServiceTest, RoutePlanIsRemoteOnlyForLongUncachedPromptsWithAPrefillWorker) {
@@ -1035,6 +1226,12 @@ TEST_F(GenerationServiceTest, RoutePlanIsRemoteOnlyForLongUncachedPromptsWithAPr
   EXPECT_EQ(f.route().decode_worker(), "fake-d1");
   EXPECT_EQ(f.route().predicted_cached_tokens(), 2 * kBlock);
   EXPECT_EQ(p->calls(), 0);
+  // As done (the fakes report the plan's mode): one remote of five.
+  EXPECT_EQ(M("kvrelay_router_prefill_total", {{"mode", "remote"}}), 1);
+  EXPECT_EQ(M("kvrelay_router_prefill_total", {{"mode", "local"}}), 4);
+  EXPECT_EQ(M("kvrelay_router_prefix_predicted_tokens_total"), 2 * kBlock);
+  EXPECT_EQ(M("kvrelay_router_prefix_available_tokens_total"), 2 * kBlock);
+  EXPECT_EQ(M("kvrelay_router_prefix_delivered_tokens_total"), 0) << "the fakes report none";
 }
 
 TEST_F(GenerationServiceTest, TokenizeAndListModels) {
@@ -1151,6 +1348,9 @@ TEST_F(GenerationServiceTest, BadRequestFieldsAreRefusedBeforeRouting) {
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << r.status.error_message();
   EXPECT_THAT(r.status.error_message(), HasSubstr("sampling.stop"));
   EXPECT_EQ(a->calls(), 0);
+  EXPECT_EQ(Requests("INVALID_ARGUMENT"), 2);
+  EXPECT_EQ(Requests("NOT_FOUND"), 1);
+  EXPECT_EQ(M("kvrelay_router_prompt_tokens_total"), 0);
 }
 
 // A request whose client gives up while it waits in the queue must not leave load noted
@@ -1185,6 +1385,11 @@ TEST_F(GenerationServiceTest, RequestCancelledWhileQueuedLeavesNoLoadBehind) {
   ASSERT_EQ(v.decode.size(), 1u);
   EXPECT_EQ(v.decode[0].active_blocks, 0)
       << "load noted for a request that never reached the worker was not released";
+  EXPECT_EQ(Requests("OK"), 2);
+  EXPECT_EQ(Requests("DEADLINE_EXCEEDED"), 1) << "its deadline passed while it was queued";
+  EXPECT_EQ(M("kvrelay_router_queue_seconds"), 2) << "it never left the queue for a runner";
+  EXPECT_EQ(M("kvrelay_router_request_duration_seconds"), 3);
+  EXPECT_EQ(M("kvrelay_router_queue_depth"), 0);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -27,6 +28,8 @@
 #include "grpcpp/server_builder.h"
 #include "gtest/gtest.h"
 #include "kvrelay/v1/registry.grpc.pb.h"
+#include "prometheus/metric_family.h"
+#include "prometheus/registry.h"
 #include "router/worker_registry.h"
 
 namespace kvrelay::router {
@@ -60,11 +63,32 @@ RegistryOptions Opts() {
   return o;
 }
 
-// A router: WorkerRegistry + RegistryService on a real server.
+// The value of `name`{labels...} in `registry` (a counter or gauge); -1 when absent.
+double Metric(const prometheus::Registry& registry, const std::string& name,
+              const std::map<std::string, std::string>& labels = {}) {
+  for (const prometheus::MetricFamily& f : registry.Collect()) {
+    if (f.name != name) continue;
+    for (const prometheus::ClientMetric& m : f.metric) {
+      size_t matched = 0;
+      for (const prometheus::ClientMetric::Label& l : m.label) {
+        auto it = labels.find(l.name);
+        if (it != labels.end() && it->second == l.value) ++matched;
+      }
+      if (matched != labels.size()) continue;
+      return f.type == prometheus::MetricType::Gauge ? m.gauge.value : m.counter.value;
+    }
+  }
+  return -1;
+}
+
+// A router: WorkerRegistry + RegistryService on a real server; its metrics in a registry
+// the test reads (M).
 class TestRouter {
  public:
   explicit TestRouter(RegistryOptions options = Opts(), int port = 0)
-      : registry_(std::move(options)), service_(&registry_, [this] { ++changes_; }) {
+      : metrics_(std::make_shared<prometheus::Registry>()),
+        registry_(std::move(options), metrics_),
+        service_(&registry_, [this] { ++changes_; }) {
     grpc::ServerBuilder b;
     b.AddListeningPort(absl::StrCat("127.0.0.1:", port), grpc::InsecureServerCredentials(), &port_);
     b.RegisterService(&service_);
@@ -77,6 +101,9 @@ class TestRouter {
   std::string address() const { return absl::StrCat("127.0.0.1:", port_); }
   WorkerRegistry& registry() { return registry_; }
   int changes() const { return changes_.load(); }
+  double M(const std::string& name, const std::map<std::string, std::string>& labels = {}) const {
+    return Metric(*metrics_, name, labels);
+  }
 
   // Cancels every open stream (a router going away).
   void Stop() {
@@ -87,6 +114,7 @@ class TestRouter {
   }
 
  private:
+  std::shared_ptr<prometheus::Registry> metrics_;
   WorkerRegistry registry_;
   std::atomic<int> changes_{0};
   RegistryService service_;
@@ -338,6 +366,8 @@ TEST(RegistryServiceTest, EventLogOverflowFallsBackToASnapshot) {
   ExpectSameOverlaps(router.registry(), w, seqs);
   EXPECT_EQ(router.registry().View(seqs.back().hashes).overlaps[SlotOf(router.registry(), w.id())],
             2);
+  EXPECT_GE(router.M("kvrelay_router_index_resyncs_total"), 2) << "registration, then overflow";
+  EXPECT_EQ(router.M("kvrelay_router_index_blocks"), w.cache().counts().cached);
 }
 
 TEST(RegistryServiceTest, StoppedClientIsDeadAndItsEntriesLeave) {
@@ -367,6 +397,11 @@ TEST(RegistryServiceTest, StoppedClientIsDeadAndItsEntriesLeave) {
   EXPECT_EQ(router.registry().Alive(v1::WORKER_ROLE_DECODE), 0);
   ASSERT_TRUE(WaitFor([&] { return router.changes() > changes; }))
       << "on_change must run when a worker dies";
+  EXPECT_EQ(router.M("kvrelay_router_worker_deaths_total", {{"reason", "disconnected"}}), 1);
+  EXPECT_EQ(router.M("kvrelay_router_worker_deaths_total", {{"reason", "heartbeat_timeout"}}), 0);
+  EXPECT_EQ(router.M("kvrelay_router_workers", {{"role", "decode"}, {"state", "dead"}}), 1);
+  EXPECT_EQ(router.M("kvrelay_router_workers", {{"role", "decode"}, {"state", "alive"}}), 0);
+  EXPECT_EQ(router.M("kvrelay_router_index_blocks"), 0);
 }
 
 TEST(RegistryServiceTest, RestartedRouterIsRebuiltFromSnapshots) {
@@ -397,6 +432,8 @@ TEST(RegistryServiceTest, RestartedRouterIsRebuiltFromSnapshots) {
   ExpectSameOverlaps(router->registry(), w, seqs);
   EXPECT_EQ(router->registry().List().index_blocks(), 9);
   EXPECT_GE(router->changes(), 1);
+  EXPECT_GE(router->M("kvrelay_router_index_resyncs_total"), 1);
+  EXPECT_EQ(router->M("kvrelay_router_index_blocks"), 9);
 
   // ... and events flow again afterwards.
   seqs.push_back(RunSequence(w.cache(), 4, 2));
@@ -561,6 +598,9 @@ TEST(RegistryServiceTest, AckThenSnapshotRequestOnAGap) {
   EXPECT_FALSE(s->synced());
   EXPECT_EQ(s->indexed_blocks(), 0);
 
+  EXPECT_EQ(router.M("kvrelay_router_index_resyncs_total"), 1);
+  EXPECT_EQ(router.M("kvrelay_router_kv_events_total"), 0) << "the event after the gap";
+
   snap.mutable_snapshot()->set_seq(6);
   snap.mutable_snapshot()->add_hashes(13);
   ASSERT_TRUE(raw.Send(snap));
@@ -568,6 +608,15 @@ TEST(RegistryServiceTest, AckThenSnapshotRequestOnAGap) {
     std::optional<v1::WorkerStatus> s = Find(router.registry().List(), "p");
     return s.has_value() && s->synced() && s->indexed_blocks() == 3 && s->applied_seq() == 6;
   })) << router.registry().List().ShortDebugString();
+  EXPECT_EQ(router.M("kvrelay_router_index_resyncs_total"), 2) << "the resync after the gap";
+  EXPECT_EQ(router.M("kvrelay_router_index_blocks"), 3);
+
+  // In step again: events apply.
+  ev.mutable_events()->mutable_events(0)->set_seq(7);
+  ev.mutable_events()->mutable_events(0)->set_hashes(0, 14);
+  ASSERT_TRUE(raw.Send(ev));
+  ASSERT_TRUE(WaitFor([&] { return router.M("kvrelay_router_kv_events_total") == 1; }));
+  EXPECT_EQ(router.M("kvrelay_router_index_blocks"), 4);
 }
 
 TEST(RegistryServiceTest, SilentWorkerMissesItsDeadline) {
@@ -595,6 +644,10 @@ TEST(RegistryServiceTest, SilentWorkerMissesItsDeadline) {
   EXPECT_EQ(router.registry().Alive(v1::WORKER_ROLE_PREFILL), 0);
   ASSERT_TRUE(WaitFor([&] { return router.changes() >= 2; }))
       << "on_change: registration and death";
+  EXPECT_EQ(router.M("kvrelay_router_worker_deaths_total", {{"reason", "heartbeat_timeout"}}), 1);
+  EXPECT_EQ(router.M("kvrelay_router_worker_deaths_total", {{"reason", "disconnected"}}), 0);
+  EXPECT_EQ(router.M("kvrelay_router_workers", {{"role", "prefill"}, {"state", "dead"}}), 1);
+  EXPECT_EQ(router.M("kvrelay_router_workers", {{"role", "prefill"}, {"state", "alive"}}), 0);
 }
 
 // A worker expired for missing its heartbeat deadline whose stream stays open must not be

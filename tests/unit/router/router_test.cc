@@ -1,13 +1,15 @@
 // Router (the process object) in one process: its option checks, the standard health
 // service following the registered decode workers, and graceful shutdown. A FAKE decode
 // worker (an in-process DecodeWorker server whose calls wait until the test releases
-// them) registers through a real rpc::RegistryClient. Every wait is bounded.
+// them) registers through a real rpc::RegistryClient. Every wait is bounded. The metrics
+// go to the registry RouterOptions names.
 #include "router/router.h"
 
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -33,6 +35,8 @@
 #include "gtest/gtest.h"
 #include "kvrelay/v1/kvrelay.grpc.pb.h"
 #include "kvrelay/v1/worker.grpc.pb.h"
+#include "prometheus/metric_family.h"
+#include "prometheus/registry.h"
 #include "tests/testing/test_models.h"
 
 namespace kvrelay::router {
@@ -69,6 +73,24 @@ RouterOptions Options() {
   o.block_size = kBlock;
   o.heartbeat_timeout = absl::Seconds(120);  // a loaded machine must not expire the fake
   return o;
+}
+
+// The value of `name`{labels...} in `registry` (a counter or gauge); -1 when absent.
+double Metric(const prometheus::Registry& registry, const std::string& name,
+              const std::map<std::string, std::string>& labels = {}) {
+  for (const prometheus::MetricFamily& f : registry.Collect()) {
+    if (f.name != name) continue;
+    for (const prometheus::ClientMetric& m : f.metric) {
+      size_t matched = 0;
+      for (const prometheus::ClientMetric::Label& l : m.label) {
+        auto it = labels.find(l.name);
+        if (it != labels.end() && it->second == l.value) ++matched;
+      }
+      if (matched != labels.size()) continue;
+      return f.type == prometheus::MetricType::Gauge ? m.gauge.value : m.counter.value;
+    }
+  }
+  return -1;
 }
 
 // A decode worker whose every call streams `tokens` and finishes ("length") once the
@@ -357,7 +379,12 @@ TEST(RouterTest, StartRejectsBadOptions) {
 }
 
 TEST(RouterTest, HealthIsServingWhileADecodeWorkerIsRegistered) {
-  absl::StatusOr<std::unique_ptr<Router>> started = Router::Start(Options());
+  RouterOptions o = Options();
+  o.metrics = std::make_shared<prometheus::Registry>();
+  auto workers = [&](const std::string& role, const std::string& state) {
+    return Metric(*o.metrics, "kvrelay_router_workers", {{"role", role}, {"state", state}});
+  };
+  absl::StatusOr<std::unique_ptr<Router>> started = Router::Start(o);
   ASSERT_TRUE(started.ok()) << started.status();
   Router& router = **started;
   const std::string address = absl::StrCat("127.0.0.1:", router.port());
@@ -387,14 +414,22 @@ TEST(RouterTest, HealthIsServingWhileADecodeWorkerIsRegistered) {
     ASSERT_TRUE(decode.Register(address, v1::WORKER_ROLE_DECODE, router.model().model_id).ok());
     EXPECT_TRUE(status_is(kServing)) << router.registry().List().ShortDebugString();
     EXPECT_EQ(router.registry().Alive(v1::WORKER_ROLE_DECODE), 1);
+    EXPECT_EQ(workers("decode", "alive"), 1);
+    EXPECT_EQ(workers("prefill", "alive"), 1);
     decode.StopRegistration();  // the worker goes away
     EXPECT_TRUE(status_is(kNotServing)) << router.registry().List().ShortDebugString();
     EXPECT_EQ(router.registry().Alive(v1::WORKER_ROLE_DECODE), 0);
+    EXPECT_EQ(workers("decode", "alive"), 0);
+    EXPECT_EQ(workers("decode", "dead"), 1);
+    EXPECT_EQ(
+        Metric(*o.metrics, "kvrelay_router_worker_deaths_total", {{"reason", "disconnected"}}), 1);
   }
   // ... and comes back.
   FakeWorker again("fake-d", {});
   ASSERT_TRUE(again.Register(address, v1::WORKER_ROLE_DECODE, router.model().model_id).ok());
   EXPECT_TRUE(status_is(kServing));
+  EXPECT_EQ(workers("decode", "alive"), 1);
+  EXPECT_EQ(workers("decode", "dead"), 0);
 
   // Shut down: NOT_SERVING (while connections linger) whatever the workers.
   std::thread shutdown([&] { router.Shutdown(absl::Seconds(5), /*linger=*/absl::Seconds(3)); });
@@ -403,7 +438,12 @@ TEST(RouterTest, HealthIsServingWhileADecodeWorkerIsRegistered) {
 }
 
 TEST(RouterTest, ShutdownLetsARunningRequestFinishAndRefusesNewOnes) {
-  absl::StatusOr<std::unique_ptr<Router>> started = Router::Start(Options());
+  RouterOptions o = Options();
+  o.metrics = std::make_shared<prometheus::Registry>();
+  auto requests = [&](const std::string& code) {
+    return Metric(*o.metrics, "kvrelay_router_requests_total", {{"code", code}});
+  };
+  absl::StatusOr<std::unique_ptr<Router>> started = Router::Start(o);
   ASSERT_TRUE(started.ok()) << started.status();
   Router& router = **started;
   const std::string address = absl::StrCat("127.0.0.1:", router.port());
@@ -452,6 +492,12 @@ TEST(RouterTest, ShutdownLetsARunningRequestFinishAndRefusesNewOnes) {
   EXPECT_EQ(running.final.finish_reason(), "length");
   EXPECT_TRUE(shut_down.WaitForNotificationWithTimeout(kWait));
   shutdown.join();
+  // In the registry given: the running request, and the refused ones.
+  EXPECT_GE(requests("OK"), 1);
+  EXPECT_GE(requests("UNAVAILABLE"), 1);
+  EXPECT_GE(Metric(*o.metrics, "kvrelay_router_generated_tokens_total"),
+            static_cast<double>(out.size()));
+  EXPECT_TRUE(WaitFor([&] { return Metric(*o.metrics, "kvrelay_router_requests_running") == 0; }));
 
   // Stopped: nothing answers any more.
   const Result after = Generate(stub.get(), prompt, 1, absl::Seconds(5));

@@ -1,6 +1,8 @@
 #include "router/worker_registry.h"
 
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -8,6 +10,8 @@
 #include "absl/time/time.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "prometheus/metric_family.h"
+#include "prometheus/registry.h"
 
 namespace kvrelay::router {
 namespace {
@@ -96,6 +100,24 @@ int32_t OverlapOf(const WorkerRegistry& reg, int slot, const std::vector<uint64_
 }
 
 const std::vector<uint64_t> kChain = {101, 102, 103, 104};
+
+// The value of `name`{labels...} in `registry` (a counter or gauge); -1 when absent.
+double Metric(const prometheus::Registry& registry, const std::string& name,
+              const std::map<std::string, std::string>& labels = {}) {
+  for (const prometheus::MetricFamily& f : registry.Collect()) {
+    if (f.name != name) continue;
+    for (const prometheus::ClientMetric& m : f.metric) {
+      size_t matched = 0;
+      for (const prometheus::ClientMetric::Label& l : m.label) {
+        auto it = labels.find(l.name);
+        if (it != labels.end() && it->second == l.value) ++matched;
+      }
+      if (matched != labels.size()) continue;
+      return f.type == prometheus::MetricType::Gauge ? m.gauge.value : m.counter.value;
+    }
+  }
+  return -1;
+}
 
 TEST(WorkerRegistryTest, RegistrationValidation) {
   WorkerRegistry reg(Opts());
@@ -609,6 +631,98 @@ TEST(WorkerRegistryTest, FullRegistryRefusesAndReusesDeadSlots) {
   EXPECT_EQ(SlotOf(reg, "late"), dead_slot);
   EXPECT_EQ(reg.List().workers_size(), PrefixIndex::kMaxWorkers);
   EXPECT_EQ(reg.Alive(v1::WORKER_ROLE_DECODE), PrefixIndex::kMaxWorkers);
+}
+
+TEST(WorkerRegistryTest, MetricsFollowWorkersAndTheIndex) {
+  auto metrics = std::make_shared<prometheus::Registry>();
+  WorkerRegistry reg(Opts(), metrics);
+  auto m = [&](const std::string& name, const std::map<std::string, std::string>& labels = {}) {
+    return Metric(*metrics, name, labels);
+  };
+  auto workers = [&](const std::string& role, const std::string& state) {
+    return m("kvrelay_router_workers", {{"role", role}, {"state", state}});
+  };
+  auto deaths = [&](const std::string& reason) {
+    return m("kvrelay_router_worker_deaths_total", {{"reason", reason}});
+  };
+  // Every series exists from the start.
+  EXPECT_EQ(workers("decode", "alive"), 0);
+  EXPECT_EQ(workers("prefill", "dead"), 0);
+  EXPECT_EQ(deaths("disconnected"), 0);
+  EXPECT_EQ(deaths("heartbeat_timeout"), 0);
+  EXPECT_EQ(m("kvrelay_router_index_blocks"), 0);
+  EXPECT_EQ(m("kvrelay_router_index_resyncs_total"), 0);
+  EXPECT_EQ(m("kvrelay_router_kv_events_total"), 0);
+
+  const uint64_t a = reg.NewConnection();
+  const uint64_t b = reg.NewConnection();
+  ASSERT_TRUE(reg.OnRegister(a, Reg("a", 1), kT0).ok());
+  ASSERT_TRUE(reg.OnRegister(b, Reg("b", 2, v1::WORKER_ROLE_PREFILL), kT0).ok());
+  EXPECT_EQ(workers("decode", "alive"), 1);
+  EXPECT_EQ(workers("prefill", "alive"), 1);
+  EXPECT_EQ(workers("decode", "dead"), 0);
+  EXPECT_EQ(workers("prefill", "dead"), 0);
+
+  // Snapshots (one per registration) and events; the index counts distinct hashes.
+  reg.OnSnapshot(a, Snap(1, 0, {101, 102}), kT0);
+  reg.OnSnapshot(b, Snap(2, 0, {101}), kT0);
+  EXPECT_EQ(m("kvrelay_router_index_resyncs_total"), 2);
+  EXPECT_EQ(m("kvrelay_router_index_blocks"), 2);
+  EXPECT_TRUE(reg.OnEvents(a,
+                           Batch(1, {Ev(v1::KvEventMsg::TYPE_STORED, 1, {103}),
+                                     Ev(v1::KvEventMsg::TYPE_STORED, 2, {104})}),
+                           kT0));
+  EXPECT_EQ(m("kvrelay_router_kv_events_total"), 2);
+  EXPECT_EQ(m("kvrelay_router_index_blocks"), 4);
+  EXPECT_TRUE(reg.OnEvents(a, Batch(1, {Ev(v1::KvEventMsg::TYPE_REMOVED, 3, {104})}), kT0));
+  EXPECT_EQ(m("kvrelay_router_kv_events_total"), 3);
+  EXPECT_EQ(m("kvrelay_router_index_blocks"), 3);
+
+  // A gap: a's entries leave (101 stays: b holds it), nothing is applied, and the
+  // snapshot it asks for is a resync.
+  EXPECT_FALSE(reg.OnEvents(a, Stored(1, 9, {105}), kT0));
+  EXPECT_EQ(m("kvrelay_router_kv_events_total"), 3);
+  EXPECT_EQ(m("kvrelay_router_index_blocks"), 1);
+  EXPECT_EQ(m("kvrelay_router_index_resyncs_total"), 2);
+  reg.OnSnapshot(a, Snap(1, 9, {101, 102, 103, 105}), kT0);
+  EXPECT_EQ(m("kvrelay_router_index_resyncs_total"), 3);
+  EXPECT_EQ(m("kvrelay_router_index_blocks"), 4);
+  // A snapshot of another incarnation is not applied: no resync.
+  reg.OnSnapshot(a, Snap(7, 9, {}), kT0);
+  EXPECT_EQ(m("kvrelay_router_index_resyncs_total"), 3);
+
+  // a's stream ends: dead, disconnected; its blocks leave.
+  reg.OnDisconnect(a);
+  EXPECT_EQ(workers("decode", "alive"), 0);
+  EXPECT_EQ(workers("decode", "dead"), 1);
+  EXPECT_EQ(deaths("disconnected"), 1);
+  EXPECT_EQ(m("kvrelay_router_index_blocks"), 1);
+  reg.OnDisconnect(a);  // again: not another death
+  EXPECT_EQ(deaths("disconnected"), 1);
+
+  // b goes silent: dead, heartbeat_timeout.
+  EXPECT_EQ(reg.ExpireSilent(kT0 + absl::Seconds(6)), 1);
+  EXPECT_EQ(workers("prefill", "alive"), 0);
+  EXPECT_EQ(workers("prefill", "dead"), 1);
+  EXPECT_EQ(deaths("heartbeat_timeout"), 1);
+  EXPECT_EQ(deaths("disconnected"), 1);
+  EXPECT_EQ(m("kvrelay_router_index_blocks"), 0);
+  EXPECT_EQ(reg.ExpireSilent(kT0 + absl::Seconds(20)), 0);
+  EXPECT_EQ(deaths("heartbeat_timeout"), 1);
+
+  // b speaks again on its open stream: alive, and resynced by the snapshot it is asked for.
+  EXPECT_FALSE(reg.OnLoad(b, v1::LoadReport(), kT0 + absl::Seconds(21)));
+  EXPECT_EQ(workers("prefill", "alive"), 1);
+  EXPECT_EQ(workers("prefill", "dead"), 0);
+  reg.OnSnapshot(b, Snap(2, 0, {101}), kT0 + absl::Seconds(21));
+  EXPECT_EQ(m("kvrelay_router_index_resyncs_total"), 4);
+  EXPECT_EQ(m("kvrelay_router_index_blocks"), 1);
+
+  // a comes back (a new incarnation): its slot is alive again.
+  const uint64_t a2 = reg.NewConnection();
+  ASSERT_TRUE(reg.OnRegister(a2, Reg("a", 3), kT0 + absl::Seconds(21)).ok());
+  EXPECT_EQ(workers("decode", "alive"), 1);
+  EXPECT_EQ(workers("decode", "dead"), 0);
 }
 
 }  // namespace
