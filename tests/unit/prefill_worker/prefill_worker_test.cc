@@ -12,6 +12,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "prometheus/registry.h"
+#include "tests/testing/metric_values.h"
 #include "tests/testing/test_models.h"
 
 namespace kvrelay::prefill {
@@ -27,31 +28,7 @@ PrefillWorkerOptions Options() {
   return o;
 }
 
-// Sum over the series `name` of `registry` whose labels include `labels` (counter and
-// gauge values, histogram sample counts); -1 when there is no such series.
-double Metric(const prometheus::Registry& registry, const std::string& name,
-              const std::map<std::string, std::string>& labels = {}) {
-  double sum = 0;
-  bool found = false;
-  for (const prometheus::MetricFamily& f : registry.Collect()) {
-    if (f.name != name) continue;
-    for (const prometheus::ClientMetric& m : f.metric) {
-      const bool match = std::all_of(labels.begin(), labels.end(), [&](const auto& want) {
-        return std::any_of(m.label.begin(), m.label.end(), [&](const auto& l) {
-          return l.name == want.first && l.value == want.second;
-        });
-      });
-      if (!match) continue;
-      found = true;
-      if (f.type == prometheus::MetricType::Counter) sum += m.counter.value;
-      if (f.type == prometheus::MetricType::Gauge) sum += m.gauge.value;
-      if (f.type == prometheus::MetricType::Histogram) {
-        sum += static_cast<double>(m.histogram.sample_count);
-      }
-    }
-  }
-  return found ? sum : -1;
-}
+using ::kvrelay::testing::Metric;
 
 TEST(PrefillWorkerTest, BadOptionsNameTheOption) {
   PrefillWorkerOptions o = Options();

@@ -45,6 +45,7 @@
 #include "prometheus/metric_family.h"
 #include "prometheus/registry.h"
 #include "router/router.h"
+#include "tests/testing/metric_values.h"
 #include "tests/testing/test_models.h"
 
 namespace kvrelay::router {
@@ -76,33 +77,7 @@ const std::string& ModelDir() {
   return *dir;
 }
 
-// The value of `name`{labels...} in `registry`: a counter's or gauge's value, a
-// histogram's sample count; -1 when there is no such sample.
-double Metric(const prometheus::Registry& registry, const std::string& name,
-              const std::map<std::string, std::string>& labels = {}) {
-  for (const prometheus::MetricFamily& f : registry.Collect()) {
-    if (f.name != name) continue;
-    for (const prometheus::ClientMetric& m : f.metric) {
-      size_t matched = 0;
-      for (const prometheus::ClientMetric::Label& l : m.label) {
-        auto it = labels.find(l.name);
-        if (it != labels.end() && it->second == l.value) ++matched;
-      }
-      if (matched != labels.size()) continue;
-      switch (f.type) {
-        case prometheus::MetricType::Counter:
-          return m.counter.value;
-        case prometheus::MetricType::Gauge:
-          return m.gauge.value;
-        case prometheus::MetricType::Histogram:
-          return static_cast<double>(m.histogram.sample_count);
-        default:
-          return -1;
-      }
-    }
-  }
-  return -1;
-}
+using ::kvrelay::testing::Metric;
 
 // --- the fake decode worker ---
 

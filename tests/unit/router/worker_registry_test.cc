@@ -12,6 +12,7 @@
 #include "gtest/gtest.h"
 #include "prometheus/metric_family.h"
 #include "prometheus/registry.h"
+#include "tests/testing/metric_values.h"
 
 namespace kvrelay::router {
 namespace {
@@ -101,23 +102,7 @@ int32_t OverlapOf(const WorkerRegistry& reg, int slot, const std::vector<uint64_
 
 const std::vector<uint64_t> kChain = {101, 102, 103, 104};
 
-// The value of `name`{labels...} in `registry` (a counter or gauge); -1 when absent.
-double Metric(const prometheus::Registry& registry, const std::string& name,
-              const std::map<std::string, std::string>& labels = {}) {
-  for (const prometheus::MetricFamily& f : registry.Collect()) {
-    if (f.name != name) continue;
-    for (const prometheus::ClientMetric& m : f.metric) {
-      size_t matched = 0;
-      for (const prometheus::ClientMetric::Label& l : m.label) {
-        auto it = labels.find(l.name);
-        if (it != labels.end() && it->second == l.value) ++matched;
-      }
-      if (matched != labels.size()) continue;
-      return f.type == prometheus::MetricType::Gauge ? m.gauge.value : m.counter.value;
-    }
-  }
-  return -1;
-}
+using ::kvrelay::testing::Metric;
 
 TEST(WorkerRegistryTest, RegistrationValidation) {
   WorkerRegistry reg(Opts());
