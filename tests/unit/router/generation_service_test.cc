@@ -47,6 +47,7 @@
 #include "router/router.h"
 #include "tests/testing/metric_values.h"
 #include "tests/testing/test_models.h"
+#include "tests/testing/wait.h"
 
 namespace kvrelay::router {
 namespace {
@@ -62,15 +63,7 @@ std::chrono::system_clock::time_point In(absl::Duration d) {
 }
 
 // Polls `pred` every few ms until it holds or `timeout` passes; the last result.
-template <typename Pred>
-bool WaitFor(Pred pred, absl::Duration timeout = kWait) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (!pred()) {
-    if (absl::Now() > deadline) return pred();
-    absl::SleepFor(absl::Milliseconds(5));
-  }
-  return true;
-}
+using ::kvrelay::testing::WaitFor;
 
 const std::string& ModelDir() {
   static const std::string* dir = new std::string(testing::ModelDir(testing::TinyVariants()[0]));

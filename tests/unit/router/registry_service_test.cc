@@ -32,6 +32,7 @@
 #include "prometheus/registry.h"
 #include "router/worker_registry.h"
 #include "tests/testing/metric_values.h"
+#include "tests/testing/wait.h"
 
 namespace kvrelay::router {
 namespace {
@@ -40,18 +41,9 @@ using ::testing::HasSubstr;
 
 constexpr int kB = 4;  // block size
 constexpr char kModel[] = "tiny";
-constexpr absl::Duration kWait = absl::Seconds(30);
 
 // Polls `pred` every few ms until it holds or `timeout` passes; the last result.
-template <typename Pred>
-bool WaitFor(Pred pred, absl::Duration timeout = kWait) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (!pred()) {
-    if (absl::Now() > deadline) return pred();
-    absl::SleepFor(absl::Milliseconds(5));
-  }
-  return true;
-}
+using ::kvrelay::testing::WaitFor;
 
 RegistryOptions Opts() {
   RegistryOptions o;

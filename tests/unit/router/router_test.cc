@@ -39,6 +39,7 @@
 #include "prometheus/registry.h"
 #include "tests/testing/metric_values.h"
 #include "tests/testing/test_models.h"
+#include "tests/testing/wait.h"
 
 namespace kvrelay::router {
 namespace {
@@ -53,15 +54,7 @@ std::chrono::system_clock::time_point In(absl::Duration d) {
   return std::chrono::system_clock::now() + absl::ToChronoMilliseconds(d);
 }
 
-template <typename Pred>
-bool WaitFor(Pred pred, absl::Duration timeout = kWait) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (!pred()) {
-    if (absl::Now() > deadline) return pred();
-    absl::SleepFor(absl::Milliseconds(5));
-  }
-  return true;
-}
+using ::kvrelay::testing::WaitFor;
 
 const std::string& ModelDir() {
   static const std::string* dir = new std::string(testing::ModelDir(testing::TinyVariants()[0]));

@@ -18,6 +18,7 @@
 #include "gtest/gtest.h"
 #include "router/registry_service.h"
 #include "router/worker_registry.h"
+#include "tests/testing/wait.h"
 
 namespace kvrelay::rpc {
 namespace {
@@ -26,18 +27,9 @@ using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
 constexpr int kB = 4;
-constexpr absl::Duration kWait = absl::Seconds(30);
 
 // Polls `pred` every few ms until it holds or `timeout` passes; the last result.
-template <typename Pred>
-bool WaitFor(Pred pred, absl::Duration timeout = kWait) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (!pred()) {
-    if (absl::Now() > deadline) return pred();
-    absl::SleepFor(absl::Milliseconds(5));
-  }
-  return true;
-}
+using ::kvrelay::testing::WaitFor;
 
 // A live router's registry on 127.0.0.1 (port 0).
 class TestRouter {
