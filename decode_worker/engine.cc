@@ -13,6 +13,7 @@
 #include "common/rpc/convert.h"
 #include "common/transfer/checksum.h"
 #include "common/util/status.h"
+#include "common/worker/kv_pool_metrics.h"
 
 namespace kvrelay::decode {
 namespace {
@@ -31,7 +32,7 @@ constexpr size_t kMaxTransportLabels = 16;
 // add (a histogram observation: a short search of its buckets and a lock it alone
 // takes). Updated once per step, per request or per loop turn, never per token.
 struct Engine::Metrics {
-  explicit Metrics(prometheus::Registry& r) {
+  explicit Metrics(prometheus::Registry& r) : kv_pool(r, "sequences") {
     auto& steps = prometheus::BuildCounter()
                       .Name("kvrelay_decode_steps_total")
                       .Help(
@@ -118,15 +119,6 @@ struct Engine::Metrics {
                            "prefill is known to have ended")
                        .Register(r)
                        .Add({});
-    auto& blocks = prometheus::BuildGauge()
-                       .Name("kvrelay_kv_blocks")
-                       .Help(
-                           "KV pool blocks by state: free, in_use (held by sequences), "
-                           "cached_free (unused but reusable from the prefix cache)")
-                       .Register(r);
-    kv_free = &blocks.Add({{"state", "free"}});
-    kv_in_use = &blocks.Add({{"state", "in_use"}});
-    kv_cached_free = &blocks.Add({{"state", "cached_free"}});
   }
 
   // Engine thread only.
@@ -155,9 +147,7 @@ struct Engine::Metrics {
   prometheus::Family<prometheus::Counter>* received_bytes;
   absl::flat_hash_map<std::string, prometheus::Counter*> received_by_transport;
   prometheus::Gauge* quarantined;
-  prometheus::Gauge* kv_free;
-  prometheus::Gauge* kv_in_use;
-  prometheus::Gauge* kv_cached_free;
+  worker::KvPoolMetrics kv_pool;
 };
 
 struct Engine::Seq {
@@ -209,7 +199,7 @@ Engine::Engine(const model::Model* model, kvcache::KvPool* pool, kvcache::Prefix
       options_(options),
       remote_(remote),
       registry_(options.metrics ? options.metrics : std::make_shared<prometheus::Registry>()),
-      metrics_(std::make_unique<Metrics>(*registry_)),
+      metrics_(options.record_metrics ? std::make_unique<Metrics>(*registry_) : nullptr),
       thread_([this] {
         pthread_setname_np(pthread_self(), "kvr-engine");
         Loop();
@@ -289,14 +279,12 @@ EngineStats Engine::stats() const {
 }
 
 void Engine::UpdateKvBlockGauges() {
-  const kvcache::PrefixCacheCounts c = cache_->counts();
-  metrics_->kv_free->Set(static_cast<double>(c.free));
-  metrics_->kv_in_use->Set(static_cast<double>(c.in_use));
-  metrics_->kv_cached_free->Set(static_cast<double>(c.cached_free));
+  if (metrics_) metrics_->kv_pool.Update(cache_->counts());
 }
 
 void Engine::RecordStep(int decode_items, int prefill_items, double seconds, int64_t sequences,
                         int64_t tokens) {
+  if (!metrics_) return;
   const int phase = prefill_items == 0 ? 0 : decode_items == 0 ? 1 : 2;
   Metrics& m = *metrics_;
   m.steps[phase]->Increment();
@@ -306,10 +294,11 @@ void Engine::RecordStep(int decode_items, int prefill_items, double seconds, int
 }
 
 void Engine::RecordRemote(RemoteOutcome outcome) {
-  metrics_->remote_prefills[static_cast<int>(outcome)]->Increment();
+  if (metrics_) metrics_->remote_prefills[static_cast<int>(outcome)]->Increment();
 }
 
 void Engine::RecordLoopGauges(int64_t quarantined_blocks) {
+  if (!metrics_) return;
   metrics_->running->Set(static_cast<double>(running_.size()));
   metrics_->waiting->Set(static_cast<double>(waiting_.size()));
   metrics_->quarantined->Set(static_cast<double>(quarantined_blocks));
@@ -430,7 +419,7 @@ void Engine::OnRemoteResult(RemoteResult r) {
   RemoteOutcome outcome = RemoteOutcome::kFailed;
   if (st.ok()) {
     const v1::PrefillStats& ps = r.response.stats();
-    if (ps.transfer_bytes() > 0) {
+    if (metrics_ && ps.transfer_bytes() > 0) {
       metrics_->ReceivedBytes(ps.transport()).Increment(static_cast<double>(ps.transfer_bytes()));
     }
     std::vector<uint64_t> sums(r.response.block_checksums().begin(),
@@ -443,7 +432,7 @@ void Engine::OnRemoteResult(RemoteResult r) {
           transfer::BlockChecksums(remote_.memory->data(), block_bytes, s->dest_blocks);
       int64_t bad = 0;
       for (size_t i = 0; i < got.size() && i < sums.size(); ++i) bad += got[i] != sums[i];
-      metrics_->checksum_failures->Increment(static_cast<double>(bad));
+      if (metrics_) metrics_->checksum_failures->Increment(static_cast<double>(bad));
     }
   }
   if (!st.ok()) {
@@ -473,7 +462,7 @@ void Engine::OnRemoteResult(RemoteResult r) {
   s->computed = static_cast<int64_t>(s->tokens.size());
   s->kv->Commit(s->tokens, s->computed);
   RecordRemote(RemoteOutcome::kOk);
-  metrics_->generated_tokens->Increment();
+  if (metrics_) metrics_->generated_tokens->Increment();
   Emit(s, rpc::FromProto(r.response.first_logprobs()));
 }
 
@@ -534,10 +523,12 @@ bool Engine::Admit(Seq* s) {
     s->admitted_once = true;
     s->summary.cached_tokens = cached;
     s->summary.queue_seconds = Now() - s->submitted;
-    metrics_->prompt_tokens->Increment(static_cast<double>(s->prompt_len));
-    // A resumed request's cached blocks may cover generated tokens too: the hit rate
-    // counts prompt tokens only.
-    metrics_->cached_tokens->Increment(static_cast<double>(std::min(cached, s->prompt_len)));
+    if (metrics_) {
+      metrics_->prompt_tokens->Increment(static_cast<double>(s->prompt_len));
+      // A resumed request's cached blocks may cover generated tokens too: the hit rate
+      // counts prompt tokens only.
+      metrics_->cached_tokens->Increment(static_cast<double>(std::min(cached, s->prompt_len)));
+    }
   }
   return true;
 }
@@ -548,7 +539,7 @@ void Engine::Preempt(Seq* s) {
   ++s->summary.preemptions;
   running_.erase(std::find(running_.begin(), running_.end(), s));
   waiting_.push_front(s);
-  metrics_->preemptions->Increment();
+  if (metrics_) metrics_->preemptions->Increment();
   absl::MutexLock l(&mu_);
   ++stats_.preemptions;
 }
@@ -675,7 +666,7 @@ void Engine::Step() {
     for (const Item& it : items) Finish(it.seq, absl::InternalError(st.ToString()), "");
     return;
   }
-  if (sampled > 0) metrics_->generated_tokens->Increment(static_cast<double>(sampled));
+  if (metrics_ && sampled > 0) metrics_->generated_tokens->Increment(static_cast<double>(sampled));
 
   const model::ModelConfig& c = model_->config();
   size_t row = 0;

@@ -43,6 +43,9 @@ struct EngineOptions {
   // Where the engine's Prometheus series go (DESIGN §7; the decode service adds its own
   // to the same registry). Null: a registry of the engine's own.
   std::shared_ptr<prometheus::Registry> metrics = nullptr;
+  // False: the engine records no series at all (the metrics-off baseline of
+  // tests/bench/engine_metrics_bench.cc).
+  bool record_metrics = true;
 };
 
 struct EngineRequest {
@@ -158,7 +161,7 @@ class Engine {
   //     cancelled), kvrelay_kv_checksum_failures_total,
   //   kvrelay_kv_transfer_received_bytes_total{transport},
   //   kvrelay_decode_quarantined_blocks, kvrelay_kv_blocks{state} (free | in_use |
-  //     cached_free).
+  //     cached_free), kvrelay_kv_evictions_total.
   const std::shared_ptr<prometheus::Registry>& metrics() const { return registry_; }
   // Sets kvrelay_kv_blocks from the prefix cache now. The engine does after every loop
   // turn; the worker's load-report path calls it too. Any thread.

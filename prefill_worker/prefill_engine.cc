@@ -15,6 +15,7 @@
 #include "common/model/generator.h"
 #include "common/transfer/checksum.h"
 #include "common/util/status.h"
+#include "common/worker/kv_pool_metrics.h"
 
 namespace kvrelay::prefill {
 namespace {
@@ -31,7 +32,7 @@ constexpr size_t kMaxTransportLabels = 16;
 // The engine's Prometheus series (DESIGN §7), looked up once: an update is an atomic
 // add or a histogram observation. Updated per job or per forward pass.
 struct PrefillEngine::Metrics {
-  explicit Metrics(prometheus::Registry& r) {
+  explicit Metrics(prometheus::Registry& r) : kv_pool(r, "jobs") {
     queue_depth = &prometheus::BuildGauge()
                        .Name("kvrelay_prefill_queue_depth")
                        .Help("Prefill jobs queued behind the running one")
@@ -76,15 +77,6 @@ struct PrefillEngine::Metrics {
                          .Register(r);
     const char* reasons[] = {"unavailable", "timeout", "cancelled", "invalid", "other"};
     for (int i = 0; i < 5; ++i) this->failures[i] = &failures.Add({{"reason", reasons[i]}});
-    auto& blocks = prometheus::BuildGauge()
-                       .Name("kvrelay_kv_blocks")
-                       .Help(
-                           "KV pool blocks by state: free, in_use (held by jobs), "
-                           "cached_free (unused but reusable from the prefix cache)")
-                       .Register(r);
-    kv_free = &blocks.Add({{"state", "free"}});
-    kv_in_use = &blocks.Add({{"state", "in_use"}});
-    kv_cached_free = &blocks.Add({{"state", "cached_free"}});
   }
 
   struct ByTransport {
@@ -131,9 +123,7 @@ struct PrefillEngine::Metrics {
   prometheus::Family<prometheus::Histogram>* seconds;
   prometheus::Counter* failures[5];
   absl::flat_hash_map<std::string, ByTransport> by_transport;
-  prometheus::Gauge* kv_free;
-  prometheus::Gauge* kv_in_use;
-  prometheus::Gauge* kv_cached_free;
+  worker::KvPoolMetrics kv_pool;
 };
 
 absl::Status ValidateJob(const model::Model& model, const kernels::PagedKvLayout& layout,
@@ -214,12 +204,7 @@ PrefillEngine::PrefillEngine(const model::Model* model, kvcache::KvPool* pool,
   UpdateKvBlockGauges();
 }
 
-void PrefillEngine::UpdateKvBlockGauges() {
-  const kvcache::PrefixCacheCounts c = cache_->counts();
-  metrics_->kv_free->Set(static_cast<double>(c.free));
-  metrics_->kv_in_use->Set(static_cast<double>(c.in_use));
-  metrics_->kv_cached_free->Set(static_cast<double>(c.cached_free));
-}
+void PrefillEngine::UpdateKvBlockGauges() { metrics_->kv_pool.Update(cache_->counts()); }
 
 void PrefillEngine::SetQueueDepth() {
   metrics_->queue_depth->Set(static_cast<double>(queue_.size()));

@@ -113,7 +113,8 @@ class PrefillEngine {
   //   kvrelay_kv_transfer_seconds{transport} (first write issued to last write complete,
   //     jobs whose writes all succeeded),
   //   kvrelay_kv_transfer_failures_total{reason} (unavailable | timeout | cancelled |
-  //     invalid | other), kvrelay_kv_blocks{state} (free | in_use | cached_free).
+  //     invalid | other), kvrelay_kv_blocks{state} (free | in_use | cached_free),
+  //   kvrelay_kv_evictions_total.
   const std::shared_ptr<prometheus::Registry>& metrics() const { return registry_; }
   // Sets kvrelay_kv_blocks from the prefix cache now. The engine does after every job;
   // the worker's load-report path calls it too. Any thread.

@@ -88,6 +88,7 @@ absl::StatusOr<std::vector<int32_t>> PrefixCache::Allocate(int64_t n, int32_t hi
       by_hash_.erase(hash_[b]);  // the allocator already uncached and reused it
     }
     log_.Append(std::move(e));
+    evicted_ += static_cast<int64_t>(evicted.size());
   }
   return blocks;
 }
@@ -147,6 +148,7 @@ PrefixCacheCounts PrefixCache::counts() const {
   PrefixCacheCounts c;
   static_cast<BlockCounts&>(c) = alloc_.counts();
   c.cached = static_cast<int64_t>(by_hash_.size());
+  c.evicted = evicted_;
   return c;
 }
 

@@ -20,7 +20,8 @@
 namespace kvrelay::kvcache {
 
 struct PrefixCacheCounts : BlockCounts {
-  int64_t cached = 0;  // blocks with a hash (in use or cached-free)
+  int64_t cached = 0;   // blocks with a hash (in use or cached-free)
+  int64_t evicted = 0;  // cached blocks evicted to make room, since creation (cumulative)
 };
 
 class PrefixCache {
@@ -97,6 +98,7 @@ class PrefixCache {
   std::vector<bool> has_parent_ ABSL_GUARDED_BY(mu_);
   std::vector<int32_t> tokens_ ABSL_GUARDED_BY(mu_);  // num_blocks x block_size
   KvEventLog log_ ABSL_GUARDED_BY(mu_);
+  int64_t evicted_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // A random 64-bit id for a pool's incarnation (non-zero).

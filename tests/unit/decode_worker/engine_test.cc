@@ -241,6 +241,7 @@ TEST_P(EngineTest, SmallPoolPreemptsAndEveryRequestStillMatches) {
   Kv kv = MakeKv(m, 12, 4);
   EngineOptions o;
   o.prefill_chunk = 8;
+  o.metrics = std::make_shared<prometheus::Registry>();
   auto engine = Engine::Create(&m, kv.pool.get(), kv.cache.get(), "tiny", o);
   ASSERT_TRUE(engine.ok());
   sampling::SamplingParams p;
@@ -263,9 +264,41 @@ TEST_P(EngineTest, SmallPoolPreemptsAndEveryRequestStillMatches) {
   }
   EXPECT_GT(preemptions, 0);
   EXPECT_EQ((*engine)->stats().preemptions, preemptions);
-  EXPECT_EQ(Metric(*(*engine)->metrics(), "kvrelay_decode_preemptions_total"), preemptions);
+  EXPECT_EQ(Metric(*o.metrics, "kvrelay_decode_preemptions_total"), preemptions);
   EXPECT_EQ(kv.cache->counts().in_use, 0);
   EXPECT_TRUE(kv.cache->Validate().ok());
+  // The small pool evicted cached blocks; once the loop has ended the counter is final.
+  engine->reset();
+  EXPECT_GT(kv.cache->counts().evicted, 0);
+  EXPECT_EQ(Metric(*o.metrics, "kvrelay_kv_evictions_total"), kv.cache->counts().evicted);
+}
+
+// Metrics off (the benchmark's baseline): no series at all, the same tokens.
+TEST_P(EngineTest, MetricsOffRecordsNothingAndChangesNothing) {
+  const model::Model& m = M();
+  Kv kv = MakeKv(m, 64);
+  EngineOptions o;
+  o.metrics = std::make_shared<prometheus::Registry>();
+  o.record_metrics = false;
+  auto engine = Engine::Create(&m, kv.pool.get(), kv.cache.get(), "tiny", o);
+  ASSERT_TRUE(engine.ok());
+  sampling::SamplingParams p;
+  p.max_tokens = 6;
+  p.ignore_eos = true;
+  Collector col;
+  for (int i = 0; i < 3; ++i) {
+    EngineRequest r{"r" + std::to_string(i), Prompt(30, 200 + i, m.config().vocab_size), p, "", ""};
+    ASSERT_TRUE((*engine)->Submit(r, col.For(r.id)).ok());
+  }
+  col.Wait(3);
+  for (int i = 0; i < 3; ++i) {
+    const Outcome out = col.Get("r" + std::to_string(i));
+    ASSERT_TRUE(out.status.ok()) << out.status;
+    EXPECT_EQ(out.tokens, Reference(m, Prompt(30, 200 + i, m.config().vocab_size), p).token_ids);
+  }
+  (*engine)->UpdateKvBlockGauges();
+  EXPECT_GT((*engine)->stats().steps, 0);
+  EXPECT_TRUE(o.metrics->Collect().empty());
 }
 
 // The engine's Prometheus series follow the work it did: steps by phase, batch sizes,

@@ -161,11 +161,13 @@ TEST(PrefixCacheTest, EvictionOnlyWhenNeededAndTailFirst) {
   auto two = c->Allocate(2);  // exactly the free blocks: no eviction
   ASSERT_TRUE(two.ok());
   EXPECT_EQ(c->counts().cached, 4);
+  EXPECT_EQ(c->counts().evicted, 0);
   EXPECT_EQ(c->ReadEvents(1, 100).next_seq, seq_before);
 
   auto one = c->Allocate(1);  // evicts the chain's last block
   ASSERT_TRUE(one.ok());
   EXPECT_EQ(c->counts().cached, 3);
+  EXPECT_EQ(c->counts().evicted, 1);
   EXPECT_EQ(c->Lookup(h, t), 3);
   const KvEventBatch ev = c->ReadEvents(seq_before, 100);
   ASSERT_EQ(ev.events.size(), 1u);
