@@ -25,7 +25,10 @@ ABSL_FLAG(int, max_waiting, 1024, "queued requests beyond this get RESOURCE_EXHA
 ABSL_FLAG(double, prefill_timeout_seconds, 60,
           "remote plan: how long one prefill worker call may take before falling back");
 ABSL_FLAG(std::string, router, "",
-          "router address(es) to register with, host:port[,host:port...] (empty: none)");
+          "routers to register with: host:port[,...]; dns:///host:port means every address the "
+          "name resolves to, e.g. a headless Service (empty: none)");
+ABSL_FLAG(double, router_resolve_seconds, 10,
+          "how often dns:///host:port --router entries are resolved again");
 ABSL_FLAG(std::string, worker_id, "",
           "this worker's id in the registry (default: decode-HOST:PORT)");
 ABSL_FLAG(std::string, advertise_host, "127.0.0.1",
@@ -66,6 +69,11 @@ int main(int argc, char** argv) {
   }
   o.registry.routers = *routers;
   o.registry.worker_id = absl::GetFlag(FLAGS_worker_id);
+  if (!(absl::GetFlag(FLAGS_router_resolve_seconds) > 0)) {
+    std::fprintf(stderr, "kvrelay-decode: --router_resolve_seconds must be > 0\n");
+    return 2;
+  }
+  o.registry.resolve_interval = absl::Seconds(absl::GetFlag(FLAGS_router_resolve_seconds));
   o.registry.advertise_host = absl::GetFlag(FLAGS_advertise_host);
   auto registry = std::make_shared<prometheus::Registry>();
   o.metrics = registry;

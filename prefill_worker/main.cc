@@ -24,7 +24,10 @@ ABSL_FLAG(uint64_t, transfer_chunk_bytes, 512 << 10, "KV puts larger than this a
 ABSL_FLAG(int, transfer_max_in_flight, 8, "KV put chunks outstanding at once");
 ABSL_FLAG(double, transfer_timeout_seconds, 30, "one KV write, issue to remote completion");
 ABSL_FLAG(std::string, router, "",
-          "router address(es) to register with, host:port[,host:port...] (empty: none)");
+          "routers to register with: host:port[,...]; dns:///host:port means every address the "
+          "name resolves to, e.g. a headless Service (empty: none)");
+ABSL_FLAG(double, router_resolve_seconds, 10,
+          "how often dns:///host:port --router entries are resolved again");
 ABSL_FLAG(std::string, worker_id, "",
           "this worker's id in the registry (default: prefill-HOST:PORT)");
 ABSL_FLAG(std::string, advertise_host, "127.0.0.1",
@@ -64,6 +67,11 @@ int main(int argc, char** argv) {
   }
   o.registry.routers = *routers;
   o.registry.worker_id = absl::GetFlag(FLAGS_worker_id);
+  if (!(absl::GetFlag(FLAGS_router_resolve_seconds) > 0)) {
+    std::fprintf(stderr, "kvrelay-prefill: --router_resolve_seconds must be > 0\n");
+    return 2;
+  }
+  o.registry.resolve_interval = absl::Seconds(absl::GetFlag(FLAGS_router_resolve_seconds));
   o.registry.advertise_host = absl::GetFlag(FLAGS_advertise_host);
   auto registry = std::make_shared<prometheus::Registry>();
   o.metrics = registry;

@@ -1,6 +1,8 @@
 #include "common/rpc/registry_client.h"
 
+#include <netdb.h>
 #include <pthread.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -18,21 +20,61 @@
 #include "kvrelay/v1/registry.grpc.pb.h"
 
 namespace kvrelay::rpc {
+namespace {
+
+bool SplitHostPort(absl::string_view hostport, std::string* host, int* port) {
+  const size_t colon = hostport.rfind(':');
+  if (colon == absl::string_view::npos || colon == 0 ||
+      !absl::SimpleAtoi(hostport.substr(colon + 1), port) || *port < 1 || *port > 65535 ||
+      hostport.substr(0, colon).find_first_of("/ \t") != absl::string_view::npos) {
+    return false;  // a '/' is a URI scheme gRPC would read differently
+  }
+  *host = std::string(hostport.substr(0, colon));
+  return true;
+}
+
+}  // namespace
 
 absl::StatusOr<std::vector<std::string>> ParseRouterList(const std::string& list,
                                                          const std::string& flag) {
   std::vector<std::string> out;
   for (absl::string_view part : absl::StrSplit(list, ',', absl::SkipWhitespace())) {
     part = absl::StripAsciiWhitespace(part);
-    const size_t colon = part.rfind(':');
+    absl::string_view hostport = part;
+    const bool dns = absl::ConsumePrefix(&hostport, kDnsRouterPrefix);
+    std::string host;
     int port = 0;
-    if (colon == absl::string_view::npos || colon == 0 ||
-        !absl::SimpleAtoi(part.substr(colon + 1), &port) || port < 1 || port > 65535) {
+    if (!SplitHostPort(hostport, &host, &port) || (dns && host.front() == '[')) {
       return absl::InvalidArgumentError(
-          absl::StrCat(flag, ": '", part, "' is not host:port (port 1-65535)"));
+          absl::StrCat(flag, ": '", part, "' is not host:port or dns:///host:port (port 1-65535)"));
     }
     out.emplace_back(part);
   }
+  return out;
+}
+
+absl::StatusOr<std::vector<std::string>> ResolveRouterAddresses(const std::string& host, int port) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  const int rc = getaddrinfo(host.c_str(), nullptr, &hints, &res);
+  if (rc != 0) {
+    const std::string msg = absl::StrCat("cannot resolve '", host, "': ", gai_strerror(rc));
+    return rc == EAI_NONAME ? absl::NotFoundError(msg) : absl::UnavailableError(msg);
+  }
+  std::vector<std::string> out;
+  for (const addrinfo* a = res; a != nullptr; a = a->ai_next) {
+    char ip[NI_MAXHOST];
+    if (getnameinfo(a->ai_addr, a->ai_addrlen, ip, sizeof ip, nullptr, 0, NI_NUMERICHOST) != 0) {
+      continue;
+    }
+    std::string address =
+        a->ai_family == AF_INET6 ? absl::StrCat("[", ip, "]:", port) : absl::StrCat(ip, ":", port);
+    if (std::find(out.begin(), out.end(), address) == out.end()) out.push_back(std::move(address));
+  }
+  freeaddrinfo(res);
+  if (out.empty()) return absl::NotFoundError(absl::StrCat("'", host, "' has no TCP address"));
   return out;
 }
 
@@ -233,6 +275,53 @@ RegistryClient::RegistryClient(RegistryClientOptions options, const kvcache::Pre
 
 RegistryClient::~RegistryClient() { Stop(); }
 
+void RegistryClient::SetRouters(const std::set<std::string>& want) {
+  std::vector<std::unique_ptr<Connection>> gone;
+  {
+    absl::MutexLock l(&mu_);
+    if (stop_) return;
+    for (auto it = connections_.begin(); it != connections_.end();) {
+      if (want.count(it->first) == 0) {
+        gone.push_back(std::move(it->second));
+        it = connections_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    for (const std::string& router : want) {
+      if (connections_.count(router) != 0) continue;
+      auto c = std::make_unique<Connection>(this, router);
+      c->Start();
+      connections_.emplace(router, std::move(c));
+    }
+  }
+  for (auto& c : gone) c->Stop();  // outside mu_: joins its thread
+}
+
+void RegistryClient::ResolveLoop() {
+  std::vector<bool> reported(dns_routers_.size(), false);
+  while (true) {
+    std::set<std::string> want(static_routers_.begin(), static_routers_.end());
+    for (size_t i = 0; i < dns_routers_.size(); ++i) {
+      const auto& [host, port] = dns_routers_[i];
+      absl::StatusOr<std::vector<std::string>> addresses = options_.resolver(host, port);
+      if (addresses.ok()) {
+        dns_addresses_[i] = *std::move(addresses);
+        reported[i] = false;
+      } else if (!reported[i]) {  // keep the last good addresses; say so once
+        std::fprintf(stderr, "kvrelay registry: %s%s:%d: %s\n", kDnsRouterPrefix, host.c_str(),
+                     port, addresses.status().ToString().c_str());
+        reported[i] = true;
+      }
+      want.insert(dns_addresses_[i].begin(), dns_addresses_[i].end());
+    }
+    SetRouters(want);
+    absl::MutexLock l(&mu_);
+    mu_.AwaitWithTimeout(absl::Condition(&stop_), options_.resolve_interval);
+    if (stop_) return;
+  }
+}
+
 absl::Status RegistryClient::Start() {
   const v1::WorkerRegistration& r = options_.registration;
   if (r.worker_id().empty()) return absl::InvalidArgumentError("registration.worker_id is empty");
@@ -247,16 +336,53 @@ absl::Status RegistryClient::Start() {
   if (options_.event_poll <= absl::ZeroDuration() || options_.heartbeat <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("event_poll and heartbeat must be > 0");
   }
+  if (options_.resolve_interval <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("resolve_interval must be > 0");
+  }
   for (const std::string& router : options_.routers) {
-    connections_.push_back(std::make_unique<Connection>(this, router));
-    connections_.back()->Start();
+    absl::string_view hostport = router;
+    if (!absl::ConsumePrefix(&hostport, kDnsRouterPrefix)) {
+      static_routers_.push_back(router);
+      continue;
+    }
+    std::string host;
+    int port = 0;
+    if (!SplitHostPort(hostport, &host, &port)) {
+      return absl::InvalidArgumentError(absl::StrCat("router '", router, "' is not host:port"));
+    }
+    dns_routers_.emplace_back(std::move(host), port);
+  }
+  dns_addresses_.assign(dns_routers_.size(), {});
+  if (dns_routers_.empty()) {
+    SetRouters(std::set<std::string>(static_routers_.begin(), static_routers_.end()));
+  } else {
+    resolver_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "kvr-resolve");
+      ResolveLoop();
+    });
   }
   return absl::OkStatus();
 }
 
 void RegistryClient::Stop() {
-  for (auto& c : connections_) c->Stop();
-  connections_.clear();
+  std::map<std::string, std::unique_ptr<Connection>> connections;
+  {
+    absl::MutexLock l(&mu_);
+    stop_ = true;
+  }
+  if (resolver_.joinable()) resolver_.join();
+  {
+    absl::MutexLock l(&mu_);
+    connections.swap(connections_);
+  }
+  for (auto& [router, c] : connections) c->Stop();
+}
+
+std::vector<std::string> RegistryClient::routers() const {
+  absl::MutexLock l(&mu_);
+  std::vector<std::string> out;
+  for (const auto& [router, c] : connections_) out.push_back(router);
+  return out;
 }
 
 absl::StatusOr<std::unique_ptr<RegistryClient>> StartRegistryClient(
@@ -266,6 +392,7 @@ absl::StatusOr<std::unique_ptr<RegistryClient>> StartRegistryClient(
   if (settings.routers.empty()) return std::unique_ptr<RegistryClient>();
   RegistryClientOptions o;
   o.routers = settings.routers;
+  o.resolve_interval = settings.resolve_interval;
   v1::WorkerRegistration& r = o.registration;
   const std::string address = absl::StrCat(settings.advertise_host, ":", port);
   r.set_worker_id(
@@ -285,8 +412,9 @@ absl::StatusOr<std::unique_ptr<RegistryClient>> StartRegistryClient(
 }
 
 int RegistryClient::connected() const {
+  absl::MutexLock l(&mu_);
   int n = 0;
-  for (const auto& c : connections_) n += c->acked() ? 1 : 0;
+  for (const auto& [router, c] : connections_) n += c->acked() ? 1 : 0;
   return n;
 }
 

@@ -5,16 +5,25 @@
 // router asks (a gap, a new incarnation) or the log no longer holds what it needs, it
 // sends a snapshot instead. Connections that fail are redialled with backoff, so a
 // restarted router rebuilds its index from the workers' snapshots.
+//
+// A router entry `dns:///host:port` names every address `host` resolves to (e.g. a
+// Kubernetes headless Service over the router replicas): it is re-resolved every
+// `resolve_interval` and the worker keeps one stream per address, opening streams to
+// new replicas and closing those whose address went away. A failed lookup keeps the
+// addresses of the last good one. A plain `host:port` is one router.
 #pragma once
 
 #include <functional>
+#include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/kvcache/prefix_cache.h"
@@ -22,8 +31,19 @@
 
 namespace kvrelay::rpc {
 
+// host -> its addresses as "ip:port" / "[ipv6]:port"; NOT_FOUND or UNAVAILABLE when the
+// name does not resolve.
+using RouterResolver =
+    std::function<absl::StatusOr<std::vector<std::string>>(const std::string& host, int port)>;
+// getaddrinfo: every TCP address of `host`, deduplicated, in the resolver's order.
+absl::StatusOr<std::vector<std::string>> ResolveRouterAddresses(const std::string& host, int port);
+
+inline constexpr char kDnsRouterPrefix[] = "dns:///";
+
 struct RegistryClientOptions {
-  std::vector<std::string> routers;  // host:port of every router replica
+  std::vector<std::string> routers;  // host:port or dns:///host:port of the router replicas
+  absl::Duration resolve_interval = absl::Seconds(10);  // for dns:/// entries
+  RouterResolver resolver = ResolveRouterAddresses;
   v1::WorkerRegistration registration;
   // How often new KV events are looked for (the router learns of new blocks this late).
   absl::Duration event_poll = absl::Milliseconds(5);
@@ -36,13 +56,14 @@ struct RegistryClientOptions {
 
 // What a worker's flags say about the registry.
 struct RegistrySettings {
-  std::vector<std::string> routers;          // empty: register nowhere
-  std::string worker_id;                     // empty: "<role>-<host>:<port>"
-  std::string advertise_host = "127.0.0.1";  // how routers and peers reach this worker
+  std::vector<std::string> routers;                     // empty: register nowhere
+  absl::Duration resolve_interval = absl::Seconds(10);  // dns:/// entries are re-resolved
+  std::string worker_id;                                // empty: "<role>-<host>:<port>"
+  std::string advertise_host = "127.0.0.1";             // how routers and peers reach this worker
 };
 
 // "host:port[,host:port...]" -> the list; INVALID_ARGUMENT naming `flag` for an entry
-// that is not host:port.
+// that is not host:port or dns:///host:port.
 absl::StatusOr<std::vector<std::string>> ParseRouterList(const std::string& list,
                                                          const std::string& flag);
 
@@ -68,14 +89,28 @@ class RegistryClient {
 
   // Routers whose stream is open and registration acknowledged.
   int connected() const;
+  // The router addresses this client keeps a stream to (dns:/// entries expanded), sorted.
+  std::vector<std::string> routers() const;
 
  private:
   class Connection;
 
+  // Resolves the dns:/// entries every resolve_interval until Stop.
+  void ResolveLoop();
+  // Makes the connections exactly `want` (plus nothing else): opens new ones, closes others.
+  void SetRouters(const std::set<std::string>& want) ABSL_LOCKS_EXCLUDED(mu_);
+
   const RegistryClientOptions options_;
   const kvcache::PrefixCache* cache_;
   std::function<v1::LoadReport()> load_;
-  std::vector<std::unique_ptr<Connection>> connections_;
+  std::vector<std::string> static_routers_;  // plain host:port entries
+  // dns:/// entries (host, port) and their last good addresses.
+  std::vector<std::pair<std::string, int>> dns_routers_;
+  std::vector<std::vector<std::string>> dns_addresses_;  // resolver thread only
+  std::thread resolver_;
+  mutable absl::Mutex mu_;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::map<std::string, std::unique_ptr<Connection>> connections_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace kvrelay::rpc

@@ -1,5 +1,6 @@
 #include "common/rpc/registry_client.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <memory>
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/kvcache/prefix_cache.h"
@@ -121,6 +123,11 @@ TEST(ParseRouterListTest, GoodLists) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_THAT(*r, ElementsAre("a:1", "10.0.0.2:65535", "[::1]:50050"));
 
+  // dns:/// entries stand for every address the name resolves to.
+  r = ParseRouterList("dns:///kvrelay-router-headless.ns.svc.cluster.local:50050,b:2", "--routers");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_THAT(*r, ElementsAre("dns:///kvrelay-router-headless.ns.svc.cluster.local:50050", "b:2"));
+
   // Empty entries (a trailing comma) are skipped.
   r = ParseRouterList("a:1,,b:2,", "--routers");
   ASSERT_TRUE(r.ok()) << r.status();
@@ -138,8 +145,8 @@ TEST(ParseRouterListTest, SpacesAroundEntriesAreTrimmed) {
 }
 
 TEST(ParseRouterListTest, BadEntriesNameTheFlag) {
-  for (const char* bad :
-       {"a", "a:", ":5000", "a:0", "a:65536", "a:-1", "a:x", "a:1,b", "a:1,b:2x"}) {
+  for (const char* bad : {"a", "a:", ":5000", "a:0", "a:65536", "a:-1", "a:x", "a:1,b", "a:1,b:2x",
+                          "dns:///a", "dns:///:5", "dns:///[::1]:5", "dns://a:5"}) {
     SCOPED_TRACE(bad);
     auto r = ParseRouterList(bad, "--routers");
     ASSERT_FALSE(r.ok());
@@ -147,9 +154,27 @@ TEST(ParseRouterListTest, BadEntriesNameTheFlag) {
     EXPECT_THAT(std::string(r.status().message()), HasSubstr("--routers"));
     EXPECT_THAT(std::string(r.status().message()), HasSubstr("host:port"));
   }
+  EXPECT_THAT(std::string(ParseRouterList("dns:///a", "--router").status().message()),
+              HasSubstr("'dns:///a'"));
   auto r = ParseRouterList("good:1,oops", "--prefill_routers");
   EXPECT_THAT(std::string(r.status().message()), HasSubstr("--prefill_routers"));
   EXPECT_THAT(std::string(r.status().message()), HasSubstr("oops"));
+}
+
+TEST(ResolveRouterAddressesTest, LocalhostAndAnUnknownName) {
+  auto a = ResolveRouterAddresses("localhost", 5000);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_THAT(*a, ::testing::Contains("127.0.0.1:5000"));
+  for (const std::string& address : *a) {  // IPv6 in brackets, never twice
+    EXPECT_TRUE(address == "127.0.0.1:5000" || address == "[::1]:5000") << address;
+    EXPECT_EQ(std::count(a->begin(), a->end(), address), 1);
+  }
+  a = ResolveRouterAddresses("10.1.2.3", 7);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_THAT(*a, ElementsAre("10.1.2.3:7"));
+  a = ResolveRouterAddresses("no-such-host.invalid", 7);  // RFC 6761: never resolves
+  ASSERT_FALSE(a.ok());
+  EXPECT_THAT(std::string(a.status().message()), HasSubstr("no-such-host.invalid"));
 }
 
 TEST(StartRegistryClientTest, NoRoutersNoClient) {
@@ -280,6 +305,78 @@ TEST(RegistryClientTest, CountsOnlyRoutersThatAcked) {
   EXPECT_EQ(client.connected(), 1);
   client.Stop();
   EXPECT_EQ(client.connected(), 0);
+}
+
+// A dns:/// entry (a headless Service over the router replicas): one stream per
+// address the name resolves to, following the answers; a failed lookup keeps the last.
+TEST(RegistryClientTest, DnsEntryKeepsAStreamToEveryAddressItResolvesTo) {
+  TestRouter a;
+  TestRouter b;
+  ASSERT_TRUE(a.ok());
+  ASSERT_TRUE(b.ok());
+  auto cache = MakeCache();
+  absl::Mutex mu;
+  absl::StatusOr<std::vector<std::string>> answer = std::vector<std::string>{a.address()};
+  std::atomic<int> lookups{0};
+  RegistryClientOptions o = Options(*cache, {"dns:///routers.test:50050"});
+  o.resolve_interval = absl::Milliseconds(20);
+  o.resolver = [&](const std::string& host, int port) {
+    EXPECT_EQ(host, "routers.test");
+    EXPECT_EQ(port, 50050);
+    absl::MutexLock l(&mu);
+    ++lookups;
+    return answer;
+  };
+  auto set_answer = [&](absl::StatusOr<std::vector<std::string>> v) {
+    absl::MutexLock l(&mu);
+    answer = std::move(v);
+    return lookups.load();
+  };
+  RegistryClient client(std::move(o), cache.get(), NoLoad);
+  ASSERT_TRUE(client.Start().ok());
+  ASSERT_TRUE(WaitFor([&] { return client.connected() == 1; }));
+  EXPECT_THAT(client.routers(), ElementsAre(a.address()));
+  ASSERT_TRUE(WaitFor([&] { return Find(a.registry(), "decode-0").has_value(); }));
+
+  // A second replica appears.
+  set_answer(std::vector<std::string>{a.address(), b.address()});
+  ASSERT_TRUE(WaitFor([&] { return client.connected() == 2; }));
+  ASSERT_TRUE(WaitFor([&] {
+    std::optional<v1::WorkerStatus> w = Find(b.registry(), "decode-0");
+    return w.has_value() && w->alive();
+  }));
+
+  // The first one goes away: its stream is closed, the router sees the worker leave.
+  set_answer(std::vector<std::string>{b.address()});
+  ASSERT_TRUE(WaitFor([&] { return client.routers() == std::vector<std::string>{b.address()}; }));
+  ASSERT_TRUE(WaitFor([&] {
+    std::optional<v1::WorkerStatus> w = Find(a.registry(), "decode-0");
+    return !w.has_value() || !w->alive();
+  }));
+  EXPECT_EQ(client.connected(), 1);
+
+  // A failed lookup keeps what the last good one said.
+  const int before = set_answer(absl::UnavailableError("dns down"));
+  ASSERT_TRUE(WaitFor([&] { return lookups.load() >= before + 3; }));
+  EXPECT_THAT(client.routers(), ElementsAre(b.address()));
+  EXPECT_EQ(client.connected(), 1);
+  client.Stop();
+  EXPECT_EQ(client.connected(), 0);
+  EXPECT_TRUE(client.routers().empty());
+}
+
+// The real resolver: localhost is 127.0.0.1 (where the router listens) and maybe ::1.
+TEST(RegistryClientTest, DnsEntryWithTheSystemResolver) {
+  TestRouter router;
+  ASSERT_TRUE(router.ok());
+  auto cache = MakeCache();
+  const std::string port = router.address().substr(router.address().rfind(':') + 1);
+  RegistryClient client(Options(*cache, {"dns:///localhost:" + port}), cache.get(), NoLoad);
+  ASSERT_TRUE(client.Start().ok());
+  ASSERT_TRUE(WaitFor([&] { return client.connected() == 1; }));
+  EXPECT_THAT(client.routers(), ::testing::Contains(router.address()));
+  ASSERT_TRUE(WaitFor([&] { return Find(router.registry(), "decode-0").has_value(); }));
+  client.Stop();
 }
 
 // Load reports follow the heartbeat even when KV events are polled rarely (a worker
