@@ -10,6 +10,8 @@ PACKAGES=(
   libucx-dev ucx-utils
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev prometheus
+  golang-go golang-github-masterminds-sprig-dev golang-k8s-sigs-yaml-dev
+  golang-gopkg-yaml.v2-dev golang-github-burntsushi-toml-dev nodejs
 )
 
 missing=()
@@ -25,4 +27,12 @@ if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
   $SUDO apt-get update
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+# The chart test's schema validator runs on npm. Debian's own nodejs package ships without
+# it (the NodeSource build this machine kind carries includes it): add Debian's npm then.
+if ! command -v npm >/dev/null 2>&1; then
+  SUDO=""
+  if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends npm
 fi
