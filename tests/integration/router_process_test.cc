@@ -482,9 +482,11 @@ TEST(RouterBusyTest, ABusyHolderIsSkippedUntilItIsNotBusy) {
   ASSERT_TRUE(first.status.ok()) << first.status.error_message();
   const std::string holder = first.final.route().decode_worker();
   const int64_t had = cluster.Find(before, holder)->indexed_blocks();
+  // The holder's blocks are indexed and its load report no longer counts the first
+  // request's blocks as active (a stale report would make the idle worker cheaper).
   cluster.WaitForWorkers([&](const v1::ListWorkersResponse& r) {
     const v1::WorkerStatus* w = cluster.Find(r, holder);
-    return w != nullptr && w->indexed_blocks() >= had + 6;
+    return w != nullptr && w->indexed_blocks() >= had + 6 && w->load().active_blocks() == 0;
   });
   // A long request sharing the prefix goes to the holder and keeps it busy (31 blocks).
   absl::Notification first_token;
