@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/util/status.h"
+#include "kernels/device_math.h"
 #include "kernels/ops.h"
 
 namespace kvrelay::model {
@@ -35,26 +36,15 @@ struct Workspace {
 std::vector<float> RopeInvFreq(const ModelConfig& c) {
   const int half = c.head_dim / 2;
   std::vector<float> inv(half);
-  for (int i = 0; i < half; ++i) {
-    // As HF: 1.0 / (base ** (arange(0, dim, 2).float() / dim)), in float.
-    const float expo = static_cast<float>(2 * i) / static_cast<float>(c.head_dim);
-    inv[i] = 1.0f / std::pow(c.rope_theta, expo);
-  }
+  // The same functions a device-side table would be built with (kernels/device_math.h).
+  for (int i = 0; i < half; ++i)
+    inv[i] = kernels::math::RopeBaseInvFreq(i, c.head_dim, c.rope_theta);
   if (c.rope_scaling.llama3) {
     const RopeScaling& s = c.rope_scaling;
-    const float old_ctx = static_cast<float>(s.original_max_position_embeddings);
-    const float low_wavelen = old_ctx / s.low_freq_factor;
-    const float high_wavelen = old_ctx / s.high_freq_factor;
     for (int i = 0; i < half; ++i) {
-      const float wavelen = 2.0f * static_cast<float>(M_PI) / inv[i];
-      if (wavelen < high_wavelen) continue;
-      if (wavelen > low_wavelen) {
-        inv[i] = inv[i] / s.factor;
-      } else {
-        const float smooth =
-            (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
-        inv[i] = (1.0f - smooth) * inv[i] / s.factor + smooth * inv[i];
-      }
+      inv[i] =
+          kernels::math::Llama3ScaleInvFreq(inv[i], s.factor, s.low_freq_factor, s.high_freq_factor,
+                                            s.original_max_position_embeddings);
     }
   }
   return inv;

@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "kernels/cpu/kernel_tables.h"
+#include "kernels/device_math.h"
 
 namespace kvrelay::kernels::cpu {
 namespace {
@@ -12,7 +13,7 @@ inline float Load(const void* p, int64_t i) {
   if constexpr (T == DType::kF32) return static_cast<const float*>(p)[i];
   if constexpr (T == DType::kF16) return F16ToF32(static_cast<const uint16_t*>(p)[i]);
   if constexpr (T == DType::kBF16) return Bf16ToF32(static_cast<const uint16_t*>(p)[i]);
-  if constexpr (T == DType::kI8) return static_cast<float>(static_cast<const int8_t*>(p)[i]);
+  if constexpr (T == DType::kI8) return math::I8KvDequantize(static_cast<const int8_t*>(p)[i]);
   return 0.0f;
 }
 

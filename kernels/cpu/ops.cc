@@ -12,6 +12,7 @@
 #endif
 
 #include "kernels/cpu/kernel_tables.h"
+#include "kernels/device_math.h"
 
 namespace kvrelay::kernels {
 
@@ -109,10 +110,10 @@ void RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float ep
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * dim;
     double ss = 0.0;
-    for (int64_t i = 0; i < dim; ++i) ss += static_cast<double>(xr[i]) * xr[i];
-    const float inv = static_cast<float>(1.0 / std::sqrt(ss / dim + eps));
+    for (int64_t i = 0; i < dim; ++i) ss += math::RmsNormSquare(xr[i]);
+    const float inv = math::RmsNormInvRms(ss, dim, eps);
     float* yr = y + r * dim;
-    for (int64_t i = 0; i < dim; ++i) yr[i] = (xr[i] * inv) * w[i];
+    for (int64_t i = 0; i < dim; ++i) yr[i] = math::RmsNormApply(xr[i], inv, w[i]);
   }
 }
 
@@ -124,12 +125,12 @@ void LayerNorm(const float* x, const float* w, const float* b, int64_t rows, int
     for (int64_t i = 0; i < dim; ++i) mean += xr[i];
     mean /= dim;
     double var = 0.0;
-    for (int64_t i = 0; i < dim; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    for (int64_t i = 0; i < dim; ++i) var += math::LayerNormSquaredDeviation(xr[i], mean);
     var /= dim;
-    const float inv = static_cast<float>(1.0 / std::sqrt(var + eps));
+    const float inv = math::LayerNormInvStd(var, eps);
     const float m = static_cast<float>(mean);
     float* yr = y + r * dim;
-    for (int64_t i = 0; i < dim; ++i) yr[i] = (xr[i] - m) * inv * w[i] + b[i];
+    for (int64_t i = 0; i < dim; ++i) yr[i] = math::LayerNormApply(xr[i], m, inv, w[i], b[i]);
   }
 }
 
@@ -142,21 +143,16 @@ void SiluMul(const float* gate_up, int64_t rows, int64_t inter, float* out) {
     const float* g = gate_up + r * 2 * inter;
     const float* u = g + inter;
     float* o = out + r * inter;
-    for (int64_t i = 0; i < inter; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    for (int64_t i = 0; i < inter; ++i) o[i] = math::SiluMul(g[i], u[i]);
   }
 }
 
 void GeluTanh(float* x, int64_t n) {
-  constexpr float kC = 0.7978845608028654f;  // sqrt(2 / pi)
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
-    x[i] = 0.5f * v * (1.0f + std::tanh(kC * (v + 0.044715f * v * v * v)));
-  }
+  for (int64_t i = 0; i < n; ++i) x[i] = math::GeluTanh(x[i]);
 }
 
 void GeluErf(float* x, int64_t n) {
-  constexpr float kInvSqrt2 = 0.7071067811865476f;
-  for (int64_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * kInvSqrt2));
+  for (int64_t i = 0; i < n; ++i) x[i] = math::GeluErf(x[i]);
 }
 
 void Rope(float* x, int num_heads, int head_dim, int64_t position, const float* inv_freq) {
@@ -165,14 +161,12 @@ void Rope(float* x, int num_heads, int head_dim, int64_t position, const float* 
   // No fixed-size cos/sin scratch (head_dim is unbounded): each frequency is applied to every
   // head in turn. Same arithmetic per element as computing the tables first.
   for (int i = 0; i < half; ++i) {
-    const float angle = pos * inv_freq[i];
+    const float angle = math::RopeAngle(pos, inv_freq[i]);
     const float c = std::cos(angle);
     const float s = std::sin(angle);
     for (int h = 0; h < num_heads; ++h) {
       float* v = x + static_cast<int64_t>(h) * head_dim;
-      const float a = v[i], b = v[i + half];
-      v[i] = a * c - b * s;
-      v[i + half] = b * c + a * s;
+      math::RopeRotatePair(v[i], v[i + half], c, s, &v[i], &v[i + half]);
     }
   }
 }
@@ -192,18 +186,12 @@ void StoreRow(const float* src, int64_t n, DType t, uint8_t* dst, float* scale) 
       return;
     case DType::kI8: {
       // The scale comes from the finite values; +-inf saturate to +-127 and NaN stores 0
-      // (a NaN must never reach the int8 conversion, which would be undefined).
+      // (see kernels/device_math.h).
       float amax = 0.0f;
-      for (int64_t i = 0; i < n; ++i) {
-        if (std::isfinite(src[i])) amax = std::max(amax, std::fabs(src[i]));
-      }
-      const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
-      // Divide rather than multiply by 1/s: for tiny amax (< ~3.7e-37) 1/s overflows to inf,
-      // which would turn every nonzero element into +-127 and zeros into NaN.
-      for (int64_t i = 0; i < n; ++i) {
-        const float q = std::isnan(src[i]) ? 0.0f : std::nearbyint(src[i] / s);
-        reinterpret_cast<int8_t*>(dst)[i] = static_cast<int8_t>(std::clamp(q, -127.0f, 127.0f));
-      }
+      for (int64_t i = 0; i < n; ++i) amax = math::I8KvAbsMaxStep(amax, src[i]);
+      const float s = math::I8KvScale(amax);
+      for (int64_t i = 0; i < n; ++i)
+        reinterpret_cast<int8_t*>(dst)[i] = math::I8KvQuantize(src[i], s);
       *scale = s;
       return;
     }
