@@ -316,8 +316,13 @@ void RegistryClient::ResolveLoop() {
       want.insert(dns_addresses_[i].begin(), dns_addresses_[i].end());
     }
     SetRouters(want);
+    // A name that has never resolved (no router pod yet) is asked again within a second.
+    const bool unresolved = std::any_of(dns_addresses_.begin(), dns_addresses_.end(),
+                                        [](const auto& a) { return a.empty(); });
     absl::MutexLock l(&mu_);
-    mu_.AwaitWithTimeout(absl::Condition(&stop_), options_.resolve_interval);
+    mu_.AwaitWithTimeout(absl::Condition(&stop_),
+                         unresolved ? std::min(options_.resolve_interval, absl::Seconds(1))
+                                    : options_.resolve_interval);
     if (stop_) return;
   }
 }

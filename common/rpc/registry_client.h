@@ -10,7 +10,8 @@
 // Kubernetes headless Service over the router replicas): it is re-resolved every
 // `resolve_interval` and the worker keeps one stream per address, opening streams to
 // new replicas and closing those whose address went away. A failed lookup keeps the
-// addresses of the last good one. A plain `host:port` is one router.
+// addresses of the last good one; a name that never resolved yet is retried every second.
+// A plain `host:port` is one router.
 #pragma once
 
 #include <functional>

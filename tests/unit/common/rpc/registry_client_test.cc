@@ -365,6 +365,25 @@ TEST(RegistryClientTest, DnsEntryKeepsAStreamToEveryAddressItResolvesTo) {
   EXPECT_TRUE(client.routers().empty());
 }
 
+// A name with no address yet (no router pod) is asked again soon, not after the interval.
+TEST(RegistryClientTest, DnsEntryNotResolvedYetIsRetriedWithinASecond) {
+  TestRouter router;
+  ASSERT_TRUE(router.ok());
+  auto cache = MakeCache();
+  std::atomic<int> lookups{0};
+  RegistryClientOptions o = Options(*cache, {"dns:///routers.test:50050"});
+  o.resolve_interval = absl::Hours(1);
+  o.resolver = [&](const std::string&, int) -> absl::StatusOr<std::vector<std::string>> {
+    if (++lookups < 3) return absl::NotFoundError("no such name yet");
+    return std::vector<std::string>{router.address()};
+  };
+  RegistryClient client(std::move(o), cache.get(), NoLoad);
+  ASSERT_TRUE(client.Start().ok());
+  ASSERT_TRUE(WaitFor([&] { return client.connected() == 1; }));
+  EXPECT_EQ(lookups.load(), 3);
+  client.Stop();
+}
+
 // The real resolver: localhost is 127.0.0.1 (where the router listens) and maybe ::1.
 TEST(RegistryClientTest, DnsEntryWithTheSystemResolver) {
   TestRouter router;
