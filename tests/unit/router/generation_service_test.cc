@@ -374,7 +374,9 @@ struct Result {
   v1::Final final;
 };
 
-Result ReadAll(grpc::ClientReader<v1::GenerateResponse>* reader) {
+// `on_message` (optional) sees the result so far after each message.
+Result ReadAll(grpc::ClientReader<v1::GenerateResponse>* reader,
+               const std::function<void(const Result&)>& on_message = nullptr) {
   Result r;
   v1::GenerateResponse m;
   while (reader->Read(&m)) {
@@ -387,6 +389,7 @@ Result ReadAll(grpc::ClientReader<v1::GenerateResponse>* reader) {
       ++r.finals;
       r.final = m.final();
     }
+    if (on_message) on_message(r);
   }
   r.status = reader->Finish();
   return r;
@@ -401,8 +404,17 @@ class AsyncGenerate {
     ctx_.set_deadline(In(timeout));
     thread_ = std::thread([this, stub, request] {
       auto reader = stub->Generate(&ctx_, request);
-      result_ = ReadAll(reader.get());
+      result_ = ReadAll(reader.get(), [this](const Result& so_far) {
+        absl::MutexLock l(&mu_);
+        tokens_seen_ = static_cast<int>(so_far.tokens.size());
+      });
     });
+  }
+  // True once the client has received at least n tokens (false after kWait).
+  bool WaitTokens(int n) {
+    absl::MutexLock l(&mu_);
+    auto enough = [this, n]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return tokens_seen_ >= n; };
+    return mu_.AwaitWithTimeout(absl::Condition(&enough), kWait);
   }
   ~AsyncGenerate() {
     ctx_.TryCancel();
@@ -416,6 +428,8 @@ class AsyncGenerate {
  private:
   grpc::ClientContext ctx_;
   Result result_;
+  absl::Mutex mu_;
+  int tokens_seen_ ABSL_GUARDED_BY(mu_) = 0;
   std::thread thread_;
 };
 
@@ -836,6 +850,8 @@ TEST_F(GenerationServiceTest, MigratesWhenTheWorkersServerGoesAway) {
   const std::vector<int32_t> prompt = Prompt();
   AsyncGenerate call(stub_.get(), Request(prompt, 6));
   ASSERT_TRUE(a->WaitCalls(1));
+  // A's two tokens reached the client (so the router has them) before A goes away.
+  ASSERT_TRUE(call.WaitTokens(2));
   FakeWorker* b = AddWorker("fake-b", Complete(Slice(out, 2, 6)));
   a->Kill();
   const Result& r = call.Join();
@@ -1339,6 +1355,9 @@ TEST_F(GenerationServiceTest, RequestCancelledWhileQueuedLeavesNoLoadBehind) {
   queued.set_request_id("queued");
   const Result q = Generate(queued, absl::Milliseconds(300));
   EXPECT_EQ(q.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << q.status.error_message();
+  // The router has seen the deadline pass too (its clock, not the client's) and took the
+  // request off the queue before the runner frees up.
+  ASSERT_TRUE(testing::WaitFor([&] { return M("kvrelay_router_queue_depth") == 0; }));
   a->Release();
   EXPECT_TRUE(running.Join().status.ok()) << running.Join().status.error_message();
   // One runner, in order: once this one is done the expired one was taken off the queue.
