@@ -124,4 +124,85 @@ KVR_HD int8_t I8KvQuantize(float x, float scale) {
 }
 KVR_HD float I8KvDequantize(int8_t q) { return static_cast<float>(q); }
 
+// ---- Token sampling (common/sampling/sampler.cc and kernels/cuda/sampling.cu) ----
+//
+// The per-token arithmetic of the sampler: penalties, tempered probabilities, the filter
+// thresholds and the seeded uniform draw. Sums over the vocabulary are not here (the CPU
+// sums in token-id order; the GPU kernel runs the same sequential sums, see sampling.cu).
+
+// NaN logits are treated as -inf: they can never win and never poison a sum.
+KVR_HD float SampleSanitize(float logit) { return std::isnan(logit) ? -INFINITY : logit; }
+
+// Repetition penalty (HF / vLLM) of a token seen in the prompt or the output: positive
+// logits are divided by the penalty, the others multiplied.
+KVR_HD float ApplyRepetitionPenalty(float logit, float penalty) {
+  return logit > 0.0f ? logit / penalty : logit * penalty;
+}
+
+// Frequency and presence penalties (OpenAI) of a token seen `count` > 0 times in the output.
+KVR_HD float ApplyOutputPenalties(float logit, float count, float frequency, float presence) {
+  logit -= frequency * count;
+  logit -= presence;
+  return logit;
+}
+
+// Unnormalised tempered probability exp((logit - max) / temperature), as float: exactly 1 for
+// the max itself (also when the max is +-inf), 0 when it underflows. exp is double precision
+// (libm on the CPU, CUDA's exp within 1 ulp on the GPU).
+KVR_HD float SampleRelativeProb(float logit, float max_logit, double temperature) {
+  if (logit == max_logit) return 1.0f;
+  return static_cast<float>(
+      std::exp((static_cast<double>(logit) - static_cast<double>(max_logit)) / temperature));
+}
+
+// Top-p keeps the shortest best-first prefix whose cumulative mass reaches this.
+KVR_HD double TopPThreshold(float top_p, double total_mass) {
+  return static_cast<double>(top_p) * total_mass;
+}
+// Min-p drops candidates whose probability is below this.
+KVR_HD float MinPThreshold(float min_p, float max_p) { return min_p * max_p; }
+// The inverse-CDF draw picks the first best-first candidate whose cumulative mass exceeds this.
+KVR_HD double DrawTarget(double u, double total_mass) { return u * total_mass; }
+
+// Log-softmax of raw logits: logprob(x) = LogSoftmaxValue(LogSoftmaxShift(x, max), log(sum_i
+// exp(LogSoftmaxShift(x_i, max)))). The shift is exactly 0 for the max itself (also +-inf).
+KVR_HD double LogSoftmaxShift(float x, float max_logit) {
+  return x == max_logit ? 0.0 : static_cast<double>(x) - static_cast<double>(max_logit);
+}
+KVR_HD float LogSoftmaxValue(double shifted, double log_sum) {
+  return static_cast<float>(shifted - log_sum);
+}
+
+// The seeded randomness: XXH3_64bits_withSeed (xxHash 0.8, frozen output) of the 8
+// little-endian bytes of `value`, i.e. XXH3's 4-to-8-byte path for len == 8 with the default
+// secret, written out so the GPU runs it too. Integer arithmetic only: bit-identical.
+KVR_HD uint64_t Xxh3Rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+KVR_HD uint64_t Xxh3Seeded8Bytes(uint64_t value, uint64_t seed) {
+  // XXH_readLE64(kSecret + 8) ^ XXH_readLE64(kSecret + 16).
+  constexpr uint64_t kSecret8 = 0x1cad21f72c81017cULL;
+  constexpr uint64_t kSecret16 = 0xdb979083e96dd4deULL;
+  constexpr uint64_t kMx2 = 0x9FB21C651E98DF25ULL;
+  const auto seed32 = static_cast<uint32_t>(seed);
+  const uint32_t swapped = (seed32 << 24) | ((seed32 << 8) & 0x00ff0000u) |
+                           ((seed32 >> 8) & 0x0000ff00u) | (seed32 >> 24);
+  seed ^= static_cast<uint64_t>(swapped) << 32;
+  const uint64_t input1 = value & 0xffffffffULL;  // XXH_readLE32(input)
+  const uint64_t input2 = value >> 32;            // XXH_readLE32(input + len - 4)
+  const uint64_t bitflip = (kSecret8 ^ kSecret16) - seed;
+  uint64_t h = (input2 + (input1 << 32)) ^ bitflip;
+  // XXH3_rrmxmx(h, len = 8)
+  h ^= Xxh3Rotl64(h, 49) ^ Xxh3Rotl64(h, 24);
+  h *= kMx2;
+  h ^= (h >> 35) + 8;
+  h *= kMx2;
+  return h ^ (h >> 28);
+}
+
+// A uniform double in [0, 1) from (seed, position): the top 53 bits of the hash of the
+// position's 8 little-endian bytes, seeded with `seed` (sampling::UniformForPosition).
+KVR_HD double SampleUniform(uint64_t seed, int64_t position) {
+  const uint64_t hash = Xxh3Seeded8Bytes(static_cast<uint64_t>(position), seed);
+  return static_cast<double>(hash >> 11) * 0x1.0p-53;
+}
+
 }  // namespace kvrelay::kernels::math

@@ -1,7 +1,5 @@
 #include "common/sampling/sampler.h"
 
-#include <xxhash.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -10,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "kernels/device_math.h"
 
 namespace kvrelay::sampling {
 namespace {
@@ -17,8 +16,12 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kMaxLogprobs = 20;
 
+// The per-token arithmetic (penalties, tempered probabilities, filter thresholds, the seeded
+// draw) is kernels/device_math.h's, shared with the CUDA sampler (kernels/cuda/sampling.cu).
+namespace math = kernels::math;
+
 // NaN logits are treated as -inf: they can never win and never poison a sum.
-float Sanitize(float logit) { return std::isnan(logit) ? kNegInf : logit; }
+float Sanitize(float logit) { return math::SampleSanitize(logit); }
 
 // A token with its (unnormalised) probability.
 struct Candidate {
@@ -132,14 +135,14 @@ std::vector<TokenOverride> PenalisedHistory(absl::Span<const float> logits,
   for (int32_t id : ids) {
     float logit = Sanitize(logits[static_cast<size_t>(id)]);
     if (repetition) {
-      logit = logit > 0.0f ? logit / params.repetition_penalty : logit * params.repetition_penalty;
+      logit = math::ApplyRepetitionPenalty(logit, params.repetition_penalty);
     }
     if (additive) {
       const auto range = std::equal_range(output.begin(), output.end(), id);
       const auto count = static_cast<float>(range.second - range.first);
       if (count > 0.0f) {
-        logit -= params.frequency_penalty * count;
-        logit -= params.presence_penalty;
+        logit = math::ApplyOutputPenalties(logit, count, params.frequency_penalty,
+                                           params.presence_penalty);
       }
     }
     overrides.push_back({id, logit});
@@ -179,9 +182,7 @@ int32_t Greedy(absl::Span<const float> logits, const std::vector<TokenOverride>&
 // exp((x - max) / temperature), computed so that tokens equal to the max get
 // exactly 1 (also when the max is +-inf) and nothing overflows.
 float RelativeProb(float logit, float max_logit, double temperature) {
-  if (logit == max_logit) return 1.0f;
-  return static_cast<float>(
-      std::exp((static_cast<double>(logit) - static_cast<double>(max_logit)) / temperature));
+  return math::SampleRelativeProb(logit, max_logit, temperature);
 }
 
 // Tempered softmax of the penalised logits, unnormalised (the max token has
@@ -228,7 +229,7 @@ void ApplyTopK(int top_k, std::vector<Candidate>* candidates) {
 
 // Keeps the smallest Better-ordered prefix whose mass reaches top_p of the total.
 void ApplyTopP(float top_p, std::vector<Candidate>* candidates) {
-  const double threshold = static_cast<double>(top_p) * SumInIdOrder(*candidates);
+  const double threshold = math::TopPThreshold(top_p, SumInIdOrder(*candidates));
   SortedView sorted(*candidates);
   double cumulative = 0.0;
   for (size_t i = 0; i < sorted.size(); ++i) {
@@ -246,7 +247,7 @@ void ApplyTopP(float top_p, std::vector<Candidate>* candidates) {
 void ApplyMinP(float min_p, std::vector<Candidate>* candidates) {
   float max_p = 0.0f;
   for (const Candidate& c : *candidates) max_p = std::max(max_p, c.p);
-  const float threshold = min_p * max_p;
+  const float threshold = math::MinPThreshold(min_p, max_p);
   candidates->erase(std::remove_if(candidates->begin(), candidates->end(),
                                    [&](const Candidate& c) { return c.p < threshold; }),
                     candidates->end());
@@ -254,7 +255,7 @@ void ApplyMinP(float min_p, std::vector<Candidate>* candidates) {
 
 // Inverse-CDF draw over the candidates walked in Better order.
 int32_t Draw(const std::vector<Candidate>& candidates, double u) {
-  const double target = u * SumInIdOrder(candidates);
+  const double target = math::DrawTarget(u, SumInIdOrder(candidates));
   SortedView sorted(candidates);
   double cumulative = 0.0;
   for (size_t i = 0; i < sorted.size(); ++i) {
@@ -289,7 +290,7 @@ class RawLogSoftmax {
   }
 
   float LogProb(int32_t id) const {
-    return static_cast<float>(Shifted(Sanitize(logits_[static_cast<size_t>(id)])) - log_sum_);
+    return math::LogSoftmaxValue(Shifted(Sanitize(logits_[static_cast<size_t>(id)])), log_sum_);
   }
 
   // The n best tokens, best first, ties by lower id. One pass with a small
@@ -312,9 +313,7 @@ class RawLogSoftmax {
 
  private:
   // x - max, exactly 0 for the max itself (also when the max is +-inf).
-  double Shifted(float x) const {
-    return x == max_ ? 0.0 : static_cast<double>(x) - static_cast<double>(max_);
-  }
+  double Shifted(float x) const { return math::LogSoftmaxShift(x, max_); }
 
   absl::Span<const float> logits_;
   float max_;
@@ -390,13 +389,9 @@ SampleResult Sample(absl::Span<const float> logits, const SamplingParams& params
 }
 
 double UniformForPosition(uint64_t seed, int64_t position) {
-  // XXH3 over the 8 little-endian bytes of the position, seeded with `seed`;
-  // the top 53 bits become a double in [0, 1). Stable across machines.
-  const auto value = static_cast<uint64_t>(position);
-  unsigned char bytes[8];
-  for (int i = 0; i < 8; ++i) bytes[i] = static_cast<unsigned char>(value >> (8 * i));
-  const uint64_t hash = XXH3_64bits_withSeed(bytes, sizeof(bytes), seed);
-  return static_cast<double>(hash >> 11) * 0x1.0p-53;
+  // XXH3_64bits_withSeed over the 8 little-endian bytes of the position, seeded with
+  // `seed`; the top 53 bits become a double in [0, 1). Stable across machines.
+  return math::SampleUniform(seed, position);
 }
 
 }  // namespace kvrelay::sampling

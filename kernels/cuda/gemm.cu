@@ -1,0 +1,341 @@
+// y[rows, out] = x[rows, in] · w[out, in]ᵀ (+ bias) through cuBLASLt (CPU twin: kernels::MatMul
+// in kernels/cpu/ops.cc).
+//
+// Layout: cuBLASLt is column-major, so the row-major matrices are read as their transposes:
+// w [out, in] row-major is A = column-major [in, out] (lda = in), x [rows, in] is
+// B = column-major [in, rows] (ldb = in), y [rows, out] is D = column-major [out, rows]
+// (ldd = out), and D = op(A) · B with op(A) = Aᵀ: the "TN" GEMM, m = out, n = rows, k = in.
+// C = D with beta = 0 (C is never read).
+// Types: A and B share the weight dtype (CUDA_R_16BF, CUDA_R_16F or CUDA_R_32F), D is
+// CUDA_R_32F, compute CUBLAS_COMPUTE_32F with f32 scale (alpha = 1, beta = 0): 16-bit inputs
+// accumulate in f32 on the tensor cores; f32 inputs run full-precision FP32 (the _FAST_TF32
+// compute type is never used, so TF32 never is either).
+// Plans: the matmul descriptor, the three layouts and cuBLASLt's heuristic algorithm (one
+// result, within the workspace, for the actual pointer alignments) are built on the first
+// call for a (dtype, rows, in, out, alignment of w / converted x / y) and cached: later calls
+// of that shape only launch. For a given plan cuBLASLt is deterministic (its split-K
+// reductions are ordered); a different rows may pick a different algorithm, so results are
+// not batch-invariant the way the CPU's are (DESIGN §6).
+//
+// Kernels (both compiled with --fmad=false like every kernel here):
+//  - GemmConvertXKernel<T>: x f32 -> T (bf16 / f16, round to nearest even: the values
+//    kernels::F32ToBf16 / F32ToF16 give, NaN stays NaN) into the Gemm's conversion buffer.
+//    1-D grid-stride over rows * in elements, kThreads = 256, grid = min(ceil(n / 256),
+//    kMaxBlocks); one element per thread per step, coalesced; no alignment beyond float's.
+//  - GemmBiasEpilogueKernel: y[r][o] += bias[o], the CPU's own f32 add after its dot product.
+//    2-D grid: blockIdx.x * 256 + threadIdx.x is the column o < out (striding by
+//    gridDim.x * 256), blockIdx.y the row (striding by gridDim.y): no division by out;
+//    grid.x = min(ceil(out / 256), kMaxBlocks), grid.y = min(rows, kMaxGridY). Each
+//    element read and written once by one thread; loads coalesced along o.
+// Bounds: every access is guarded (i < n; o < out, r < rows); indices are int64.
+// Shared memory: none.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <map>
+#include <string>
+#include <tuple>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/gemm.cuh"
+
+namespace kvrelay::kernels::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 65535;
+constexpr int64_t kMaxGridY = 65535;  // the hardware limit of gridDim.y
+
+template <typename T>
+__device__ __forceinline__ T FromF32(float v);
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromF32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half FromF32<__half>(float v) {
+  return __float2half_rn(v);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) GemmConvertXKernel(const float* x, int64_t n, T* xt) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
+    xt[i] = FromF32<T>(x[i]);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    GemmBiasEpilogueKernel(float* y, int64_t rows, int64_t out, const float* bias) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    float* yr = y + r * out;
+    for (int64_t o = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; o < out;
+         o += stride) {
+      yr[o] += bias[o];
+    }
+  }
+}
+
+unsigned BlocksFor(int64_t n) {
+  return static_cast<unsigned>(std::min((n + kThreads - 1) / kThreads, kMaxBlocks));
+}
+
+absl::Status LaunchBias(float* y, int64_t rows, int64_t out, const float* bias,
+                        cudaStream_t stream) {
+  const dim3 grid(BlocksFor(out), static_cast<unsigned>(std::min(rows, kMaxGridY)));
+  GemmBiasEpilogueKernel<<<grid, kThreads, 0, stream>>>(y, rows, out, bias);
+  KVR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+// Largest power of two (<= 256, cuBLASLt's default requirement) dividing the address.
+uint32_t AlignmentOf(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  uint32_t align = 256;
+  while (align > 1 && a % align != 0) align /= 2;
+  return align;
+}
+
+bool Aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+cudaDataType_t CudaType(DType t) {
+  switch (t) {
+    case DType::kF16:
+      return CUDA_R_16F;
+    case DType::kBF16:
+      return CUDA_R_16BF;
+    default:
+      return CUDA_R_32F;
+  }
+}
+
+// A cached cuBLASLt plan: owns its descriptors.
+class Plan {
+ public:
+  Plan() = default;
+  Plan(const Plan&) = delete;
+  Plan& operator=(const Plan&) = delete;
+  Plan(Plan&& o) noexcept
+      : op_(std::exchange(o.op_, nullptr)),
+        a_(std::exchange(o.a_, nullptr)),
+        b_(std::exchange(o.b_, nullptr)),
+        d_(std::exchange(o.d_, nullptr)),
+        algo_(o.algo_) {}
+  ~Plan() {
+    if (d_ != nullptr) (void)cublasLtMatrixLayoutDestroy(d_);
+    if (b_ != nullptr) (void)cublasLtMatrixLayoutDestroy(b_);
+    if (a_ != nullptr) (void)cublasLtMatrixLayoutDestroy(a_);
+    if (op_ != nullptr) (void)cublasLtMatmulDescDestroy(op_);
+  }
+
+  struct Shape {
+    DType wt;
+    int64_t rows, in, out;
+    uint32_t align_a, align_b, align_d;
+  };
+
+  absl::Status Build(cublasLtHandle_t handle, const Shape& s, size_t workspace_bytes) {
+    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&op_, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
+    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(op_, CUBLASLT_MATMUL_DESC_TRANSA,
+                                                              &trans_a, sizeof(trans_a)));
+    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(op_, CUBLASLT_MATMUL_DESC_TRANSB,
+                                                              &trans_b, sizeof(trans_b)));
+    const cudaDataType_t ab = CudaType(s.wt);
+    const auto in = static_cast<uint64_t>(s.in), out = static_cast<uint64_t>(s.out);
+    const auto rows = static_cast<uint64_t>(s.rows);
+    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&a_, ab, in, out, s.in));
+    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&b_, ab, in, rows, s.in));
+    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&d_, CUDA_R_32F, out, rows, s.out));
+
+    cublasLtMatmulPreference_t pref = nullptr;
+    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&pref));
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    const absl::Status st = Heuristic(handle, pref, s, workspace_bytes, &result, &found);
+    if (!st.ok()) {
+      (void)cublasLtMatmulPreferenceDestroy(pref);  // the first error is the one to report
+      return st;
+    }
+    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceDestroy(pref));
+    if (found < 1 || result.state != CUBLAS_STATUS_SUCCESS) {
+      return absl::UnimplementedError(
+          absl::StrCat("cuda::Gemm: cuBLASLt offers no algorithm for ", DTypeName(s.wt), " rows ",
+                       s.rows, " in ", s.in, " out ", s.out, " (alignments w ", s.align_a, ", x ",
+                       s.align_b, ", y ", s.align_d, ", workspace ", workspace_bytes, " bytes)"));
+    }
+    algo_ = result.algo;
+    return absl::OkStatus();
+  }
+
+  cublasLtMatmulDesc_t op() const { return op_; }
+  cublasLtMatrixLayout_t a() const { return a_; }
+  cublasLtMatrixLayout_t b() const { return b_; }
+  cublasLtMatrixLayout_t d() const { return d_; }
+  const cublasLtMatmulAlgo_t* algo() const { return &algo_; }
+
+ private:
+  absl::Status Heuristic(cublasLtHandle_t handle, cublasLtMatmulPreference_t pref, const Shape& s,
+                         size_t workspace_bytes, cublasLtMatmulHeuristicResult_t* result,
+                         int* found) {
+    const uint64_t ws = workspace_bytes;
+    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &s.align_a, sizeof(s.align_a)));
+    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &s.align_b, sizeof(s.align_b)));
+    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &s.align_d, sizeof(s.align_d)));
+    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &s.align_d, sizeof(s.align_d)));
+    KVR_CUBLAS_RETURN_IF_ERROR(
+        cublasLtMatmulAlgoGetHeuristic(handle, op_, a_, b_, d_, d_, pref, 1, result, found));
+    return absl::OkStatus();
+  }
+
+  cublasLtMatmulDesc_t op_ = nullptr;
+  cublasLtMatrixLayout_t a_ = nullptr, b_ = nullptr, d_ = nullptr;
+  cublasLtMatmulAlgo_t algo_{};
+};
+
+using PlanKey = std::tuple<int, int64_t, int64_t, int64_t, uint32_t, uint32_t, uint32_t>;
+
+}  // namespace
+
+struct Gemm::Impl {
+  int device = 0;
+  cublasLtHandle_t handle = nullptr;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  void* xconv = nullptr;  // x converted to the weight dtype
+  size_t xconv_bytes = 0;
+  std::map<PlanKey, Plan> plans;
+
+  ~Impl() {
+    plans.clear();
+    if (handle != nullptr) (void)cublasLtDestroy(handle);
+    if (workspace != nullptr) (void)cudaFree(workspace);
+    if (xconv != nullptr) (void)cudaFree(xconv);
+  }
+
+  // Makes xconv hold at least `bytes`. A buffer still in use by queued work is freed only
+  // after the stream drains.
+  absl::Status ReserveConversion(size_t bytes, cudaStream_t stream) {
+    if (bytes <= xconv_bytes) return absl::OkStatus();
+    const size_t grown = std::max(bytes, 2 * xconv_bytes);
+    if (xconv != nullptr) {
+      KVR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+      KVR_CUDA_RETURN_IF_ERROR(cudaFree(xconv));
+      xconv = nullptr;
+      xconv_bytes = 0;
+    }
+    KVR_CUDA_RETURN_IF_ERROR(cudaMalloc(&xconv, grown));
+    xconv_bytes = grown;
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<const Plan*> PlanFor(const Plan::Shape& s) {
+    const PlanKey key{static_cast<int>(s.wt), s.rows, s.in, s.out, s.align_a, s.align_b, s.align_d};
+    auto it = plans.find(key);
+    if (it != plans.end()) return &it->second;
+    Plan plan;
+    const absl::Status st = plan.Build(handle, s, workspace_bytes);
+    if (!st.ok()) return st;
+    return &plans.emplace(key, std::move(plan)).first->second;
+  }
+};
+
+absl::Status ValidateGemmArgs(const float* x, int64_t rows, int64_t in, const void* w, DType wt,
+                              int64_t out, const float* bias, const float* y) {
+  if (rows < 0 || in < 0 || out < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda::Gemm: negative size (rows ", rows, ", in ", in, ", out ", out, ")"));
+  }
+  if (wt != DType::kF32 && wt != DType::kF16 && wt != DType::kBF16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda::Gemm: weight dtype must be f32, f16 or bf16, got ", DTypeName(wt)));
+  }
+  if (rows == 0 || out == 0) return absl::OkStatus();
+  if (y == nullptr || (in > 0 && (x == nullptr || w == nullptr))) {
+    return absl::InvalidArgumentError("cuda::Gemm: null pointer");
+  }
+  if (!Aligned(y, 4) || (x != nullptr && !Aligned(x, 4)) ||
+      (bias != nullptr && !Aligned(bias, 4)) || (w != nullptr && !Aligned(w, DTypeSize(wt)))) {
+    return absl::InvalidArgumentError(
+        "cuda::Gemm: x, y and bias must be 4-byte aligned, w aligned to its element size");
+  }
+  return absl::OkStatus();
+}
+
+Gemm::Gemm(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Gemm::~Gemm() = default;
+
+absl::StatusOr<std::unique_ptr<Gemm>> Gemm::Create(size_t workspace_bytes) {
+  std::string why;
+  if (CudaDeviceCount(&why) == 0) {
+    return absl::UnavailableError(absl::StrCat("cuda::Gemm: no CUDA device (", why, ")"));
+  }
+  auto impl = std::make_unique<Impl>();
+  KVR_CUDA_RETURN_IF_ERROR(cudaGetDevice(&impl->device));
+  KVR_CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&impl->handle));
+  if (workspace_bytes > 0) {
+    KVR_CUDA_RETURN_IF_ERROR(cudaMalloc(&impl->workspace, workspace_bytes));
+  }
+  impl->workspace_bytes = workspace_bytes;
+  return std::unique_ptr<Gemm>(new Gemm(std::move(impl)));
+}
+
+size_t Gemm::num_plans() const { return impl_->plans.size(); }
+
+absl::Status Gemm::MatMul(const float* x, int64_t rows, int64_t in, const void* w, DType wt,
+                          int64_t out, const float* bias, float* y, cudaStream_t stream) {
+  const absl::Status valid = ValidateGemmArgs(x, rows, in, w, wt, out, bias, y);
+  if (!valid.ok()) return valid;
+  if (rows == 0 || out == 0) return absl::OkStatus();
+  int device = -1;
+  KVR_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  if (device != impl_->device) {
+    return absl::FailedPreconditionError(absl::StrCat("cuda::Gemm: created on device ",
+                                                      impl_->device, ", called with device ",
+                                                      device, " current"));
+  }
+  if (in == 0) {  // an empty dot product is 0, then the bias
+    KVR_CUDA_RETURN_IF_ERROR(
+        cudaMemsetAsync(y, 0, sizeof(float) * static_cast<size_t>(rows * out), stream));
+    return bias != nullptr ? LaunchBias(y, rows, out, bias, stream) : absl::OkStatus();
+  }
+
+  const void* xb = x;
+  if (wt != DType::kF32) {
+    const int64_t n = rows * in;
+    const absl::Status reserved = impl_->ReserveConversion(static_cast<size_t>(n) * 2, stream);
+    if (!reserved.ok()) return reserved;
+    if (wt == DType::kBF16) {
+      GemmConvertXKernel<__nv_bfloat16>
+          <<<BlocksFor(n), kThreads, 0, stream>>>(x, n, static_cast<__nv_bfloat16*>(impl_->xconv));
+    } else {
+      GemmConvertXKernel<__half>
+          <<<BlocksFor(n), kThreads, 0, stream>>>(x, n, static_cast<__half*>(impl_->xconv));
+    }
+    KVR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    xb = impl_->xconv;
+  }
+
+  const Plan::Shape shape{wt, rows, in, out, AlignmentOf(w), AlignmentOf(xb), AlignmentOf(y)};
+  absl::StatusOr<const Plan*> plan = impl_->PlanFor(shape);
+  if (!plan.ok()) return plan.status();
+  const float alpha = 1.0f, beta = 0.0f;
+  const Plan& p = **plan;
+  KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(impl_->handle, p.op(), &alpha, w, p.a(), xb, p.b(),
+                                            &beta, y, p.d(), y, p.d(), p.algo(), impl_->workspace,
+                                            impl_->workspace_bytes, stream));
+  if (bias != nullptr) return LaunchBias(y, rows, out, bias, stream);
+  return absl::OkStatus();
+}
+
+}  // namespace kvrelay::kernels::cuda
