@@ -40,11 +40,18 @@ struct PagedKvLayout {
   }
 };
 
+// Where a pool's memory lives: host memory, or CUDA device memory. The pool's transfer
+// descriptor carries the same (transfer::MemoryType, DESIGN §4); the forward pass runs only on
+// a backend whose memory is of this kind (Backend::memory_kind()).
+enum class MemoryKind { kHost = 0, kCuda = 1 };
+inline const char* MemoryKindName(MemoryKind k) { return k == MemoryKind::kCuda ? "cuda" : "host"; }
+
 // A view of one pool's memory.
 struct PagedKvView {
   PagedKvLayout layout;
   uint8_t* base = nullptr;
   int64_t num_blocks = 0;
+  MemoryKind memory = MemoryKind::kHost;  // where `base` points
 
   // Start of the row for (block, layer, kv, slot, kv_head).
   uint8_t* row(int64_t block, int layer, int kv, int slot, int head) const {

@@ -14,6 +14,10 @@
 #include "kernels/paged_kv.h"
 #include "kernels/thread_pool.h"
 
+namespace kvrelay::kernels {
+class Backend;  // kernels/backend.h
+}  // namespace kvrelay::kernels
+
 namespace kvrelay::model {
 
 // A run of consecutive tokens of one sequence to process in a forward pass.
@@ -27,34 +31,59 @@ struct SeqChunk {
 class Model {
  public:
   // Reads config.json (+ generation_config.json) and the safetensors weights of `dir`.
-  // `pool` runs the ops and must outlive the model.
+  // Runs on a CPU backend (owned by the model) whose ops use `pool`, which must outlive the
+  // model.
   static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir,
                                                      kernels::ThreadPool* pool);
+  // The same on `backend` (which must outlive the model): the weights are uploaded once,
+  // here (on the CPU backend that copies nothing: its buffers are the host weights).
+  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir,
+                                                     kernels::Backend* backend);
   static absl::StatusOr<std::unique_ptr<Model>> FromParts(ModelConfig config,
                                                           std::unique_ptr<Weights> weights,
                                                           kernels::ThreadPool* pool);
+  static absl::StatusOr<std::unique_ptr<Model>> FromParts(ModelConfig config,
+                                                          std::unique_ptr<Weights> weights,
+                                                          kernels::Backend* backend);
+  ~Model();
 
   const ModelConfig& config() const { return config_; }
+  // The host weights as loaded (what was uploaded to the backend).
   const Weights& weights() const { return *weights_; }
+  // The CPU thread pool given to Load/FromParts; null when loaded on a given backend.
   kernels::ThreadPool* pool() const { return pool_; }
+  // What Forward runs on.
+  kernels::Backend& backend() const { return *backend_; }
 
   // KV pool geometry for this model.
   kernels::PagedKvLayout KvLayout(kernels::DType kv_dtype, int block_size) const;
 
-  // Runs one forward pass over `batch`, writing the K/V of every token into `kv`, and
-  // appends to *logits one row of vocab_size floats per chunk with want_logits (in order).
+  // Runs one forward pass over `batch` on the backend, writing the K/V of every token into
+  // `kv`, and appends to *logits (host memory) one row of vocab_size floats per chunk with
+  // want_logits (in order). The batch's metadata is uploaded once; the activations live in
+  // backend buffers reused across calls. Safe to call from several threads at once.
   // INVALID_ARGUMENT on an out-of-range token id, a position past the context length,
-  // a block table too short or naming a block outside the pool, or a layout mismatch.
+  // a block table too short or naming a block outside the pool, or a layout mismatch;
+  // FAILED_PRECONDITION when the pool's memory is not the backend's kind; a backend's
+  // error as it comes.
   absl::Status Forward(absl::Span<const SeqChunk> batch, const kernels::PagedKvView& kv,
                        std::vector<float>* logits) const;
 
  private:
-  Model(ModelConfig config, std::unique_ptr<Weights> weights, kernels::ThreadPool* pool);
+  struct OnBackend;  // the weights' backend buffers and the pool of workspaces
+  struct Workspace;  // one Forward call's buffers
+
+  Model(ModelConfig config, std::unique_ptr<Weights> weights, kernels::ThreadPool* pool,
+        std::unique_ptr<kernels::Backend> owned_backend, kernels::Backend* backend);
+  absl::Status Upload();
 
   ModelConfig config_;
   std::unique_ptr<Weights> weights_;
   kernels::ThreadPool* pool_;
+  std::unique_ptr<kernels::Backend> owned_backend_;  // outlives on_backend_ (declared first)
+  kernels::Backend* backend_;
   std::vector<float> inv_freq_;  // RoPE (Llama family), head_dim / 2 entries
+  std::unique_ptr<OnBackend> on_backend_;
 };
 
 // HF RoPE inverse frequencies incl. Llama-3 scaling.
