@@ -238,6 +238,12 @@ TEST_F(RouterProcessTest, RoutingFollowsTheCache) {
   });
   // Requests sharing the long prefix go where it is cached, whatever else is going on.
   for (int i = 0; i < 3; ++i) {
+    // The holder's load report no longer counts the previous request's blocks as active
+    // (a stale report would make the other worker cheaper).
+    cluster_->WaitForWorkers([&](const v1::ListWorkersResponse& r) {
+      const v1::WorkerStatus* w = cluster_->Find(r, holder);
+      return w != nullptr && w->load().active_blocks() == 0;
+    });
     auto prompt = prefix;
     const auto tail = RandomPrompt(20, 901 + i);
     prompt.insert(prompt.end(), tail.begin(), tail.end());
