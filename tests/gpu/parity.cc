@@ -52,6 +52,19 @@ void SprinkleSpecials(std::vector<float>* v) {
   for (size_t i = 0; i < n; ++i) (*v)[(i * 7919) % v->size()] = kSpecials[i];
 }
 
+std::vector<uint8_t> Encode(const std::vector<float>& v, DType t) {
+  std::vector<uint8_t> bytes(v.size() * DTypeSize(t));
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (t == DType::kF32) {
+      std::memcpy(&bytes[i * 4], &v[i], 4);
+    } else {
+      const uint16_t h = t == DType::kF16 ? F32ToF16(v[i]) : F32ToBf16(v[i]);
+      std::memcpy(&bytes[i * 2], &h, 2);
+    }
+  }
+  return bytes;
+}
+
 Comparison Compare(const Outputs& o, Tolerance tol) {
   Comparison c;
   if (o.cpu.size() != o.gpu.size()) {

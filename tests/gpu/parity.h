@@ -16,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/dtype.h"
 
 namespace kvrelay::kernels::parity {
 
@@ -80,6 +81,8 @@ class DeviceBuffer {
 std::vector<float> Uniform(std::mt19937* rng, size_t n, float lo, float hi);
 // Overwrites a spread of elements with values where implementations tend to differ.
 void SprinkleSpecials(std::vector<float>* v);
+// v as raw elements of dtype t (f32, f16 or bf16): weight / table bytes for both backends.
+std::vector<uint8_t> Encode(const std::vector<float>& v, DType t);
 
 // ---- Comparison ----
 

@@ -12,19 +12,6 @@
 namespace kvrelay::kernels::parity {
 namespace {
 
-std::vector<uint8_t> EncodeTable(const std::vector<float>& v, DType t) {
-  std::vector<uint8_t> bytes(v.size() * DTypeSize(t));
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (t == DType::kF32) {
-      std::memcpy(&bytes[i * 4], &v[i], 4);
-    } else {
-      const uint16_t h = t == DType::kF16 ? F32ToF16(v[i]) : F32ToBf16(v[i]);
-      std::memcpy(&bytes[i * 2], &h, 2);
-    }
-  }
-  return bytes;
-}
-
 void AddEmbeddingCases(std::vector<Case>* cases) {
   struct Shape {
     int64_t vocab, dim, n;
@@ -38,7 +25,7 @@ void AddEmbeddingCases(std::vector<Case>* cases) {
            [s, t](cudaStream_t st, Outputs* o) -> absl::Status {
              std::mt19937 rng(static_cast<uint32_t>(s.vocab + s.dim + s.n));
              const auto values = Uniform(&rng, s.vocab * s.dim, -70000, 70000);
-             const std::vector<uint8_t> table = EncodeTable(values, t);
+             const std::vector<uint8_t> table = Encode(values, t);
              std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(s.vocab - 1));
              std::vector<int32_t> ids(s.n);
              for (int32_t& id : ids) id = pick(rng);

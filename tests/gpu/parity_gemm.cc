@@ -30,19 +30,6 @@
 namespace kvrelay::kernels::parity {
 namespace {
 
-std::vector<uint8_t> Encode(const std::vector<float>& v, DType t) {
-  std::vector<uint8_t> bytes(v.size() * DTypeSize(t));
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (t == DType::kF32) {
-      std::memcpy(&bytes[i * 4], &v[i], 4);
-    } else {
-      const uint16_t h = t == DType::kF16 ? F32ToF16(v[i]) : F32ToBf16(v[i]);
-      std::memcpy(&bytes[i * 2], &h, 2);
-    }
-  }
-  return bytes;
-}
-
 // v rounded to dtype t and back (what the GPU multiplies).
 std::vector<float> RoundTo(const std::vector<float>& v, DType t) {
   std::vector<float> out(v.size());
