@@ -9,10 +9,11 @@ tools/check-format.sh
 # CUDA kernels (when nvcc exists): register / shared-memory use, and no hot kernel spills.
 tools/check-cuda.sh "${BUILD_DIR:-build}"
 cd "${BUILD_DIR:-build}"
-ctest -L "unit|integration" -j"${JOBS:-2}" --output-on-failure --timeout 900
-# The same suite again on the portable scalar kernels (what a CPU without AVX2 runs).
-KVRELAY_ISA=scalar ctest -L "unit|integration" -j"${JOBS:-2}" --output-on-failure --timeout 900
-# CUDA vs CPU parity: runs where a GPU exists, reports a skip elsewhere.
+# CUDA vs CPU parity: runs where a GPU exists, reports a skip elsewhere. Run first so
+# the last summary printed is the whole suite's.
 if ctest -N -L gpu | grep -q "Total Tests: [1-9]"; then
   ctest -L gpu --output-on-failure --timeout 900
 fi
+ctest -L "unit|integration" -j"${JOBS:-2}" --output-on-failure --timeout 900
+# The same suite again on the portable scalar kernels (what a CPU without AVX2 runs).
+KVRELAY_ISA=scalar ctest -L "unit|integration" -j"${JOBS:-2}" --output-on-failure --timeout 900
