@@ -10,12 +10,34 @@
 // CUDA_R_32F, compute CUBLAS_COMPUTE_32F with f32 scale (alpha = 1, beta = 0): 16-bit inputs
 // accumulate in f32 on the tensor cores; f32 inputs run full-precision FP32 (the _FAST_TF32
 // compute type is never used, so TF32 never is either).
-// Plans: the matmul descriptor, the three layouts and cuBLASLt's heuristic algorithm (one
-// result, within the workspace, for the actual pointer alignments) are built on the first
-// call for a (dtype, rows, in, out, alignment of w / converted x / y) and cached: later calls
-// of that shape only launch. For a given plan cuBLASLt is deterministic (its split-K
-// reductions are ordered); a different rows may pick a different algorithm, so results are
-// not batch-invariant the way the CPU's are (DESIGN §6).
+// Plans and batch invariance (DESIGN §6: a token's result must not depend on the batch).
+// cuBLASLt's heuristic answers per shape: asked for each rows it may pick another kernel, tile
+// or split-K factor, and with it another summation order, so a token's output row would change
+// bits with the number of rows in the call. So the algorithm is chosen once per (weight dtype,
+// in, out, alignment of w / converted x / y), not per rows: the best of cuBLASLt's heuristic
+// answers (up to kHeuristicCandidates) for a representative n = Gemm::kPlanningRows rows that,
+// with split-K forced off (CUBLASLT_ALGO_CONFIG_SPLITK_NUM = 1 and
+// CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME = CUBLASLT_REDUCTION_SCHEME_NONE, set with
+// cublasLtMatmulAlgoConfigSetAttribute), passes cublasLtMatmulAlgoCheck within the workspace.
+// Every rows then runs that same configuration; the first call for a rows checks that it
+// applies (cublasLtMatmulAlgoCheck on that rows' layouts) and caches the plan (descriptors and
+// algorithm), so later calls of that shape only launch.
+// Why that is batch-invariant: with the algorithm id, tile, stages, inner and cluster shape,
+// CTA swizzling and split-K all fixed, each output element y[r][o] is one CTA's dot product
+// over the whole k = in, and its order (which k-slices, in which sequence, and the sums inside
+// each MMA) is set by the kernel's K tiling alone. n = rows only sets how many CTAs tile the n
+// extent and which of them owns row r, not the arithmetic of (r, o); with split-K off no
+// partial sums are reduced across CTAs (where a K split could depend on the grid); alpha = 1
+// and beta = 0 (C never read) make the epilogue exact, and the x conversion and the bias add
+// are element-wise. So row r's bits depend on x[r], w and bias only.
+// Fallback: when the fixed configuration does not apply to some rows (AlgoCheck fails or needs
+// more workspace), or no candidate applies to the key at all, that rows gets cuBLASLt's
+// heuristic answer for its own shape: correct and deterministic, but NOT batch-invariant.
+// Gemm::num_fallback_plans() counts those plans. The alignments are part of the key: the same
+// row through pointers of another alignment (e.g. an f32 x offset by an odd number of floats)
+// may run another algorithm. This rests on cuBLASLt's kernels being data-parallel over n once
+// split-K is off; the gemm_invariance parity cases check it bit for bit on each GPU they run on.
+// Cost: small batches (decode) lose the extra CTAs split-K would give them on a long k.
 //
 // Kernels (both compiled with --fmad=false like every kernel here):
 //  - GemmConvertXKernel<T>: x f32 -> T (bf16 / f16, round to nearest even: the values
@@ -37,6 +59,7 @@
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_check.h"
@@ -113,7 +136,36 @@ cudaDataType_t CudaType(DType t) {
   }
 }
 
-// A cached cuBLASLt plan: owns its descriptors.
+// How many of cuBLASLt's heuristic answers for the representative shape are tried, best first,
+// for one that still applies with split-K off.
+constexpr int kHeuristicCandidates = 8;
+
+// cuBLASLt's "no algorithm for this" answers are results, not failures: NOT_SUPPORTED (from
+// cublasLtMatmulAlgoGetHeuristic: no heuristic for the configuration; from
+// cublasLtMatmulAlgoCheck: the configuration is not supported on this device) and, from
+// cublasLtMatmulAlgoCheck only (algo_check), INVALID_VALUE (the descriptors do not match the
+// algo) and ARCH_MISMATCH (the device cannot run it). *none tells whether st was one of them
+// (then SUCCESS is returned); any other failure is passed on for KVR_CUBLAS_RETURN_IF_ERROR.
+cublasStatus_t NoAlgorithmIsResult(cublasStatus_t st, bool algo_check, bool* none) {
+  *none = st == CUBLAS_STATUS_NOT_SUPPORTED ||
+          (algo_check && (st == CUBLAS_STATUS_INVALID_VALUE || st == CUBLAS_STATUS_ARCH_MISMATCH));
+  return *none ? CUBLAS_STATUS_SUCCESS : st;
+}
+
+// Split-K off: one CTA sums the whole K extent of each output element, nothing is reduced
+// across CTAs.
+absl::Status DisableSplitK(cublasLtMatmulAlgo_t* algo) {
+  const int32_t splits = 1;
+  const uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_NONE;
+  KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulAlgoConfigSetAttribute(
+      algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits, sizeof(splits)));
+  KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulAlgoConfigSetAttribute(
+      algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme)));
+  return absl::OkStatus();
+}
+
+// A cached cuBLASLt plan: owns its descriptors; holds the algorithm it runs and whether that
+// is the (dtype, in, out, alignments)'s fixed one (batch-invariant) or a per-shape fallback.
 class Plan {
  public:
   Plan() = default;
@@ -124,7 +176,8 @@ class Plan {
         a_(std::exchange(o.a_, nullptr)),
         b_(std::exchange(o.b_, nullptr)),
         d_(std::exchange(o.d_, nullptr)),
-        algo_(o.algo_) {}
+        algo_(o.algo_),
+        invariant_(o.invariant_) {}
   ~Plan() {
     if (d_ != nullptr) (void)cublasLtMatrixLayoutDestroy(d_);
     if (b_ != nullptr) (void)cublasLtMatrixLayoutDestroy(b_);
@@ -138,7 +191,8 @@ class Plan {
     uint32_t align_a, align_b, align_d;
   };
 
-  absl::Status Build(cublasLtHandle_t handle, const Shape& s, size_t workspace_bytes) {
+  // Creates the matmul descriptor and the A, B and D layouts of shape s.
+  absl::Status Describe(const Shape& s) {
     KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&op_, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
     KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(op_, CUBLASLT_MATMUL_DESC_TRANSA,
@@ -151,25 +205,51 @@ class Plan {
     KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&a_, ab, in, out, s.in));
     KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&b_, ab, in, rows, s.in));
     KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&d_, CUDA_R_32F, out, rows, s.out));
+    return absl::OkStatus();
+  }
 
+  // Up to max_results of cuBLASLt's heuristic answers for this plan's shape (s, as described),
+  // best first, within the workspace and for s's alignments: *results holds the usable ones
+  // (possibly none).
+  absl::Status Heuristic(cublasLtHandle_t handle, const Shape& s, size_t workspace_bytes,
+                         int max_results,
+                         std::vector<cublasLtMatmulHeuristicResult_t>* results) const {
     cublasLtMatmulPreference_t pref = nullptr;
     KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&pref));
-    cublasLtMatmulHeuristicResult_t result{};
+    results->assign(static_cast<size_t>(max_results), cublasLtMatmulHeuristicResult_t{});
     int found = 0;
-    const absl::Status st = Heuristic(handle, pref, s, workspace_bytes, &result, &found);
+    const absl::Status st =
+        HeuristicWith(handle, pref, s, workspace_bytes, max_results, results->data(), &found);
     if (!st.ok()) {
       (void)cublasLtMatmulPreferenceDestroy(pref);  // the first error is the one to report
       return st;
     }
     KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceDestroy(pref));
-    if (found < 1 || result.state != CUBLAS_STATUS_SUCCESS) {
-      return absl::UnimplementedError(
-          absl::StrCat("cuda::Gemm: cuBLASLt offers no algorithm for ", DTypeName(s.wt), " rows ",
-                       s.rows, " in ", s.in, " out ", s.out, " (alignments w ", s.align_a, ", x ",
-                       s.align_b, ", y ", s.align_d, ", workspace ", workspace_bytes, " bytes)"));
-    }
-    algo_ = result.algo;
+    results->resize(static_cast<size_t>(std::clamp(found, 0, max_results)));
+    results->erase(std::remove_if(results->begin(), results->end(),
+                                  [](const cublasLtMatmulHeuristicResult_t& r) {
+                                    return r.state != CUBLAS_STATUS_SUCCESS;
+                                  }),
+                   results->end());
     return absl::OkStatus();
+  }
+
+  // *fits: algo runs this plan's shape on this device within workspace_bytes
+  // (cublasLtMatmulAlgoCheck; the alignments are the key's, for which algo was chosen).
+  absl::Status Check(cublasLtHandle_t handle, const cublasLtMatmulAlgo_t& algo,
+                     size_t workspace_bytes, bool* fits) const {
+    cublasLtMatmulHeuristicResult_t result{};
+    bool rejected = false;
+    KVR_CUBLAS_RETURN_IF_ERROR(
+        NoAlgorithmIsResult(cublasLtMatmulAlgoCheck(handle, op_, a_, b_, d_, d_, &algo, &result),
+                            /*algo_check=*/true, &rejected));
+    *fits = !rejected && result.workspaceSize <= workspace_bytes;
+    return absl::OkStatus();
+  }
+
+  void Use(const cublasLtMatmulAlgo_t& algo, bool invariant) {
+    algo_ = algo;
+    invariant_ = invariant;
   }
 
   cublasLtMatmulDesc_t op() const { return op_; }
@@ -177,11 +257,12 @@ class Plan {
   cublasLtMatrixLayout_t b() const { return b_; }
   cublasLtMatrixLayout_t d() const { return d_; }
   const cublasLtMatmulAlgo_t* algo() const { return &algo_; }
+  bool invariant() const { return invariant_; }
 
  private:
-  absl::Status Heuristic(cublasLtHandle_t handle, cublasLtMatmulPreference_t pref, const Shape& s,
-                         size_t workspace_bytes, cublasLtMatmulHeuristicResult_t* result,
-                         int* found) {
+  absl::Status HeuristicWith(cublasLtHandle_t handle, cublasLtMatmulPreference_t pref,
+                             const Shape& s, size_t workspace_bytes, int max_results,
+                             cublasLtMatmulHeuristicResult_t* results, int* found) const {
     const uint64_t ws = workspace_bytes;
     KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
@@ -193,17 +274,38 @@ class Plan {
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &s.align_d, sizeof(s.align_d)));
     KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &s.align_d, sizeof(s.align_d)));
+    bool none = false;
     KVR_CUBLAS_RETURN_IF_ERROR(
-        cublasLtMatmulAlgoGetHeuristic(handle, op_, a_, b_, d_, d_, pref, 1, result, found));
+        NoAlgorithmIsResult(cublasLtMatmulAlgoGetHeuristic(handle, op_, a_, b_, d_, d_, pref,
+                                                           max_results, results, found),
+                            /*algo_check=*/false, &none));
+    if (none) *found = 0;
     return absl::OkStatus();
   }
 
   cublasLtMatmulDesc_t op_ = nullptr;
   cublasLtMatrixLayout_t a_ = nullptr, b_ = nullptr, d_ = nullptr;
   cublasLtMatmulAlgo_t algo_{};
+  bool invariant_ = false;
 };
 
+// (dtype, in, out, alignment of w, converted x, y): what the fixed algorithm is chosen for.
+using AlgoKey = std::tuple<int, int64_t, int64_t, uint32_t, uint32_t, uint32_t>;
+// AlgoKey's fields plus rows (after dtype): one plan each.
 using PlanKey = std::tuple<int, int64_t, int64_t, int64_t, uint32_t, uint32_t, uint32_t>;
+
+// The algorithm every rows of an AlgoKey runs, split-K off; found == false when none of the
+// heuristic's candidates applied (every rows of that key then falls back).
+struct FixedAlgo {
+  bool found = false;
+  cublasLtMatmulAlgo_t algo{};
+};
+
+std::string ShapeName(const Plan::Shape& s, size_t workspace_bytes) {
+  return absl::StrCat(DTypeName(s.wt), " rows ", s.rows, " in ", s.in, " out ", s.out,
+                      " (alignments w ", s.align_a, ", x ", s.align_b, ", y ", s.align_d,
+                      ", workspace ", workspace_bytes, " bytes)");
+}
 
 }  // namespace
 
@@ -214,7 +316,9 @@ struct Gemm::Impl {
   size_t workspace_bytes = 0;
   void* xconv = nullptr;  // x converted to the weight dtype
   size_t xconv_bytes = 0;
+  std::map<AlgoKey, FixedAlgo> fixed;
   std::map<PlanKey, Plan> plans;
+  size_t fallback_plans = 0;  // plans not running their key's fixed algorithm
 
   ~Impl() {
     plans.clear();
@@ -239,14 +343,70 @@ struct Gemm::Impl {
     return absl::OkStatus();
   }
 
+  // The fixed algorithm of s's (dtype, in, out, alignments), chosen on first use: the first of
+  // the heuristic's answers for kPlanningRows rows that, split-K off, passes AlgoCheck for
+  // that shape within the workspace.
+  absl::StatusOr<const FixedAlgo*> FixedAlgoFor(const Plan::Shape& s) {
+    const AlgoKey key{static_cast<int>(s.wt), s.in, s.out, s.align_a, s.align_b, s.align_d};
+    auto it = fixed.find(key);
+    if (it != fixed.end()) return &it->second;
+    Plan::Shape rep = s;
+    rep.rows = Gemm::kPlanningRows;
+    Plan probe;
+    const absl::Status described = probe.Describe(rep);
+    if (!described.ok()) return described;
+    std::vector<cublasLtMatmulHeuristicResult_t> candidates;
+    const absl::Status asked =
+        probe.Heuristic(handle, rep, workspace_bytes, kHeuristicCandidates, &candidates);
+    if (!asked.ok()) return asked;
+    FixedAlgo f;
+    for (const cublasLtMatmulHeuristicResult_t& c : candidates) {
+      cublasLtMatmulAlgo_t algo = c.algo;
+      const absl::Status configured = DisableSplitK(&algo);
+      if (!configured.ok()) return configured;
+      bool fits = false;
+      const absl::Status checked = probe.Check(handle, algo, workspace_bytes, &fits);
+      if (!checked.ok()) return checked;
+      if (fits) {
+        f.found = true;
+        f.algo = algo;
+        break;
+      }
+    }
+    return &fixed.emplace(key, f).first->second;
+  }
+
+  // The plan of shape s: its key's fixed algorithm when that applies to s.rows, else (counted
+  // in fallback_plans) the heuristic's answer for s itself.
   absl::StatusOr<const Plan*> PlanFor(const Plan::Shape& s) {
     const PlanKey key{static_cast<int>(s.wt), s.rows, s.in, s.out, s.align_a, s.align_b, s.align_d};
     auto it = plans.find(key);
     if (it != plans.end()) return &it->second;
     Plan plan;
-    const absl::Status st = plan.Build(handle, s, workspace_bytes);
-    if (!st.ok()) return st;
-    return &plans.emplace(key, std::move(plan)).first->second;
+    const absl::Status described = plan.Describe(s);
+    if (!described.ok()) return described;
+    absl::StatusOr<const FixedAlgo*> f = FixedAlgoFor(s);
+    if (!f.ok()) return f.status();
+    bool fits = false;
+    if ((*f)->found) {
+      const absl::Status checked = plan.Check(handle, (*f)->algo, workspace_bytes, &fits);
+      if (!checked.ok()) return checked;
+    }
+    if (fits) {
+      plan.Use((*f)->algo, /*invariant=*/true);
+    } else {
+      std::vector<cublasLtMatmulHeuristicResult_t> results;
+      const absl::Status asked = plan.Heuristic(handle, s, workspace_bytes, 1, &results);
+      if (!asked.ok()) return asked;
+      if (results.empty()) {
+        return absl::UnimplementedError(absl::StrCat(
+            "cuda::Gemm: cuBLASLt offers no algorithm for ", ShapeName(s, workspace_bytes)));
+      }
+      plan.Use(results[0].algo, /*invariant=*/false);
+    }
+    const Plan* p = &plans.emplace(key, std::move(plan)).first->second;
+    if (!p->invariant()) ++fallback_plans;
+    return p;
   }
 };
 
@@ -291,6 +451,7 @@ absl::StatusOr<std::unique_ptr<Gemm>> Gemm::Create(size_t workspace_bytes) {
 }
 
 size_t Gemm::num_plans() const { return impl_->plans.size(); }
+size_t Gemm::num_fallback_plans() const { return impl_->fallback_plans; }
 
 absl::Status Gemm::MatMul(const float* x, int64_t rows, int64_t in, const void* w, DType wt,
                           int64_t out, const float* bias, float* y, cudaStream_t stream) {

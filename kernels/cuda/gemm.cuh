@@ -8,6 +8,15 @@
 // in f32 (CUBLAS_COMPUTE_32F); for f32 weights the multiply is plain FP32 (never TF32). The
 // summation order is cuBLAS's, not the CPU's: results agree with the CPU run on the same
 // rounded x within the f32 dot-product error bound, not bit for bit.
+// Batch invariance (DESIGN §6): a row's output does not depend on the other rows of the call
+// or on their number: one algorithm configuration, split-K off, serves every rows of a
+// (weight dtype, in, out, alignment of w, x and y), so each output element is summed in the
+// same order whatever the batch. Exception: a rows for which that configuration does not
+// apply runs cuBLASLt's per-shape choice instead, and such rows are NOT batch-invariant;
+// Gemm::num_fallback_plans() counts those shapes (0 means every call so far was invariant).
+// The alignments are part of the key: pointers of another alignment may run another
+// configuration (x's counts for f32 weights only: 16-bit weights read x from Gemm's own
+// conversion buffer; cudaMalloc'd buffers are 256-byte aligned).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -29,9 +38,10 @@ namespace kvrelay::kernels::cuda {
 absl::Status ValidateGemmArgs(const float* x, int64_t rows, int64_t in, const void* w, DType wt,
                               int64_t out, const float* bias, const float* y);
 
-// One cuBLASLt handle, its workspace, the buffer x is converted into, and the algorithm
-// chosen by cuBLASLt's heuristic for each (dtype, shape, alignment) seen, cached so a shape
-// is planned once. Bound to the device current at Create.
+// One cuBLASLt handle, its workspace, the buffer x is converted into, the algorithm fixed for
+// each (dtype, in, out, alignment) seen, and a plan per (dtype, rows, in, out, alignment)
+// seen (descriptors and the algorithm it runs), cached so a shape is planned once. Bound to
+// the device current at Create.
 // Not thread-safe: the workspace and the conversion buffer are shared by all calls, so use
 // one Gemm per stream, or order the streams yourself.
 class Gemm {
@@ -39,6 +49,9 @@ class Gemm {
   // cuBLAS's recommendation for Hopper (enough for every split-K scheme); 4 MiB suffice on
   // Ampere.
   static constexpr size_t kDefaultWorkspaceBytes = size_t{32} << 20;
+  // The rows count the algorithm of a (dtype, in, out, alignment) is chosen for (cuBLASLt's
+  // heuristic asked for this shape, split-K then forced off); every rows then runs it.
+  static constexpr int64_t kPlanningRows = 64;
 
   // UNAVAILABLE without a CUDA device; RESOURCE_EXHAUSTED when the workspace cannot be
   // allocated.
@@ -50,13 +63,19 @@ class Gemm {
 
   // y = x · wᵀ (+ bias): x [rows, in] f32, w [out, in] (row-major) of dtype wt (f32, f16, bf16),
   // bias [out] f32 or null, y [rows, out] f32. rows == 0 or out == 0: no-op; in == 0: y = bias
-  // (or 0). The first call for a shape queries cuBLASLt's heuristic (UNIMPLEMENTED if it
-  // offers no algorithm); growing the conversion buffer synchronises the stream.
+  // (or 0). The first call for a (dtype, in, out, alignment) fixes its algorithm (cuBLASLt's
+  // heuristic at kPlanningRows rows, split-K off); the first call for each rows checks that it
+  // applies there (else falls back, see num_fallback_plans). UNIMPLEMENTED if cuBLASLt offers
+  // no algorithm at all; growing the conversion buffer synchronises the stream.
   absl::Status MatMul(const float* x, int64_t rows, int64_t in, const void* w, DType wt,
                       int64_t out, const float* bias, float* y, cudaStream_t stream);
 
   // Number of cached plans (one per distinct dtype, shape and alignment).
   size_t num_plans() const;
+  // How many of those plans do not run their (dtype, in, out, alignment)'s fixed algorithm
+  // (it did not apply to their rows): calls of those shapes are NOT batch-invariant, their
+  // rows may differ in the last bits from the same rows in a batch of another size.
+  size_t num_fallback_plans() const;
 
  private:
   struct Impl;

@@ -53,6 +53,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_check.h"
@@ -90,6 +91,31 @@ absl::Status MakePagedKvGeometry(const char* op, const PagedKvView& kv, int laye
   g->head_dim = L.head_dim;
   g->dtype = L.dtype;
   return absl::OkStatus();
+}
+
+absl::Status ValidateAttentionArgs(const char* op, const PagedKvView& kv, int layer, int num_heads,
+                                   bool has_tokens, std::initializer_list<NamedPointer> pointers,
+                                   PagedKvGeometry* g) {
+  absl::Status st = MakePagedKvGeometry(op, kv, layer, g);
+  if (!st.ok()) return st;
+  if (num_heads <= 0 || num_heads % g->num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": num_heads ", num_heads,
+                                                   " is not a positive multiple of num_kv_heads ",
+                                                   g->num_kv_heads));
+  }
+  if (g->head_dim > kMaxAttentionHeadDim) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": head_dim ", g->head_dim, " > ",
+                                                   kMaxAttentionHeadDim, " is not supported"));
+  }
+  if (!has_tokens) return absl::OkStatus();
+  bool all = true;
+  for (const NamedPointer& p : pointers) all = all && p.ptr != nullptr;
+  if (all) return absl::OkStatus();
+  std::string which;
+  for (const NamedPointer& p : pointers) {
+    absl::StrAppend(&which, which.empty() ? "" : ", ", p.name, p.ptr != nullptr ? " 1" : " 0");
+  }
+  return absl::InvalidArgumentError(absl::StrCat(op, ": null pointer (", which, ")"));
 }
 
 namespace {
@@ -440,17 +466,10 @@ absl::Status PagedAttentionDecode(const PagedKvView& kv, int layer, const float*
   constexpr const char* kOp = "cuda::PagedAttentionDecode";
   if (n < 0) return absl::InvalidArgumentError(absl::StrCat(kOp, ": negative n (", n, ")"));
   PagedKvGeometry g;
-  absl::Status st = MakePagedKvGeometry(kOp, kv, layer, &g);
+  const absl::Status st = ValidateAttentionArgs(
+      kOp, kv, layer, num_heads, /*has_tokens=*/n > 0,
+      {{"q", q}, {"block_tables", block_tables}, {"positions", positions}, {"out", out}}, &g);
   if (!st.ok()) return st;
-  if (num_heads <= 0 || num_heads % g.num_kv_heads != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(kOp, ": num_heads ", num_heads,
-                                                   " is not a positive multiple of num_kv_heads ",
-                                                   g.num_kv_heads));
-  }
-  if (g.head_dim > kMaxAttentionHeadDim) {
-    return absl::InvalidArgumentError(absl::StrCat(kOp, ": head_dim ", g.head_dim, " > ",
-                                                   kMaxAttentionHeadDim, " is not supported"));
-  }
   if (max_context <= 0 || NumPartitions(max_context) > kMaxGridYZ) {
     return absl::InvalidArgumentError(
         absl::StrCat(kOp, ": max_context ", max_context, " outside [1, ", kMaxGridYZ * kP, "]"));
@@ -462,11 +481,6 @@ absl::Status PagedAttentionDecode(const PagedKvView& kv, int layer, const float*
                      " blocks of ", g.block_size, " needed for max_context ", max_context));
   }
   if (n == 0) return absl::OkStatus();
-  if (q == nullptr || block_tables == nullptr || positions == nullptr || out == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        kOp, ": null pointer (q ", q != nullptr, ", block_tables ", block_tables != nullptr,
-        ", positions ", positions != nullptr, ", out ", out != nullptr, ")"));
-  }
   const size_t need = PagedAttentionDecodeWorkspaceBytes(n, num_heads, g.head_dim, max_context);
   if (need > 0 && (workspace == nullptr || workspace_bytes < need)) {
     return absl::InvalidArgumentError(

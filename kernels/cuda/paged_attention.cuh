@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 
 #include "absl/status/status.h"
 #include "kernels/dtype.h"
@@ -44,13 +45,32 @@ struct PagedKvGeometry {
 absl::Status MakePagedKvGeometry(const char* op, const PagedKvView& kv, int layer,
                                  PagedKvGeometry* g);
 
+// ---- Argument checks shared by the attention kernels ----
+
+// head_dim limit of the attention kernels (decode and prefill).
+inline constexpr int kMaxAttentionHeadDim = 256;
+
+// A pointer argument and its name, for ValidateAttentionArgs' message.
+struct NamedPointer {
+  const char* name;
+  const void* ptr;
+};
+
+// The checks PagedAttentionDecode and PagedPrefillAttention share, for `op` (named in every
+// message), returning INVALID_ARGUMENT with what was wrong: kv and layer as
+// MakePagedKvGeometry (which fills *g); num_heads a positive multiple of the pool's
+// num_kv_heads; head_dim <= kMaxAttentionHeadDim; and, only when has_tokens (a call without
+// query tokens needs no buffers), every one of `pointers` non-null (the message lists them all
+// as "name 1" / "name 0"). The checks of each op's own arguments stay in the op.
+absl::Status ValidateAttentionArgs(const char* op, const PagedKvView& kv, int layer, int num_heads,
+                                   bool has_tokens, std::initializer_list<NamedPointer> pointers,
+                                   PagedKvGeometry* g);
+
 // ---- Decode ----
 
 // Keys per split-K partition: fixed, so where partitions start depends only on the position,
 // never on the batch.
 inline constexpr int64_t kDecodePartitionKeys = 256;
-// head_dim limit of the attention kernels (decode and prefill).
-inline constexpr int kMaxAttentionHeadDim = 256;
 
 // Device workspace bytes PagedAttentionDecode needs for n query tokens of num_heads heads of
 // head_dim whose contexts (position + 1) are at most max_context keys: 0 when max_context <=

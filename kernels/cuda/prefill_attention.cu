@@ -387,17 +387,15 @@ absl::Status PagedPrefillAttention(const PagedKvView& kv, int layer, const float
                                                    ", max_query_len ", max_query_len, ")"));
   }
   PagedKvGeometry g;
-  absl::Status st = MakePagedKvGeometry(kOp, kv, layer, &g);
+  const absl::Status st = ValidateAttentionArgs(kOp, kv, layer, num_heads,
+                                                /*has_tokens=*/num_seqs > 0 && max_query_len > 0,
+                                                {{"q", q},
+                                                 {"seq_starts", seq_starts},
+                                                 {"start_positions", start_positions},
+                                                 {"block_tables", block_tables},
+                                                 {"out", out}},
+                                                &g);
   if (!st.ok()) return st;
-  if (num_heads <= 0 || num_heads % g.num_kv_heads != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(kOp, ": num_heads ", num_heads,
-                                                   " is not a positive multiple of num_kv_heads ",
-                                                   g.num_kv_heads));
-  }
-  if (g.head_dim > kMaxAttentionHeadDim) {
-    return absl::InvalidArgumentError(absl::StrCat(kOp, ": head_dim ", g.head_dim, " > ",
-                                                   kMaxAttentionHeadDim, " is not supported"));
-  }
   if (max_blocks_per_seq <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat(kOp, ": max_blocks_per_seq ", max_blocks_per_seq, " must be positive"));
@@ -407,13 +405,6 @@ absl::Status PagedPrefillAttention(const PagedKvView& kv, int layer, const float
         absl::StrCat(kOp, ": num_seqs ", num_seqs, " > ", kMaxGridYZ, " per call"));
   }
   if (num_seqs == 0 || max_query_len == 0) return absl::OkStatus();
-  if (q == nullptr || seq_starts == nullptr || start_positions == nullptr ||
-      block_tables == nullptr || out == nullptr) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(kOp, ": null pointer (q ", q != nullptr, ", seq_starts ",
-                     seq_starts != nullptr, ", start_positions ", start_positions != nullptr,
-                     ", block_tables ", block_tables != nullptr, ", out ", out != nullptr, ")"));
-  }
 
   PrefillParams p;
   p.kv = g;

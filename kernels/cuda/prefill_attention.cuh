@@ -2,7 +2,8 @@
 // CUDA twin of kernels::PagedAttention (kernels/ops.h) for chunks of consecutive query tokens
 // of one or more sequences. Pointers are device memory; the launch is asynchronous (a
 // returned OK means it was queued). INVALID_ARGUMENT, with what was wrong, for bad shapes,
-// null pointers, a layer outside the pool or a pool base not 16-byte aligned.
+// null pointers, a layer outside the pool or a pool base not 16-byte aligned (the checks it
+// shares with the decode kernel: ValidateAttentionArgs in paged_attention.cuh).
 #pragma once
 
 #include <cuda_runtime_api.h>

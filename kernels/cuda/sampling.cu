@@ -119,19 +119,25 @@ __device__ __forceinline__ bool BetterLogit(float a, int32_t a_id, float b, int3
   return a > b || (a == b && a_id < b_id);
 }
 
+// (*value, *id) becomes the best pair of the warp's lanes (max value, lowest id among equal
+// values) by an xor butterfly over offsets 16, 8, 4, 2, 1.
+__device__ __forceinline__ void WarpArgMax(float* value, int32_t* id) {
+  for (int off = 16; off > 0; off /= 2) {
+    const float ov = __shfl_xor_sync(0xffffffffu, *value, off);
+    const int32_t oi = __shfl_xor_sync(0xffffffffu, *id, off);
+    if (BetterLogit(ov, oi, *value, *id)) {
+      *value = ov;
+      *id = oi;
+    }
+  }
+}
+
 // Max value, lowest id among equal values.
 __device__ void BlockArgMax(float* value, int32_t* id, SharedState& sh) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   float v = *value;
   int32_t i = *id;
-  for (int off = 16; off > 0; off /= 2) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, off);
-    const int32_t oi = __shfl_xor_sync(0xffffffffu, i, off);
-    if (BetterLogit(ov, oi, v, i)) {
-      v = ov;
-      i = oi;
-    }
-  }
+  WarpArgMax(&v, &i);
   if (lane == 0) {
     sh.red_f[warp] = v;
     sh.red_i[warp] = i;
@@ -140,14 +146,7 @@ __device__ void BlockArgMax(float* value, int32_t* id, SharedState& sh) {
   if (warp == 0) {
     v = lane < kWarps ? sh.red_f[lane] : -INFINITY;
     i = lane < kWarps ? sh.red_i[lane] : INT_MAX;
-    for (int off = 16; off > 0; off /= 2) {
-      const float ov = __shfl_xor_sync(0xffffffffu, v, off);
-      const int32_t oi = __shfl_xor_sync(0xffffffffu, i, off);
-      if (BetterLogit(ov, oi, v, i)) {
-        v = ov;
-        i = oi;
-      }
-    }
+    WarpArgMax(&v, &i);
     if (lane == 0) {
       sh.red_f[0] = v;
       sh.red_i[0] = i;
@@ -159,52 +158,44 @@ __device__ void BlockArgMax(float* value, int32_t* id, SharedState& sh) {
   __syncthreads();
 }
 
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct AddOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+
+// op over v of every thread: v = op(v, partner's v) over xor offsets 16, 8, 4, 2, 1 in each
+// warp, the warps' results through slots[0, kWarps) (shared memory), then the same butterfly
+// over them in warp 0 (identity in lanes >= kWarps); the result is broadcast through slots[0].
+template <typename T, typename Op>
+__device__ T BlockReduce(T v, T identity, Op op, T* slots) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int off = 16; off > 0; off /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
+  if (lane == 0) slots[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? slots[lane] : identity;
+    for (int off = 16; off > 0; off /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
+    if (lane == 0) slots[0] = v;
+  }
+  __syncthreads();
+  v = slots[0];
+  __syncthreads();
+  return v;
+}
+
 __device__ float BlockMax(float v, SharedState& sh) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int off = 16; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  if (lane == 0) sh.red_f[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? sh.red_f[lane] : -INFINITY;
-    for (int off = 16; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-    if (lane == 0) sh.red_f[0] = v;
-  }
-  __syncthreads();
-  v = sh.red_f[0];
-  __syncthreads();
-  return v;
+  return BlockReduce(v, -INFINITY, MaxOp{}, sh.red_f);
 }
-
 __device__ long long BlockCount(long long v, SharedState& sh) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  if (lane == 0) sh.red_l[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? sh.red_l[lane] : 0;
-    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-    if (lane == 0) sh.red_l[0] = v;
-  }
-  __syncthreads();
-  v = sh.red_l[0];
-  __syncthreads();
-  return v;
+  return BlockReduce(v, 0LL, AddOp{}, sh.red_l);
 }
-
 __device__ double BlockSum(double v, SharedState& sh) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  if (lane == 0) sh.red_d[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? sh.red_d[lane] : 0.0;
-    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-    if (lane == 0) sh.red_d[0] = v;
-  }
-  __syncthreads();
-  v = sh.red_d[0];
-  __syncthreads();
-  return v;
+  return BlockReduce(v, 0.0, AddOp{}, sh.red_d);
 }
 
 // ---- The CPU's order-dependent steps ----

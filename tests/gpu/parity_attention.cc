@@ -451,6 +451,19 @@ void AttentionHostChecks(const std::function<void(bool, const std::string&)>& ex
   bad_layout.layout.block_size = 0;
   expect(invalid(decode(bad_layout, 1, f, 4, 63, 1000, 8, ws, need), "block_size 0"),
          "PagedAttentionDecode block_size 0 -> INVALID_ARGUMENT");
+  expect(
+      invalid(cuda::PagedAttentionDecode(kv, 1, f, 4, tab, 63, nullptr, 1000, 8, 0.1f, f, ws, need,
+                                         nullptr),
+              "cuda::PagedAttentionDecode: null pointer (q 1, block_tables 1, positions 0, out 1)"),
+      "PagedAttentionDecode null positions -> INVALID_ARGUMENT naming it");
+  expect(invalid(cuda::PagedAttentionDecode(kv, 1, f, 4, tab, 63, pos, 1000, 8, 0.1f, nullptr, ws,
+                                            need, nullptr),
+                 "out 0"),
+         "PagedAttentionDecode null out -> INVALID_ARGUMENT naming it");
+  expect(cuda::PagedAttentionDecode(kv, 1, nullptr, 0, nullptr, 63, nullptr, 1000, 8, 0.1f, nullptr,
+                                    nullptr, 0, nullptr)
+             .ok(),
+         "PagedAttentionDecode n == 0 needs no buffers -> OK");
 
   const int32_t* starts = tab;
   auto prefill = [&](const PagedKvView& v, int layer, const float* q, int num_seqs,
@@ -478,6 +491,28 @@ void AttentionHostChecks(const std::function<void(bool, const std::string&)>& ex
   null_pool.base = nullptr;
   expect(invalid(prefill(null_pool, 1, f, 2, starts, 8, 100, 8), "null KV pool"),
          "PagedPrefillAttention null pool -> INVALID_ARGUMENT");
+  expect(invalid(decode(null_pool, 1, f, 4, 63, 1000, 8, ws, need),
+                 "cuda::PagedAttentionDecode: null KV pool"),
+         "PagedAttentionDecode null pool -> INVALID_ARGUMENT naming the op");
+  expect(invalid(prefill(kv, 1, f, 2, starts, 8, 100, 7),
+                 "cuda::PagedPrefillAttention: num_heads 7 is not a positive multiple of "
+                 "num_kv_heads 2"),
+         "PagedPrefillAttention num_heads % num_kv_heads != 0 -> INVALID_ARGUMENT");
+  expect(invalid(prefill(misaligned, 1, f, 2, starts, 8, 100, 8), "16-byte aligned"),
+         "PagedPrefillAttention pool base not 16-byte aligned -> INVALID_ARGUMENT");
+  expect(invalid(prefill(kv, 3, f, 2, starts, 8, 100, 8), "layer 3 outside [0, 3)"),
+         "PagedPrefillAttention layer >= num_layers -> INVALID_ARGUMENT naming the layer");
+  expect(invalid(cuda::PagedPrefillAttention(kv, 1, f, 2, starts, nullptr, tab, 8, 100, 8, 0.1f, f,
+                                             nullptr),
+                 "cuda::PagedPrefillAttention: null pointer (q 1, seq_starts 1, "
+                 "start_positions 0, block_tables 1, out 1)"),
+         "PagedPrefillAttention null start_positions -> INVALID_ARGUMENT naming it");
+  expect(invalid(prefill(kv, 1, nullptr, 2, starts, 8, 100, 8), "q 0"),
+         "PagedPrefillAttention null q -> INVALID_ARGUMENT naming it");
+  expect(cuda::PagedPrefillAttention(kv, 1, nullptr, 2, nullptr, nullptr, nullptr, 8, 0, 8, 0.1f,
+                                     nullptr, nullptr)
+             .ok(),
+         "PagedPrefillAttention max_query_len == 0 needs no buffers -> OK");
 }
 
 }  // namespace

@@ -14,6 +14,8 @@
 // Shapes with integer-valued x, w and bias make every product and partial sum exact on both
 // sides (|sums| < 2^24): those are compared bit for bit and catch any layout or bounds slip
 // that the error bound would hide at large in.
+// Batch invariance (gemm_invariance): the same x rows computed alone and in batches of 3, 17,
+// 64 and 200 rows give byte-identical y rows (no CPU involved).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -115,6 +117,64 @@ absl::Status RunGemm(const Shape& s, DType t, bool bias, bool integers, cudaStre
   return dy.Download(&o->gpu, st);
 }
 
+// Batch invariance (gemm.cuh): rows of one x [kBatchRows, in] computed inside batches of
+// 3, 17 and 64 rows (the last rows of x, so each row sits at another position than in the
+// full batch) and alone (rows = 1) must give the bytes the full kBatchRows-row call gives.
+// Every call reads x from and writes y to its own cudaMalloc'd buffers, so the pointer
+// alignments (part of Gemm's plan key) are the same for all. A fresh Gemm, so that
+// num_fallback_plans() speaks of these shapes only: a fallback plan is not batch-invariant
+// and fails the case. "cpu" holds the full batch's rows, "gpu" the same rows from the others.
+constexpr int64_t kBatchRows = 200;
+
+absl::Status RunInvariance(int64_t in, int64_t out, DType t, cudaStream_t st, Outputs* o) {
+  absl::StatusOr<std::unique_ptr<cuda::Gemm>> gemm = cuda::Gemm::Create();
+  if (!gemm.ok()) return gemm.status();
+  const Problem p =
+      MakeProblem({kBatchRows, in, out}, t, /*integers=*/false, static_cast<uint32_t>(in + out));
+  const std::vector<uint8_t> w = Encode(p.w, t);
+  ASSIGN_OR_RETURN_BUF(dw, DeviceBuffer::Upload(w, st));
+  ASSIGN_OR_RETURN_BUF(db, DeviceBuffer::Upload(p.bias, st));
+  // y of rows [first, first + rows) of x, computed as one call of that many rows.
+  auto run = [&](int64_t first, int64_t rows, std::vector<float>* y) -> absl::Status {
+    const std::vector<float> x(p.x.begin() + first * in, p.x.begin() + (first + rows) * in);
+    ASSIGN_OR_RETURN_BUF(dx, DeviceBuffer::Upload(x, st));
+    ASSIGN_OR_RETURN_BUF(dy, DeviceBuffer::Alloc(sizeof(float) * rows * out));
+    RETURN_IF_ERROR((*gemm)->MatMul(dx.as<float>(), rows, in, dw.as<void>(), t, out, db.as<float>(),
+                                    dy.as<float>(), st));
+    return dy.Download(y, st);
+  };
+  std::vector<float> full;
+  RETURN_IF_ERROR(run(0, kBatchRows, &full));
+  struct Part {
+    int64_t first, rows;
+  };
+  const Part parts[] = {
+      {kBatchRows - 3, 3}, {kBatchRows - 17, 17}, {kBatchRows - 64, 64}, {0, 1}, {1, 1}, {63, 1},
+      {kBatchRows - 1, 1}};
+  for (const Part& part : parts) {
+    std::vector<float> y;
+    RETURN_IF_ERROR(run(part.first, part.rows, &y));
+    const float* want = full.data() + part.first * out;
+    if (std::memcmp(y.data(), want, sizeof(float) * y.size()) != 0) {
+      size_t i = 0;
+      while (std::memcmp(&y[i], &want[i], sizeof(float)) == 0) ++i;
+      return absl::InternalError(absl::StrFormat(
+          "y[%d][%d] = %a in a batch of %d rows, %a in the batch of %d (%d of %d plans are "
+          "fallbacks)",
+          part.first + static_cast<int64_t>(i) / out, static_cast<int64_t>(i) % out, y[i],
+          part.rows, want[i], kBatchRows, (*gemm)->num_fallback_plans(), (*gemm)->num_plans()));
+    }
+    o->cpu.insert(o->cpu.end(), want, want + y.size());
+    o->gpu.insert(o->gpu.end(), y.begin(), y.end());
+  }
+  if ((*gemm)->num_fallback_plans() != 0) {
+    return absl::InternalError(
+        absl::StrCat((*gemm)->num_fallback_plans(), " of ", (*gemm)->num_plans(),
+                     " plans fell back to a per-shape algorithm (not batch-invariant)"));
+  }
+  return absl::OkStatus();
+}
+
 void AddGemmCases(std::vector<Case>* cases) {
   const Shape shapes[] = {{1, 1, 1},       {3, 17, 5},       {7, 33, 31},
                           {2, 255, 129},   {17, 1, 9},       {64, 256, 1000},
@@ -149,6 +209,19 @@ void AddGemmCases(std::vector<Case>* cases) {
       {"gemm_exact", "bf16,rows=3,in=0,out=7,bias", kExact, [](cudaStream_t st, Outputs* o) {
          return RunGemm({3, 0, 7}, DType::kBF16, true, false, st, o);
        }});
+  // Batch invariance, bit for bit (x, w, bias from [-1, 1]: the sums round, so any change of
+  // order would show).
+  const std::pair<int64_t, int64_t> inv_shapes[] = {{255, 129}, {1024, 3000}, {4096, 4096}};
+  for (DType t : {DType::kBF16, DType::kF16, DType::kF32}) {
+    for (const auto& [in, out] : inv_shapes) {
+      cases->push_back({"gemm_invariance",
+                        absl::StrFormat("%s,in=%d,out=%d,rows=1/3/17/64 vs %d", DTypeName(t), in,
+                                        out, kBatchRows),
+                        kExact, [in = in, out = out, t](cudaStream_t st, Outputs* o) {
+                          return RunInvariance(in, out, t, st, o);
+                        }});
+    }
+  }
   // Determinism: the cached plan gives the same bits again ("cpu" holds the first GPU run).
   cases->push_back({"gemm_repeat", "bf16,rows=9,in=1000,out=300,bias,twice", kExact,
                     [](cudaStream_t st, Outputs* o) -> absl::Status {
