@@ -14,6 +14,7 @@
 #include "common/transfer/checksum.h"
 #include "common/util/status.h"
 #include "common/worker/kv_pool_metrics.h"
+#include "kernels/backend.h"
 
 namespace kvrelay::decode {
 namespace {
@@ -425,11 +426,13 @@ void Engine::OnRemoteResult(RemoteResult r) {
     std::vector<uint64_t> sums(r.response.block_checksums().begin(),
                                r.response.block_checksums().end());
     const uint64_t block_bytes = pool_->layout().block_bytes();
-    st = transfer::VerifyBlockChecksums(remote_.memory->data(), block_bytes, s->dest_blocks, sums);
+    // Computed where the pool lives (the model's backend: host or GPU memory).
+    std::vector<uint64_t> got(s->dest_blocks.size());
+    st = model_->backend().BlockChecksums(pool_->view().base, pool_->num_blocks(), block_bytes,
+                                          s->dest_blocks, got.data());
+    if (st.ok()) st = transfer::CompareBlockChecksums(s->dest_blocks, got, sums);
     if (absl::IsDataLoss(st)) {  // count the bad blocks (only on this failure path)
       outcome = RemoteOutcome::kChecksumMismatch;
-      const std::vector<uint64_t> got =
-          transfer::BlockChecksums(remote_.memory->data(), block_bytes, s->dest_blocks);
       int64_t bad = 0;
       for (size_t i = 0; i < got.size() && i < sums.size(); ++i) bad += got[i] != sums[i];
       if (metrics_) metrics_->checksum_failures->Increment(static_cast<double>(bad));

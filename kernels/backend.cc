@@ -3,7 +3,6 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/cpu/cpu_backend.h"
 
 namespace kvrelay::kernels {
 
@@ -14,14 +13,6 @@ absl::StatusOr<Device> ParseDevice(absl::string_view name) {
   if (name == "cuda") return Device::kCuda;
   return absl::InvalidArgumentError(
       absl::StrCat("backend must be 'cpu' or 'cuda', got '", name, "'"));
-}
-
-bool BuiltWithCuda() {
-#if defined(KVRELAY_HAVE_CUDA)
-  return true;
-#else
-  return false;
-#endif
 }
 
 Buffer::Buffer(Buffer&& o) noexcept
@@ -59,25 +50,6 @@ Buffer Buffer::View(void* data, size_t bytes) {
   b.data_ = data;
   b.bytes_ = bytes;
   return b;
-}
-
-absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(Device device, ThreadPool* pool) {
-  switch (device) {
-    case Device::kCpu:
-      return std::unique_ptr<Backend>(std::make_unique<CpuBackend>(pool));
-    case Device::kCuda:
-#if defined(KVRELAY_HAVE_CUDA)
-      return absl::UnimplementedError(
-          "cuda backend: not implemented yet. kernels/cuda has RMSNorm, LayerNorm, SwiGLU, GELU "
-          "and the embedding gather; missing: the Backend class (memory, upload/download, "
-          "stream), GEMM with bias (cuBLASLt), RoPE + paged K/V write, paged attention, "
-          "position-embedding add, residual add and the row gather");
-#else
-      return absl::FailedPreconditionError(
-          "this build has no CUDA backend (configure with -DKVRELAY_CUDA=ON)");
-#endif
-  }
-  return absl::InvalidArgumentError("unknown backend device");
 }
 
 }  // namespace kvrelay::kernels

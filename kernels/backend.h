@@ -1,6 +1,6 @@
 // The backend the forward pass runs on (DESIGN §2, §6, §8): one small interface over
 // backend-owned memory and the ops of Model::Forward, with a CPU implementation
-// (kernels/cpu/cpu_backend.h) and a CUDA one (kernels/cuda/, to come). The backend is
+// (kernels/cpu/cpu_backend.h) and a CUDA one (kernels/cuda/cuda_backend.h). The backend is
 // chosen once at start-up (CreateBackend) and named explicitly; Model::Forward calls every
 // op through it and never knows which one it has.
 //
@@ -32,10 +32,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "kernels/dtype.h"
 #include "kernels/paged_kv.h"
 #include "kernels/thread_pool.h"
@@ -46,8 +48,6 @@ enum class Device { kCpu, kCuda };
 const char* DeviceName(Device d);  // "cpu", "cuda"
 // "cpu" or "cuda"; INVALID_ARGUMENT naming the value otherwise.
 absl::StatusOr<Device> ParseDevice(absl::string_view name);
-// Whether this build has CUDA (KVRELAY_HAVE_CUDA): says nothing of a GPU being present.
-bool BuiltWithCuda();
 
 class Backend;
 
@@ -72,6 +72,10 @@ struct TokenBatch {
   int64_t max_blocks_per_seq = 0;
   int64_t max_query_len = 0;  // largest seq_starts[s + 1] - seq_starts[s]
   int64_t max_context = 0;    // largest positions[t] + 1
+  // How many sequences at the front of the batch have exactly one token (decode steps: the
+  // engine puts them first). A GPU backend runs them through its decode attention kernel and
+  // the rest through its prefill kernel; the CPU backend ignores it.
+  int num_decode_seqs = 0;
 };
 
 // A range of backend memory, move-only. Either owned (from Backend::Allocate or a
@@ -133,6 +137,17 @@ class Backend {
   virtual absl::Status Download(const void* src, size_t bytes, void* host) = 0;
   // Waits until all queued work is done; the first error of that work, if any.
   virtual absl::Status Synchronize() = 0;
+  // Zero-fills `bytes` of backend memory at `dst` (queued like an op).
+  virtual absl::Status Zero(void* dst, size_t bytes) = 0;
+
+  // ---- KV pool checksums (DESIGN §4) ----
+
+  // out[i] = XXH3-64 (seed 0, default secret: transfer::BlockChecksums' value) of block
+  // blocks[i] of the pool at `base` (pool_blocks blocks of block_bytes, backend memory), read
+  // once all work queued before is done. `blocks` and `out` are host memory; out holds the
+  // values when this returns OK. INVALID_ARGUMENT for a block outside [0, pool_blocks).
+  virtual absl::Status BlockChecksums(const void* base, int64_t pool_blocks, uint64_t block_bytes,
+                                      absl::Span<const int32_t> blocks, uint64_t* out) = 0;
 
   // ---- Ops of the forward pass (all pointers backend memory; rows are row-major) ----
 
@@ -141,9 +156,10 @@ class Backend {
   virtual absl::Status EmbeddingGather(const int32_t* ids, int64_t n, const void* table, DType et,
                                        int64_t vocab, int64_t dim, float* out) = 0;
   // x[t][:] += table[positions[t]][:] for t < n (learned positions, GPT-2); table:
-  // [max_pos][dim] f32, positions validated by the caller.
-  virtual absl::Status AddPositionEmbedding(const float* table, const int64_t* positions, int64_t n,
-                                            int64_t dim, float* x) = 0;
+  // [max_pos][dim] f32. INVALID_ARGUMENT for a position outside [0, max_pos).
+  virtual absl::Status AddPositionEmbedding(const float* table, int64_t max_pos,
+                                            const int64_t* positions, int64_t n, int64_t dim,
+                                            float* x) = 0;
   // y[r] = RMSNorm(x[r]) * w, x, y: [rows][dim]; y may equal x.
   virtual absl::Status RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float eps,
                                float* y) = 0;
@@ -177,10 +193,10 @@ class Backend {
   virtual absl::Status GeluErf(float* x, int64_t n) = 0;
   // x[i] += y[i] for i < n (the residual add).
   virtual absl::Status AddInPlace(float* x, const float* y, int64_t n) = 0;
-  // out[i][:] = x[rows[i]][:] for i < n; x: [*][dim] (the rows that want logits), rows
-  // validated by the caller.
-  virtual absl::Status GatherRows(const float* x, int64_t dim, const int64_t* rows, int64_t n,
-                                  float* out) = 0;
+  // out[i][:] = x[rows[i]][:] for i < n; x: [num_rows][dim] (the rows that want logits).
+  // INVALID_ARGUMENT for a row outside [0, num_rows).
+  virtual absl::Status GatherRows(const float* x, int64_t num_rows, int64_t dim,
+                                  const int64_t* rows, int64_t n, float* out) = 0;
 
  private:
   friend class Buffer;
@@ -188,9 +204,21 @@ class Backend {
   virtual void Free(void* data, size_t bytes) = 0;
 };
 
+// ---- Choosing a backend (kernels/create_backend.cc, library kvrelay_backend: it links the
+// CUDA backend when the build has one) ----
+
 // The backend for `device`. kCpu: the CPU ops on `pool` (null: on the calling thread; the
-// pool must outlive the backend). kCuda: FAILED_PRECONDITION in a build without CUDA,
-// UNIMPLEMENTED (naming what is missing) until the CUDA backend exists.
+// pool must outlive the backend). kCuda: the CUDA backend on device 0 (the first of
+// CUDA_VISIBLE_DEVICES); FAILED_PRECONDITION in a build without CUDA, UNAVAILABLE (saying
+// why) when no usable GPU is found.
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(Device device, ThreadPool* pool);
+
+// Whether this build has CUDA (KVRELAY_HAVE_CUDA): says nothing of a GPU being present.
+bool BuiltWithCuda();
+
+// What `--device` means: "cpu" or "cuda" as ParseDevice; "auto" (the default of every
+// binary) is cuda when this build has CUDA and a GPU is found, else cpu. `why`, when set,
+// receives one line saying what was chosen and why (for the start-up log).
+absl::StatusOr<Device> ResolveDevice(absl::string_view flag, std::string* why = nullptr);
 
 }  // namespace kvrelay::kernels

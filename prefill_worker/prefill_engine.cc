@@ -13,9 +13,9 @@
 #include "common/kvcache/kv_sequence.h"
 #include "common/metrics/metrics.h"
 #include "common/model/generator.h"
-#include "common/transfer/checksum.h"
 #include "common/util/status.h"
 #include "common/worker/kv_pool_metrics.h"
+#include "kernels/backend.h"
 
 namespace kvrelay::prefill {
 namespace {
@@ -467,7 +467,10 @@ absl::StatusOr<PrefillOutcome> PrefillEngine::Run(Job& job) {
 
   const std::vector<int32_t> sent_blocks(seq.blocks().begin() + spec.first_block,
                                          seq.blocks().begin() + nblocks);
-  out.checksums = transfer::BlockChecksums(memory_->data(), block_bytes, sent_blocks);
+  // Computed where the pool lives (the model's backend: host or GPU memory).
+  out.checksums.resize(sent_blocks.size());
+  KVR_RETURN_IF_ERROR(model_->backend().BlockChecksums(
+      pool_->view().base, pool_->num_blocks(), block_bytes, sent_blocks, out.checksums.data()));
   const int vocab = model_->config().vocab_size;
   out.first =
       sampling::Sample(absl::MakeConstSpan(logits.data(), vocab), spec.params, spec.prompt, {}, n);

@@ -53,7 +53,7 @@ absl::StatusOr<std::unique_ptr<KvPool>> KvPool::Create(const kernels::PagedKvLay
 
 absl::StatusOr<std::unique_ptr<KvPool>> KvPool::Wrap(const kernels::PagedKvLayout& layout,
                                                      int64_t num_blocks, uint8_t* base,
-                                                     size_t bytes) {
+                                                     size_t bytes, kernels::MemoryKind memory) {
   if (absl::Status s = CheckGeometry(layout, num_blocks); !s.ok()) return s;
   const size_t need = layout.block_bytes() * static_cast<size_t>(num_blocks);
   if (base == nullptr || bytes < need) {
@@ -66,6 +66,7 @@ absl::StatusOr<std::unique_ptr<KvPool>> KvPool::Wrap(const kernels::PagedKvLayou
   pool->view_.layout = layout;
   pool->view_.base = base;
   pool->view_.num_blocks = num_blocks;
+  pool->view_.memory = memory;
   return pool;
 }
 

@@ -19,10 +19,11 @@ class KvPool {
   // A pool over memory someone else owns (e.g. registered with a KV transport, so
   // peers can write into it): at least num_blocks * block_bytes bytes at `base`, which
   // must outlive the pool. Same checks as Create, plus INVALID_ARGUMENT when the
-  // memory is too small.
-  static absl::StatusOr<std::unique_ptr<KvPool>> Wrap(const kernels::PagedKvLayout& layout,
-                                                      int64_t num_blocks, uint8_t* base,
-                                                      size_t bytes);
+  // memory is too small. `memory` says where it is (device memory for a CUDA backend: the
+  // pool's bytes are then only touched through that backend).
+  static absl::StatusOr<std::unique_ptr<KvPool>> Wrap(
+      const kernels::PagedKvLayout& layout, int64_t num_blocks, uint8_t* base, size_t bytes,
+      kernels::MemoryKind memory = kernels::MemoryKind::kHost);
   ~KvPool();
   KvPool(const KvPool&) = delete;
   KvPool& operator=(const KvPool&) = delete;

@@ -243,6 +243,7 @@ absl::Status Model::Forward(absl::Span<const SeqChunk> batch, const kernels::Pag
   // Validate the batch; count its token rows, the sequences that have tokens, and the
   // longest block table they use.
   int64_t T = 0, num_seqs = 0, max_blocks = 0, max_query = 0;
+  int num_decode_seqs = 0;  // leading sequences of one token each (TokenBatch)
   for (size_t si = 0; si < batch.size(); ++si) {
     const SeqChunk& s = batch[si];
     if (s.start_pos < 0) return absl::InvalidArgumentError("forward: negative start position");
@@ -274,6 +275,7 @@ absl::Status Model::Forward(absl::Span<const SeqChunk> batch, const kernels::Pag
       }
     }
     if (!s.tokens.empty()) {
+      if (s.tokens.size() == 1 && num_decode_seqs == num_seqs) ++num_decode_seqs;
       T += static_cast<int64_t>(s.tokens.size());
       ++num_seqs;
       max_blocks = std::max(max_blocks, (end + L.block_size - 1) / L.block_size);
@@ -389,6 +391,7 @@ absl::Status Model::Forward(absl::Span<const SeqChunk> batch, const kernels::Pag
   tb.max_blocks_per_seq = max_blocks;
   tb.max_query_len = max_query;
   tb.max_context = max_context;
+  tb.num_decode_seqs = num_decode_seqs;
   const int32_t* d_ids = i32(ids_at);
   const int64_t* d_logit_rows = i64(logit_rows_at);
 
@@ -407,7 +410,9 @@ absl::Status Model::Forward(absl::Span<const SeqChunk> batch, const kernels::Pag
 
   KVR_RETURN_IF_ERROR(
       be.EmbeddingGather(d_ids, T, ob.embed, weights_->embed_dtype, c.vocab_size, H, x));
-  if (!llama) KVR_RETURN_IF_ERROR(be.AddPositionEmbedding(ob.pos_embed, tb.positions, T, H, x));
+  if (!llama)
+    KVR_RETURN_IF_ERROR(
+        be.AddPositionEmbedding(ob.pos_embed, c.max_position_embeddings, tb.positions, T, H, x));
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   auto norm = [&](const float* nw, const float* nb, const float* in, int64_t rows, float* out) {
     return llama ? be.RmsNorm(in, nw, rows, H, c.norm_eps, out)
@@ -445,7 +450,7 @@ absl::Status Model::Forward(absl::Span<const SeqChunk> batch, const kernels::Pag
   KVR_ASSIGN_OR_RETURN(float* last, GrowFor<float>(be, &ws.last, S * H));
   KVR_ASSIGN_OR_RETURN(float* normed, GrowFor<float>(be, &ws.normed, S * H));
   KVR_ASSIGN_OR_RETURN(float* out, GrowFor<float>(be, &ws.logits, S * c.vocab_size));
-  KVR_RETURN_IF_ERROR(be.GatherRows(x, H, d_logit_rows, S, last));
+  KVR_RETURN_IF_ERROR(be.GatherRows(x, T, H, d_logit_rows, S, last));
   KVR_RETURN_IF_ERROR(norm(ob.final_norm_w, ob.final_norm_b, last, S, normed));
   KVR_RETURN_IF_ERROR(linear(ob.lm_head, normed, S, out));
   const size_t off = logits->size();

@@ -23,8 +23,17 @@ absl::Status VerifyBlockChecksums(const uint8_t* base, uint64_t block_bytes,
     return absl::InvalidArgumentError(
         absl::StrCat("checksums: ", blocks.size(), " blocks but ", expected.size(), " checksums"));
   }
+  return CompareBlockChecksums(blocks, BlockChecksums(base, block_bytes, blocks), expected);
+}
+
+absl::Status CompareBlockChecksums(absl::Span<const int32_t> blocks, absl::Span<const uint64_t> got,
+                                   absl::Span<const uint64_t> expected) {
+  if (blocks.size() != expected.size() || blocks.size() != got.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("checksums: ", blocks.size(), " blocks but ",
+                                                   got.size(), " computed and ", expected.size(),
+                                                   " expected checksums"));
+  }
   std::vector<int32_t> bad;
-  const std::vector<uint64_t> got = BlockChecksums(base, block_bytes, blocks);
   for (size_t i = 0; i < blocks.size(); ++i) {
     if (got[i] != expected[i]) bad.push_back(blocks[i]);
   }

@@ -20,5 +20,9 @@ std::vector<uint64_t> BlockChecksums(const uint8_t* base, uint64_t block_bytes,
 absl::Status VerifyBlockChecksums(const uint8_t* base, uint64_t block_bytes,
                                   absl::Span<const int32_t> blocks,
                                   absl::Span<const uint64_t> expected);
+// The same over checksums computed elsewhere (got[i]: block blocks[i], e.g. by a GPU
+// backend over a pool in device memory).
+absl::Status CompareBlockChecksums(absl::Span<const int32_t> blocks, absl::Span<const uint64_t> got,
+                                   absl::Span<const uint64_t> expected);
 
 }  // namespace kvrelay::transfer

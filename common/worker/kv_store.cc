@@ -1,10 +1,10 @@
 #include "common/worker/kv_store.h"
 
 #include <algorithm>
-#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "common/util/status.h"
+#include "kernels/backend.h"
 
 namespace kvrelay::worker {
 
@@ -32,11 +32,30 @@ absl::StatusOr<KvStore> CreateKvStore(transfer::KvTransport& transport, const mo
     blocks = 4 * kvcache::BlocksFor(std::min(model.config().max_position_embeddings, 8192),
                                     options.block_size);
   }
+  // The pool lives where the model's backend computes (device memory for CUDA), allocated
+  // and registered by the transport so that peers write straight into it.
+  kernels::Backend& backend = model.backend();
+  const kernels::MemoryKind kind = backend.memory_kind();
+  const transfer::MemoryType type = kind == kernels::MemoryKind::kCuda
+                                        ? transfer::MemoryType::kCuda
+                                        : transfer::MemoryType::kHost;
   KvStore s;
-  KVR_ASSIGN_OR_RETURN(s.memory, transport.AllocatePool(layout.block_bytes(), blocks));
-  std::memset(s.memory->data(), 0, s.memory->size());
-  KVR_ASSIGN_OR_RETURN(s.pool,
-                       kvcache::KvPool::Wrap(layout, blocks, s.memory->data(), s.memory->size()));
+  absl::StatusOr<std::unique_ptr<transfer::RegisteredMemory>> memory =
+      transport.AllocatePool(layout.block_bytes(), blocks, type);
+  if (!memory.ok()) {
+    if (type == transfer::MemoryType::kHost) return memory.status();
+    return absl::Status(
+        memory.status().code(),
+        absl::StrCat("KV pool in GPU memory through the ", transport.name(),
+                     " transport: ", memory.status().message(),
+                     " (GPU-direct KV transfer needs UCX built with CUDA support, e.g. "
+                     "deploy/docker/Dockerfile.cuda; Debian's libucx0 has none)"));
+  }
+  s.memory = std::move(*memory);
+  KVR_RETURN_IF_ERROR(backend.Zero(s.memory->data(), s.memory->size()));
+  KVR_RETURN_IF_ERROR(backend.Synchronize());
+  KVR_ASSIGN_OR_RETURN(
+      s.pool, kvcache::KvPool::Wrap(layout, blocks, s.memory->data(), s.memory->size(), kind));
   kvcache::PrefixCache::Options co;
   co.num_blocks = blocks;
   co.block_size = options.block_size;

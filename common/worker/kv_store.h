@@ -28,7 +28,8 @@ struct KvStore {
   std::unique_ptr<kvcache::PrefixCache> cache;
 };
 
-// The pool (zero-filled) and its cache (new incarnation id) for `model`.
+// The pool (zero-filled) and its cache (new incarnation id) for `model`, in the memory of the
+// model's backend (host, or GPU memory the transport maps as CUDA memory).
 // INVALID_ARGUMENT naming the flag (--block-size, --kv-dtype, --kv-bytes) when bad.
 absl::StatusOr<KvStore> CreateKvStore(transfer::KvTransport& transport, const model::Model& model,
                                       const KvStoreOptions& options);

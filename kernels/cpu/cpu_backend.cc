@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "kernels/ops.h"
+#include "xxhash.h"
 
 namespace kvrelay::kernels {
 namespace {
@@ -86,6 +87,31 @@ absl::Status CpuBackend::Download(const void* src, size_t bytes, void* host) {
 
 absl::Status CpuBackend::Synchronize() { return absl::OkStatus(); }
 
+absl::Status CpuBackend::Zero(void* dst, size_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  if (dst == nullptr) return NullPointer("Zero");
+  std::memset(dst, 0, bytes);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::BlockChecksums(const void* base, int64_t pool_blocks, uint64_t block_bytes,
+                                        absl::Span<const int32_t> blocks, uint64_t* out) {
+  constexpr absl::string_view kOp = "BlockChecksums";
+  if (pool_blocks < 0) return NegativeSize(kOp);
+  if (blocks.empty()) return absl::OkStatus();
+  if (base == nullptr || out == nullptr) return NullPointer(kOp);
+  for (int32_t b : blocks) {
+    if (b < 0 || b >= pool_blocks) {
+      return Bad(kOp, absl::StrCat("block ", b, " outside the pool of ", pool_blocks));
+    }
+  }
+  const uint8_t* p = static_cast<const uint8_t*>(base);
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    out[i] = XXH3_64bits(p + static_cast<uint64_t>(blocks[i]) * block_bytes, block_bytes);
+  }
+  return absl::OkStatus();
+}
+
 // ---- Ops ----
 
 absl::Status CpuBackend::EmbeddingGather(const int32_t* ids, int64_t n, const void* table, DType et,
@@ -104,14 +130,17 @@ absl::Status CpuBackend::EmbeddingGather(const int32_t* ids, int64_t n, const vo
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::AddPositionEmbedding(const float* table, const int64_t* positions,
-                                              int64_t n, int64_t dim, float* x) {
+absl::Status CpuBackend::AddPositionEmbedding(const float* table, int64_t max_pos,
+                                              const int64_t* positions, int64_t n, int64_t dim,
+                                              float* x) {
   constexpr absl::string_view kOp = "AddPositionEmbedding";
-  if (n < 0 || dim < 0) return NegativeSize(kOp);
+  if (n < 0 || dim < 0 || max_pos < 0) return NegativeSize(kOp);
   if (n == 0 || dim == 0) return absl::OkStatus();
   if (table == nullptr || positions == nullptr || x == nullptr) return NullPointer(kOp);
   for (int64_t t = 0; t < n; ++t) {
-    if (positions[t] < 0) return Bad(kOp, absl::StrCat("negative position ", positions[t]));
+    if (positions[t] < 0 || positions[t] >= max_pos) {
+      return Bad(kOp, absl::StrCat("position ", positions[t], " outside [0, ", max_pos, ")"));
+    }
   }
   for (int64_t t = 0; t < n; ++t) kernels::AddInPlace(&x[t * dim], &table[positions[t] * dim], dim);
   return absl::OkStatus();
@@ -261,14 +290,16 @@ absl::Status CpuBackend::AddInPlace(float* x, const float* y, int64_t n) {
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::GatherRows(const float* x, int64_t dim, const int64_t* rows, int64_t n,
-                                    float* out) {
+absl::Status CpuBackend::GatherRows(const float* x, int64_t num_rows, int64_t dim,
+                                    const int64_t* rows, int64_t n, float* out) {
   constexpr absl::string_view kOp = "GatherRows";
-  if (dim < 0 || n < 0) return NegativeSize(kOp);
+  if (dim < 0 || n < 0 || num_rows < 0) return NegativeSize(kOp);
   if (n == 0 || dim == 0) return absl::OkStatus();
   if (x == nullptr || rows == nullptr || out == nullptr) return NullPointer(kOp);
   for (int64_t i = 0; i < n; ++i) {
-    if (rows[i] < 0) return Bad(kOp, absl::StrCat("negative row ", rows[i]));
+    if (rows[i] < 0 || rows[i] >= num_rows) {
+      return Bad(kOp, absl::StrCat("row ", rows[i], " outside [0, ", num_rows, ")"));
+    }
   }
   for (int64_t i = 0; i < n; ++i) {
     std::memcpy(&out[i * dim], &x[rows[i] * dim], sizeof(float) * dim);

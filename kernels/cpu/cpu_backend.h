@@ -31,11 +31,14 @@ class CpuBackend final : public Backend {
   absl::Status Upload(const void* host, size_t bytes, void* dst) override;
   absl::Status Download(const void* src, size_t bytes, void* host) override;
   absl::Status Synchronize() override;
+  absl::Status Zero(void* dst, size_t bytes) override;
+  absl::Status BlockChecksums(const void* base, int64_t pool_blocks, uint64_t block_bytes,
+                              absl::Span<const int32_t> blocks, uint64_t* out) override;
 
   absl::Status EmbeddingGather(const int32_t* ids, int64_t n, const void* table, DType et,
                                int64_t vocab, int64_t dim, float* out) override;
-  absl::Status AddPositionEmbedding(const float* table, const int64_t* positions, int64_t n,
-                                    int64_t dim, float* x) override;
+  absl::Status AddPositionEmbedding(const float* table, int64_t max_pos, const int64_t* positions,
+                                    int64_t n, int64_t dim, float* x) override;
   absl::Status RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float eps,
                        float* y) override;
   absl::Status LayerNorm(const float* x, const float* w, const float* b, int64_t rows, int64_t dim,
@@ -50,8 +53,8 @@ class CpuBackend final : public Backend {
   absl::Status GeluTanh(float* x, int64_t n) override;
   absl::Status GeluErf(float* x, int64_t n) override;
   absl::Status AddInPlace(float* x, const float* y, int64_t n) override;
-  absl::Status GatherRows(const float* x, int64_t dim, const int64_t* rows, int64_t n,
-                          float* out) override;
+  absl::Status GatherRows(const float* x, int64_t num_rows, int64_t dim, const int64_t* rows,
+                          int64_t n, float* out) override;
 
  private:
   void Free(void* data, size_t bytes) override;

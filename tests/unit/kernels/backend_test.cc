@@ -1,6 +1,6 @@
-// Tests for the Backend interface (kernels/backend.h): ParseDevice, the factory's errors,
-// Buffer ownership, and the CPU backend (kernels/cpu/cpu_backend.h), whose every op must be
-// bit-identical to the kernels::* calls it wraps (kernels/ops.h) on every ISA this CPU has.
+// Tests for the Backend interface (kernels/backend.h): ParseDevice, Buffer ownership, and the CPU
+// backend (kernels/cpu/cpu_backend.h), whose every op must be bit-identical to the kernels::* calls
+// it wraps (kernels/ops.h) on every ISA this CPU has.
 #include "kernels/backend.h"
 
 #include <cmath>
@@ -19,6 +19,7 @@
 #include "kernels/ops.h"
 #include "kernels/paged_kv.h"
 #include "kernels/thread_pool.h"
+#include "xxhash.h"
 
 namespace kvrelay::kernels {
 
@@ -136,30 +137,6 @@ TEST(ParseDeviceTest, RejectsOtherNamesNamingThem) {
   }
 }
 
-TEST(CreateBackendTest, CpuBackendOnHostMemory) {
-  for (ThreadPool* pool : {Pool(), static_cast<ThreadPool*>(nullptr)}) {
-    absl::StatusOr<std::unique_ptr<Backend>> b = CreateBackend(Device::kCpu, pool);
-    ASSERT_TRUE(b.ok()) << b.status();
-    EXPECT_EQ((*b)->device(), Device::kCpu);
-    EXPECT_EQ((*b)->memory_kind(), MemoryKind::kHost);
-    auto* cpu = dynamic_cast<CpuBackend*>(b->get());
-    ASSERT_NE(cpu, nullptr);
-    EXPECT_EQ(cpu->pool(), pool);
-  }
-}
-
-TEST(CreateBackendTest, CudaIsAnErrorForNow) {
-  absl::StatusOr<std::unique_ptr<Backend>> b = CreateBackend(Device::kCuda, Pool());
-  ASSERT_FALSE(b.ok());
-  if (BuiltWithCuda()) {
-    EXPECT_EQ(b.status().code(), absl::StatusCode::kUnimplemented) << b.status();
-    EXPECT_THAT(b.status().message(), HasSubstr("paged attention"));
-  } else {
-    EXPECT_EQ(b.status().code(), absl::StatusCode::kFailedPrecondition) << b.status();
-    EXPECT_THAT(b.status().message(), HasSubstr("this build has no CUDA backend"));
-  }
-}
-
 TEST(PagedKvViewTest, MemoryIsHostByDefault) {
   PagedKvView v;
   EXPECT_EQ(v.memory, MemoryKind::kHost);
@@ -186,6 +163,31 @@ TEST(CpuBackendMemoryTest, UploadDownloadRoundTrip) {
     ASSERT_TRUE(be.Download(buf->data(), bytes, out.data()).ok());
     EXPECT_EQ(in, out);
   }
+}
+
+TEST(CpuBackendMemoryTest, ZeroAndBlockChecksums) {
+  CpuBackend be(nullptr);
+  const uint64_t block_bytes = 100;
+  std::vector<uint8_t> pool(6 * block_bytes);
+  for (size_t i = 0; i < pool.size(); ++i) pool[i] = static_cast<uint8_t>(i % 255 + 1);  // never 0
+  const std::vector<int32_t> blocks = {5, 0, 3, 3};
+  std::vector<uint64_t> got(blocks.size());
+  ASSERT_TRUE(be.BlockChecksums(pool.data(), 6, block_bytes, blocks, got.data()).ok());
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    EXPECT_EQ(got[i], XXH3_64bits(pool.data() + blocks[i] * block_bytes, block_bytes)) << i;
+  }
+  const int32_t outside[] = {6};
+  absl::Status s = be.BlockChecksums(pool.data(), 6, block_bytes, outside, got.data());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("block 6"));
+  EXPECT_TRUE(be.BlockChecksums(nullptr, 6, block_bytes, {}, nullptr).ok());
+
+  ASSERT_TRUE(be.Zero(pool.data() + 7, 150).ok());
+  for (size_t i = 0; i < pool.size(); ++i) {
+    EXPECT_EQ(pool[i] == 0, i >= 7 && i < 157) << i;
+  }
+  EXPECT_TRUE(be.Zero(nullptr, 0).ok());
+  EXPECT_EQ(be.Zero(nullptr, 4).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(CpuBackendMemoryTest, EmptyAndInvalid) {
@@ -254,7 +256,7 @@ TEST_P(CpuBackendTest, AddPositionEmbeddingMatchesKernel) {
   const std::vector<int64_t> pos = {0, 5, 6, 39, 12, 12, 1};
   std::vector<float> want = RandVec(rng_, n * dim), got = want;
   for (int64_t t = 0; t < n; ++t) AddInPlace(&want[t * dim], &table[pos[t] * dim], dim);
-  ASSERT_TRUE(be_.AddPositionEmbedding(table.data(), pos.data(), n, dim, got.data()).ok());
+  ASSERT_TRUE(be_.AddPositionEmbedding(table.data(), max_pos, pos.data(), n, dim, got.data()).ok());
   EXPECT_TRUE(BitEqual(want, got));
 }
 
@@ -313,7 +315,7 @@ TEST_P(CpuBackendTest, GatherRowsCopiesRows) {
   const std::vector<float> x = RandVec(rng_, 10 * dim);
   const std::vector<int64_t> rows = {9, 0, 4, 4};
   std::vector<float> got(rows.size() * dim);
-  ASSERT_TRUE(be_.GatherRows(x.data(), dim, rows.data(), 4, got.data()).ok());
+  ASSERT_TRUE(be_.GatherRows(x.data(), 10, dim, rows.data(), 4, got.data()).ok());
   for (size_t i = 0; i < rows.size(); ++i) {
     EXPECT_EQ(std::memcmp(&got[i * dim], &x[rows[i] * dim], sizeof(float) * dim), 0) << i;
   }
@@ -432,7 +434,7 @@ TEST(CpuBackendArgsTest, EmptyOpsAreNoOps) {
   CpuBackend be(nullptr);
   PagedKvView kv;
   EXPECT_TRUE(be.EmbeddingGather(nullptr, 0, nullptr, DType::kF32, 10, 4, nullptr).ok());
-  EXPECT_TRUE(be.AddPositionEmbedding(nullptr, nullptr, 0, 4, nullptr).ok());
+  EXPECT_TRUE(be.AddPositionEmbedding(nullptr, 10, nullptr, 0, 4, nullptr).ok());
   EXPECT_TRUE(be.RmsNorm(nullptr, nullptr, 0, 4, 1e-5f, nullptr).ok());
   EXPECT_TRUE(be.LayerNorm(nullptr, nullptr, nullptr, 0, 4, 1e-5f, nullptr).ok());
   EXPECT_TRUE(be.Linear(nullptr, 0, 4, nullptr, DType::kF32, 4, nullptr, nullptr).ok());
@@ -443,7 +445,7 @@ TEST(CpuBackendArgsTest, EmptyOpsAreNoOps) {
   EXPECT_TRUE(be.GeluTanh(nullptr, 0).ok());
   EXPECT_TRUE(be.GeluErf(nullptr, 0).ok());
   EXPECT_TRUE(be.AddInPlace(nullptr, nullptr, 0).ok());
-  EXPECT_TRUE(be.GatherRows(nullptr, 4, nullptr, 0, nullptr).ok());
+  EXPECT_TRUE(be.GatherRows(nullptr, 10, 4, nullptr, 0, nullptr).ok());
 }
 
 TEST(CpuBackendArgsTest, RejectsBadArguments) {
@@ -463,6 +465,13 @@ TEST(CpuBackendArgsTest, RejectsBadArguments) {
   EXPECT_EQ(s.code(), kInvalid);
   EXPECT_THAT(s.message(), HasSubstr("id 10"));
   EXPECT_EQ(be.EmbeddingGather(bad_id, 1, f, DType::kI8, 10, 4, f).code(), kInvalid);
+  const int64_t bad_pos[] = {1, 8};
+  s = be.AddPositionEmbedding(f, 8, bad_pos, 2, 4, f);
+  EXPECT_EQ(s.code(), kInvalid);
+  EXPECT_THAT(s.message(), HasSubstr("position 8"));
+  s = be.GatherRows(f, 8, 4, bad_pos, 2, f + 32);
+  EXPECT_EQ(s.code(), kInvalid);
+  EXPECT_THAT(s.message(), HasSubstr("row 8"));
 
   const PagedKvLayout L = Layout(DType::kF32, 2, 4, 1, 2);
   HostPool pool(L, 3);

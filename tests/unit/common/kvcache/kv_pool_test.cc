@@ -43,6 +43,13 @@ TEST(KvPoolTest, WrapsMemoryItDoesNotOwn) {
     ASSERT_TRUE(pool.ok()) << pool.status();
     EXPECT_EQ((*pool)->view().base, mem.data());
     EXPECT_EQ((*pool)->bytes(), need);
+    EXPECT_EQ((*pool)->view().memory, kernels::MemoryKind::kHost);
+  }
+  {
+    // Device memory is only described (never touched here): the view says where it is.
+    auto pool = KvPool::Wrap(Layout(), 4, mem.data(), mem.size(), kernels::MemoryKind::kCuda);
+    ASSERT_TRUE(pool.ok()) << pool.status();
+    EXPECT_EQ((*pool)->view().memory, kernels::MemoryKind::kCuda);
   }
   EXPECT_EQ(mem[0], 9);  // still ours after the pool is gone
   auto small = KvPool::Wrap(Layout(), 4, mem.data(), need - 1);

@@ -32,5 +32,17 @@ TEST(ChecksumTest, CorruptionIsDataLossNamingTheBlocks) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(ChecksumTest, CompareChecksumsComputedElsewhere) {
+  const std::vector<int32_t> blocks = {4, 9, 2};
+  const std::vector<uint64_t> want = {11, 22, 33};
+  EXPECT_TRUE(CompareBlockChecksums(blocks, want, want).ok());
+  const absl::Status s = CompareBlockChecksums(blocks, {11, 0, 33}, want);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(s.message(), ::testing::HasSubstr("1 of 3 blocks: 9"));
+  EXPECT_EQ(CompareBlockChecksums(blocks, {11, 22}, want).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(CompareBlockChecksums(blocks, want, {1}).code(), absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace kvrelay::transfer
