@@ -18,10 +18,10 @@ namespace kvrelay::decode {
 absl::StatusOr<std::unique_ptr<DecodeWorker>> DecodeWorker::Start(
     const DecodeWorkerOptions& options) {
   if (options.model_dir.empty()) return absl::InvalidArgumentError("--model is required");
-  if (options.threads < 0) return absl::InvalidArgumentError("--threads must be >= 0");
   std::unique_ptr<DecodeWorker> w(new DecodeWorker());
-  w->threads_ = std::make_unique<kernels::ThreadPool>(options.threads);
-  KVR_ASSIGN_OR_RETURN(w->model_, model::Model::Load(options.model_dir, w->threads_.get()));
+  KVR_ASSIGN_OR_RETURN(
+      w->runtime_, worker::LoadModelRuntime(options.model_dir, options.device, options.threads));
+  w->model_ = w->runtime_.model.get();
   KVR_ASSIGN_OR_RETURN(w->transport_, transfer::NewUcxTransport());
   KVR_ASSIGN_OR_RETURN(w->kv_, worker::CreateKvStore(*w->transport_, *w->model_, options.kv));
   const std::string model_id =
@@ -34,9 +34,8 @@ absl::StatusOr<std::unique_ptr<DecodeWorker>> DecodeWorker::Start(
   remote.client = &w->prefill_client_;
   remote.memory = w->kv_.memory.get();
   remote.prefill_timeout = options.prefill_timeout;
-  KVR_ASSIGN_OR_RETURN(
-      w->engine_, Engine::Create(w->model_.get(), w->kv_.pool.get(), w->kv_.cache.get(), model_id,
-                                 engine_options, remote));
+  KVR_ASSIGN_OR_RETURN(w->engine_, Engine::Create(w->model_, w->kv_.pool.get(), w->kv_.cache.get(),
+                                                  model_id, engine_options, remote));
   w->service_ = std::make_unique<DecodeService>(w->engine_.get());
 
   grpc::EnableDefaultHealthCheckService(true);

@@ -11,11 +11,11 @@
 #include "common/rpc/registry_client.h"
 #include "common/transfer/kv_transport.h"
 #include "common/worker/kv_store.h"
+#include "common/worker/model_runtime.h"
 #include "decode_worker/decode_service.h"
 #include "decode_worker/engine.h"
 #include "decode_worker/prefill_client.h"
 #include "grpcpp/server.h"
-#include "kernels/thread_pool.h"
 
 namespace kvrelay::decode {
 
@@ -24,7 +24,8 @@ struct DecodeWorkerOptions {
   std::string model_id;   // names the model in block hashes; default: the folder's name
   std::string listen = "127.0.0.1:0";  // host:port; port 0 picks a free one
   worker::KvStoreOptions kv;
-  int threads = 0;  // CPU threads for the forward pass; 0: all cores
+  std::string device = "auto";  // auto | cpu | cuda (kernels::ResolveDevice)
+  int threads = 0;              // CPU threads for the forward pass (CPU backend); 0: all cores
   EngineOptions engine;
   absl::Duration prefill_timeout = absl::Seconds(60);  // one remote prefill call
   rpc::RegistrySettings registry;                      // routers to register with
@@ -42,6 +43,8 @@ class DecodeWorker {
   ~DecodeWorker();
 
   int port() const { return port_; }
+  // The backend the model runs on and why it was chosen (for the start-up log).
+  const std::string& device_note() const { return runtime_.device_note; }
   Engine& engine() { return *engine_; }
   // The registry holding this worker's series (options.metrics or its own).
   const std::shared_ptr<prometheus::Registry>& metrics() const { return metrics_; }
@@ -60,8 +63,8 @@ class DecodeWorker {
   DecodeWorker() = default;
 
   std::shared_ptr<prometheus::Registry> metrics_;
-  std::unique_ptr<kernels::ThreadPool> threads_;
-  std::unique_ptr<model::Model> model_;
+  worker::ModelRuntime runtime_;   // the model on its backend
+  model::Model* model_ = nullptr;  // runtime_.model
   std::unique_ptr<transfer::KvTransport> transport_;
   worker::KvStore kv_;  // destroyed before the transport
   PrefillClient prefill_client_;

@@ -17,7 +17,10 @@ ABSL_FLAG(int64_t, kv_blocks, 0, "KV pool size in blocks (0: use --kv_bytes)");
 ABSL_FLAG(uint64_t, kv_bytes, 0, "KV pool size in bytes (0 with --kv_blocks 0: 4 contexts)");
 ABSL_FLAG(int, block_size, 16, "tokens per KV block (must match the decode workers)");
 ABSL_FLAG(std::string, kv_dtype, "f32", "KV dtype: f32 | f16 | bf16 | int8 (must match)");
-ABSL_FLAG(int, threads, 0, "CPU threads for the forward pass (0: all cores)");
+ABSL_FLAG(std::string, device, "auto",
+          "where the forward pass runs: cpu | cuda | auto (cuda when built with CUDA and a GPU is "
+          "found, else cpu)");
+ABSL_FLAG(int, threads, 0, "CPU threads for the forward pass on the cpu device (0: all cores)");
 ABSL_FLAG(int, prefill_chunk, 256, "tokens per prefill forward pass");
 ABSL_FLAG(int, max_queue, 256, "queued prefills beyond this get RESOURCE_EXHAUSTED");
 ABSL_FLAG(uint64_t, transfer_chunk_bytes, 512 << 10, "KV puts larger than this are split");
@@ -54,6 +57,7 @@ int main(int argc, char** argv) {
   o.kv.kv_bytes = absl::GetFlag(FLAGS_kv_bytes);
   o.kv.block_size = absl::GetFlag(FLAGS_block_size);
   o.kv.kv_dtype = absl::GetFlag(FLAGS_kv_dtype);
+  o.device = absl::GetFlag(FLAGS_device);
   o.threads = absl::GetFlag(FLAGS_threads);
   o.engine.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
   o.engine.max_queue = static_cast<size_t>(std::max(1, absl::GetFlag(FLAGS_max_queue)));
@@ -86,6 +90,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "kvrelay-prefill: %s\n", worker.status().ToString().c_str());
     return 1;
   }
+  std::fprintf(stderr, "kvrelay-prefill: %s\n", (*worker)->device_note().c_str());
   std::printf("READY %d\n", (*worker)->port());
   std::fflush(stdout);
   const int sig = kvrelay::WaitForStopSignal();

@@ -16,13 +16,13 @@ namespace kvrelay::prefill {
 absl::StatusOr<std::unique_ptr<PrefillWorker>> PrefillWorker::Start(
     const PrefillWorkerOptions& options) {
   if (options.model_dir.empty()) return absl::InvalidArgumentError("--model is required");
-  if (options.threads < 0) return absl::InvalidArgumentError("--threads must be >= 0");
   if (options.engine.prefill_chunk < 1) {
     return absl::InvalidArgumentError("--prefill_chunk must be >= 1");
   }
   std::unique_ptr<PrefillWorker> w(new PrefillWorker());
-  w->threads_ = std::make_unique<kernels::ThreadPool>(options.threads);
-  KVR_ASSIGN_OR_RETURN(w->model_, model::Model::Load(options.model_dir, w->threads_.get()));
+  KVR_ASSIGN_OR_RETURN(
+      w->runtime_, worker::LoadModelRuntime(options.model_dir, options.device, options.threads));
+  w->model_ = w->runtime_.model.get();
   KVR_ASSIGN_OR_RETURN(w->transport_, transfer::NewUcxTransport());
   KVR_ASSIGN_OR_RETURN(w->kv_, worker::CreateKvStore(*w->transport_, *w->model_, options.kv));
   const std::string model_id =
@@ -31,9 +31,9 @@ absl::StatusOr<std::unique_ptr<PrefillWorker>> PrefillWorker::Start(
   if (options.metrics) engine_options.metrics = options.metrics;
   if (!engine_options.metrics) engine_options.metrics = std::make_shared<prometheus::Registry>();
   w->metrics_ = engine_options.metrics;
-  w->engine_ = std::make_unique<PrefillEngine>(w->model_.get(), w->kv_.pool.get(),
-                                               w->kv_.memory.get(), w->kv_.cache.get(),
-                                               w->transport_.get(), model_id, engine_options);
+  w->engine_ = std::make_unique<PrefillEngine>(w->model_, w->kv_.pool.get(), w->kv_.memory.get(),
+                                               w->kv_.cache.get(), w->transport_.get(), model_id,
+                                               engine_options);
   w->service_ = std::make_unique<PrefillService>(w->engine_.get());
 
   grpc::EnableDefaultHealthCheckService(true);

@@ -12,8 +12,8 @@
 #include "common/rpc/registry_client.h"
 #include "common/transfer/kv_transport.h"
 #include "common/worker/kv_store.h"
+#include "common/worker/model_runtime.h"
 #include "grpcpp/server.h"
-#include "kernels/thread_pool.h"
 #include "prefill_worker/prefill_engine.h"
 #include "prefill_worker/prefill_service.h"
 
@@ -24,7 +24,8 @@ struct PrefillWorkerOptions {
   std::string model_id;   // names the model in block hashes; default: the folder's name
   std::string listen = "127.0.0.1:0";  // host:port; port 0 picks a free one
   worker::KvStoreOptions kv;
-  int threads = 0;  // CPU threads for the forward pass; 0: all cores
+  std::string device = "auto";  // auto | cpu | cuda (kernels::ResolveDevice)
+  int threads = 0;              // CPU threads for the forward pass (CPU backend); 0: all cores
   PrefillEngineOptions engine;
   rpc::RegistrySettings registry;  // routers to register with
   // The process's Prometheus registry (served on /metrics by the caller); the engine's
@@ -41,6 +42,8 @@ class PrefillWorker {
   ~PrefillWorker();
 
   int port() const { return port_; }
+  // The backend the model runs on and why it was chosen (for the start-up log).
+  const std::string& device_note() const { return runtime_.device_note; }
   kvcache::PrefixCache& cache() { return *kv_.cache; }
   PrefillEngine& engine() { return *engine_; }
   // The registry holding this worker's series (options.metrics or its own).
@@ -54,8 +57,8 @@ class PrefillWorker {
   PrefillWorker() = default;
 
   std::shared_ptr<prometheus::Registry> metrics_;
-  std::unique_ptr<kernels::ThreadPool> threads_;
-  std::unique_ptr<model::Model> model_;
+  worker::ModelRuntime runtime_;   // the model on its backend
+  model::Model* model_ = nullptr;  // runtime_.model
   std::unique_ptr<transfer::KvTransport> transport_;
   worker::KvStore kv_;  // destroyed before the transport
   std::unique_ptr<PrefillEngine> engine_;

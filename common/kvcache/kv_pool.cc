@@ -9,9 +9,7 @@
 
 namespace kvrelay::kvcache {
 
-namespace {
-
-absl::Status CheckGeometry(const kernels::PagedKvLayout& layout, int64_t num_blocks) {
+absl::Status KvPool::CheckGeometry(const kernels::PagedKvLayout& layout, int64_t num_blocks) {
   if (layout.num_layers <= 0 || layout.block_size <= 0 || layout.num_kv_heads <= 0 ||
       layout.head_dim <= 0) {
     return absl::InvalidArgumentError(
@@ -30,8 +28,6 @@ absl::Status CheckGeometry(const kernels::PagedKvLayout& layout, int64_t num_blo
   }
   return absl::OkStatus();
 }
-
-}  // namespace
 
 absl::StatusOr<std::unique_ptr<KvPool>> KvPool::Create(const kernels::PagedKvLayout& layout,
                                                        int64_t num_blocks) {

@@ -24,6 +24,8 @@ class KvPool {
   static absl::StatusOr<std::unique_ptr<KvPool>> Wrap(
       const kernels::PagedKvLayout& layout, int64_t num_blocks, uint8_t* base, size_t bytes,
       kernels::MemoryKind memory = kernels::MemoryKind::kHost);
+  // The checks Create and Wrap make of the geometry (INVALID_ARGUMENT saying what is wrong).
+  static absl::Status CheckGeometry(const kernels::PagedKvLayout& layout, int64_t num_blocks);
   ~KvPool();
   KvPool(const KvPool&) = delete;
   KvPool& operator=(const KvPool&) = delete;

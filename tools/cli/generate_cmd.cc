@@ -19,7 +19,9 @@
 #include "common/sampling/sampler.h"
 #include "common/tokenizer/tokenizer.h"
 #include "common/util/file.h"
+#include "common/worker/model_runtime.h"
 #include "grpcpp/grpcpp.h"
+#include "kernels/backend.h"
 #include "kernels/ops.h"
 #include "kvrelay/v1/kvrelay.grpc.pb.h"
 #include "nlohmann/json.hpp"
@@ -63,7 +65,10 @@ void DeclareFlags(Args& args) {
             "prefix-cache isolation: only requests with the same salt share KV (default none)")
       .Flag("model-id", K::kString,
             "model name in the KV block hashes (default: the model folder's name)")
-      .IntFlag("threads", 0, 1024, "CPU threads (default: all cores)")
+      .Flag("device", K::kString,
+            "where the forward pass runs: cpu | cuda | auto (default auto: cuda when built with "
+            "CUDA and a GPU is found)")
+      .IntFlag("threads", 0, 1024, "CPU threads on the cpu device (default: all cores)")
       .Flag("isa", K::kString, "CPU kernels: auto | avx2 | scalar (default auto)")
       .Flag("json", K::kBool, "print one JSON object per turn")
       .Flag("help", K::kBool, "this text");
@@ -260,7 +265,7 @@ int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err) {
     return Fail(err, std::string(s.message()), 2);
   if (args.Has("server")) {
     for (const char* local_only : {"model", "kv-dtype", "block-size", "kv-blocks", "prefill-chunk",
-                                   "model-id", "threads", "isa"}) {
+                                   "model-id", "threads", "isa", "device"}) {
       if (args.Has(local_only)) {
         return Fail(err,
                     std::string("--") + local_only +
@@ -300,21 +305,27 @@ int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err) {
   } else if (!IsDirectory(dir)) {
     return Fail(err, "--model " + dir + ": no such folder");
   }
-  kernels::ThreadPool pool(static_cast<int>(args.GetInt("threads", 0)));
-  absl::StatusOr<std::unique_ptr<model::Model>> model = model::Model::Load(dir, &pool);
-  if (!model.ok()) return Fail(err, std::string(model.status().message()));
+  const std::string device = args.GetString("device", "auto");
+  if (absl::StatusOr<kernels::Device> d = kernels::ResolveDevice(device); !d.ok()) {
+    return Fail(err, std::string(d.status().message()), 2);  // a usage error
+  }
+  absl::StatusOr<worker::ModelRuntime> runtime =
+      worker::LoadModelRuntime(dir, device, static_cast<int>(args.GetInt("threads", 0)));
+  if (!runtime.ok()) return Fail(err, std::string(runtime.status().message()));
+  const model::Model& model = *runtime->model;
   absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> tok =
       tokenizer::Tokenizer::FromFile(JoinPath(dir, "tokenizer.json"));
   if (!tok.ok()) return Fail(err, std::string(tok.status().message()));
-  const model::ModelConfig& cfg = (*model)->config();
+  const model::ModelConfig& cfg = model.config();
 
   const long long default_blocks = kvcache::BlocksFor(std::min(cfg.max_position_embeddings, 8192),
                                                       static_cast<int>(block_size)) +
                                    1;
   const long long kv_blocks = args.GetInt("kv-blocks", default_blocks);
-  absl::StatusOr<std::unique_ptr<kvcache::KvPool>> kv = kvcache::KvPool::Create(
-      (*model)->KvLayout(kv_dtype, static_cast<int>(block_size)), kv_blocks);
-  if (!kv.ok()) return Fail(err, std::string(kv.status().message()));
+  // In the backend's memory (device memory on cuda).
+  absl::StatusOr<worker::BackendKvPool> kv_memory = worker::AllocateKvPool(
+      *runtime->backend, model.KvLayout(kv_dtype, static_cast<int>(block_size)), kv_blocks);
+  if (!kv_memory.ok()) return Fail(err, std::string(kv_memory.status().message()));
   kvcache::PrefixCache::Options cache_options;
   cache_options.num_blocks = kv_blocks;
   cache_options.block_size = static_cast<int>(block_size);
@@ -322,7 +333,7 @@ int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err) {
   absl::StatusOr<std::unique_ptr<kvcache::PrefixCache>> cache =
       kvcache::PrefixCache::Create(cache_options);
   if (!cache.ok()) return Fail(err, std::string(cache.status().message()));
-  model::Generator gen(model->get(), kv->get(), cache->get(),
+  model::Generator gen(&model, kv_memory->pool.get(), cache->get(),
                        args.GetString("model-id", BaseName(dir)), static_cast<int>(chunk));
   model::GenerateOptions gen_options;
   gen_options.cache_salt = args.GetString("cache-salt", "");

@@ -47,6 +47,14 @@ TEST(DecodeWorkerTest, BadOptionsNameTheOption) {
   o = Options();
   o.model_dir = "/nonexistent/model";
   EXPECT_FALSE(DecodeWorker::Start(o).ok());
+  o = Options();
+  o.device = "npu";
+  absl::Status s = DecodeWorker::Start(o).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("--device"));
+  o = Options();
+  o.threads = -1;
+  EXPECT_THAT(DecodeWorker::Start(o).status().message(), HasSubstr("--threads"));
 }
 
 TEST(DecodeWorkerTest, ServesOverGrpcAndShutsDown) {

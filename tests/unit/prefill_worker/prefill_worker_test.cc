@@ -40,6 +40,14 @@ TEST(PrefillWorkerTest, BadOptionsNameTheOption) {
   o = Options();
   o.engine.prefill_chunk = 0;
   EXPECT_THAT(PrefillWorker::Start(o).status().message(), HasSubstr("--prefill_chunk"));
+  o = Options();
+  o.device = "npu";
+  absl::Status s = PrefillWorker::Start(o).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("--device"));
+  o = Options();
+  o.threads = -1;
+  EXPECT_THAT(PrefillWorker::Start(o).status().message(), HasSubstr("--threads"));
 }
 
 TEST(PrefillWorkerTest, ShutdownLetsARunningPrefillFinish) {

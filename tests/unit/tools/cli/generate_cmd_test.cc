@@ -101,6 +101,7 @@ TEST(GenerateCmdTest, GreedyIsTheSameWithEveryKernelAndChunkSetting) {
        std::vector<std::vector<std::string>>{{"--prefill-chunk", "1"},
                                              {"--block-size", "1"},
                                              {"--threads", "1"},
+                                             {"--device", "cpu"},
                                              {"--kv-blocks", "40"}}) {
     std::vector<std::string> args = {"--model",      Dir(0), "--prompt", "The quick brown fox",
                                      "--max-tokens", "8",    "--json"};
@@ -139,6 +140,7 @@ TEST(GenerateCmdTest, ErrorsAreOneClearLine) {
             "/nonexistent/model: no such folder"},
            {{"--model", m, "--prompt", "x", "--temperature", "-1"}, 2, "temperature"},
            {{"--model", m, "--prompt", "x", "--kv-dtype", "f8"}, 2, "--kv-dtype"},
+           {{"--model", m, "--prompt", "x", "--device", "tpu"}, 2, "--device must be"},
            {{"--model", m, "--prompt", "x", "--bogus"}, 2, "unknown flag --bogus"},
            {{"--model", m, "--prompt", "x", "--max-tokens", "lots"},
             2,
@@ -397,6 +399,7 @@ TEST(GenerateCmdTest, ServerAndLocalFlagsDoNotMix) {
            {{"--server", "h:1", "--prompt", "x", "--model", "/m"}, "--model is for the single"},
            {{"--server", "h:1", "--prompt", "x", "--kv-dtype", "f16"}, "--kv-dtype is for the"},
            {{"--server", "h:1", "--prompt", "x", "--threads", "2"}, "--threads is for the"},
+           {{"--server", "h:1", "--prompt", "x", "--device", "cpu"}, "--device is for the"},
            {{"--server", "h:1", "--prompt", "x", "--deadline-seconds", "0"},
             "--deadline-seconds must be > 0"},
            {{"--server", "", "--prompt", "x"}, "--server needs HOST:PORT"},
