@@ -19,8 +19,8 @@ absl::StatusOr<std::unique_ptr<DecodeWorker>> DecodeWorker::Start(
     const DecodeWorkerOptions& options) {
   if (options.model_dir.empty()) return absl::InvalidArgumentError("--model is required");
   std::unique_ptr<DecodeWorker> w(new DecodeWorker());
-  KVR_ASSIGN_OR_RETURN(
-      w->runtime_, worker::LoadModelRuntime(options.model_dir, options.device, options.threads));
+  KVR_ASSIGN_OR_RETURN(w->runtime_, worker::LoadModelRuntime(options.model_dir, options.device,
+                                                             options.threads, options.backend));
   w->model_ = w->runtime_.model.get();
   KVR_ASSIGN_OR_RETURN(w->transport_, transfer::NewUcxTransport());
   KVR_ASSIGN_OR_RETURN(w->kv_, worker::CreateKvStore(*w->transport_, *w->model_, options.kv));

@@ -20,6 +20,9 @@ ABSL_FLAG(std::string, kv_dtype, "f32", "KV dtype: f32 | f16 | bf16 | int8");
 ABSL_FLAG(std::string, device, "auto",
           "where the forward pass runs: cpu | cuda | auto (cuda when built with CUDA and a GPU is "
           "found, else cpu)");
+ABSL_FLAG(bool, cuda_split_k_decode, false,
+          "cuda: decode steps through the split-K flash-decoding kernel (faster at long contexts; "
+          "a token's last bits may then differ between a decode step and a prefill chunk)");
 ABSL_FLAG(int, threads, 0, "CPU threads for the forward pass on the cpu device (0: all cores)");
 ABSL_FLAG(int, max_batch_tokens, 512, "tokens per forward pass (decode tokens + prefill)");
 ABSL_FLAG(int, max_running, 64, "sequences in the running batch");
@@ -60,6 +63,7 @@ int main(int argc, char** argv) {
   o.kv.block_size = absl::GetFlag(FLAGS_block_size);
   o.kv.kv_dtype = absl::GetFlag(FLAGS_kv_dtype);
   o.device = absl::GetFlag(FLAGS_device);
+  o.backend.cuda_split_k_decode = absl::GetFlag(FLAGS_cuda_split_k_decode);
   o.threads = absl::GetFlag(FLAGS_threads);
   o.engine.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   o.engine.max_running = absl::GetFlag(FLAGS_max_running);

@@ -73,8 +73,9 @@ struct TokenBatch {
   int64_t max_query_len = 0;  // largest seq_starts[s + 1] - seq_starts[s]
   int64_t max_context = 0;    // largest positions[t] + 1
   // How many sequences at the front of the batch have exactly one token (decode steps: the
-  // engine puts them first). A GPU backend runs them through its decode attention kernel and
-  // the rest through its prefill kernel; the CPU backend ignores it.
+  // engine puts them first). A GPU backend may run them through its decode attention kernel
+  // (BackendOptions::cuda_split_k_decode) and the rest through its prefill kernel; the CPU
+  // backend ignores it.
   int num_decode_seqs = 0;
 };
 
@@ -207,11 +208,20 @@ class Backend {
 // ---- Choosing a backend (kernels/create_backend.cc, library kvrelay_backend: it links the
 // CUDA backend when the build has one) ----
 
+struct BackendOptions {
+  // CUDA: run decode tokens (TokenBatch::num_decode_seqs) through the split-K flash-decoding
+  // kernel, faster at long contexts and small batches. Off (the default), every token goes
+  // through the prefill kernel, so a token's bits never depend on whether it was computed in
+  // a decode step or inside a prefill chunk (reused KV == recomputed KV, as on the CPU).
+  bool cuda_split_k_decode = false;
+};
+
 // The backend for `device`. kCpu: the CPU ops on `pool` (null: on the calling thread; the
 // pool must outlive the backend). kCuda: the CUDA backend on device 0 (the first of
 // CUDA_VISIBLE_DEVICES); FAILED_PRECONDITION in a build without CUDA, UNAVAILABLE (saying
 // why) when no usable GPU is found.
-absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(Device device, ThreadPool* pool);
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(Device device, ThreadPool* pool,
+                                                       const BackendOptions& options = {});
 
 // Whether this build has CUDA (KVRELAY_HAVE_CUDA): says nothing of a GPU being present.
 bool BuiltWithCuda();

@@ -4,6 +4,7 @@
 // itself depends on kvrelay_kernels).
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/backend.h"
@@ -37,7 +38,9 @@ int GpuCount(std::string* why) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(Device device, ThreadPool* pool) {
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(Device device, ThreadPool* pool,
+                                                       const BackendOptions& options) {
+  (void)options;  // only the CUDA backend has options (unused in a build without it)
   switch (device) {
     case Device::kCpu:
       return std::unique_ptr<Backend>(std::make_unique<CpuBackend>(pool));
@@ -51,7 +54,8 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(Device device, ThreadPool
         return absl::UnavailableError(absl::StrCat("cuda backend: no usable GPU: ", why));
       }
 #if defined(KVRELAY_HAVE_CUDA)
-      absl::StatusOr<std::unique_ptr<cuda::CudaBackend>> b = cuda::CudaBackend::Create(0);
+      absl::StatusOr<std::unique_ptr<cuda::CudaBackend>> b =
+          cuda::CudaBackend::Create(0, options.cuda_split_k_decode);
       if (!b.ok()) return b.status();
       return std::unique_ptr<Backend>(std::move(*b));
 #endif

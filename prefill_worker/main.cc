@@ -20,6 +20,9 @@ ABSL_FLAG(std::string, kv_dtype, "f32", "KV dtype: f32 | f16 | bf16 | int8 (must
 ABSL_FLAG(std::string, device, "auto",
           "where the forward pass runs: cpu | cuda | auto (cuda when built with CUDA and a GPU is "
           "found, else cpu)");
+ABSL_FLAG(bool, cuda_split_k_decode, false,
+          "cuda: decode steps through the split-K flash-decoding kernel (faster at long contexts; "
+          "a token's last bits may then differ between a decode step and a prefill chunk)");
 ABSL_FLAG(int, threads, 0, "CPU threads for the forward pass on the cpu device (0: all cores)");
 ABSL_FLAG(int, prefill_chunk, 256, "tokens per prefill forward pass");
 ABSL_FLAG(int, max_queue, 256, "queued prefills beyond this get RESOURCE_EXHAUSTED");
@@ -58,6 +61,7 @@ int main(int argc, char** argv) {
   o.kv.block_size = absl::GetFlag(FLAGS_block_size);
   o.kv.kv_dtype = absl::GetFlag(FLAGS_kv_dtype);
   o.device = absl::GetFlag(FLAGS_device);
+  o.backend.cuda_split_k_decode = absl::GetFlag(FLAGS_cuda_split_k_decode);
   o.threads = absl::GetFlag(FLAGS_threads);
   o.engine.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
   o.engine.max_queue = static_cast<size_t>(std::max(1, absl::GetFlag(FLAGS_max_queue)));

@@ -20,8 +20,8 @@ absl::StatusOr<std::unique_ptr<PrefillWorker>> PrefillWorker::Start(
     return absl::InvalidArgumentError("--prefill_chunk must be >= 1");
   }
   std::unique_ptr<PrefillWorker> w(new PrefillWorker());
-  KVR_ASSIGN_OR_RETURN(
-      w->runtime_, worker::LoadModelRuntime(options.model_dir, options.device, options.threads));
+  KVR_ASSIGN_OR_RETURN(w->runtime_, worker::LoadModelRuntime(options.model_dir, options.device,
+                                                             options.threads, options.backend));
   w->model_ = w->runtime_.model.get();
   KVR_ASSIGN_OR_RETURN(w->transport_, transfer::NewUcxTransport());
   KVR_ASSIGN_OR_RETURN(w->kv_, worker::CreateKvStore(*w->transport_, *w->model_, options.kv));

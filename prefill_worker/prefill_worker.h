@@ -24,8 +24,9 @@ struct PrefillWorkerOptions {
   std::string model_id;   // names the model in block hashes; default: the folder's name
   std::string listen = "127.0.0.1:0";  // host:port; port 0 picks a free one
   worker::KvStoreOptions kv;
-  std::string device = "auto";  // auto | cpu | cuda (kernels::ResolveDevice)
-  int threads = 0;              // CPU threads for the forward pass (CPU backend); 0: all cores
+  std::string device = "auto";      // auto | cpu | cuda (kernels::ResolveDevice)
+  kernels::BackendOptions backend;  // e.g. --cuda_split_k_decode
+  int threads = 0;                  // CPU threads for the forward pass (CPU backend); 0: all cores
   PrefillEngineOptions engine;
   rpc::RegistrySettings registry;  // routers to register with
   // The process's Prometheus registry (served on /metrics by the caller); the engine's

@@ -8,7 +8,8 @@
 namespace kvrelay::worker {
 
 absl::StatusOr<ModelRuntime> LoadModelRuntime(const std::string& model_dir,
-                                              absl::string_view device, int threads) {
+                                              absl::string_view device, int threads,
+                                              const kernels::BackendOptions& options) {
   if (threads < 0) return absl::InvalidArgumentError("--threads must be >= 0");
   ModelRuntime r;
   KVR_ASSIGN_OR_RETURN(r.device, kernels::ResolveDevice(device, &r.device_note));
@@ -16,7 +17,7 @@ absl::StatusOr<ModelRuntime> LoadModelRuntime(const std::string& model_dir,
     r.threads = std::make_unique<kernels::ThreadPool>(threads);
   }
   absl::StatusOr<std::unique_ptr<kernels::Backend>> backend =
-      kernels::CreateBackend(r.device, r.threads.get());
+      kernels::CreateBackend(r.device, r.threads.get(), options);
   if (!backend.ok()) {
     return absl::Status(backend.status().code(),
                         absl::StrCat("--device ", device, ": ", backend.status().message()));

@@ -26,11 +26,13 @@ struct ModelRuntime {
 };
 
 // Loads `model_dir` on the backend `device` ("auto", "cpu" or "cuda"; see
-// kernels::ResolveDevice) with `threads` CPU threads (0: all cores; CPU backend only).
+// kernels::ResolveDevice) with `threads` CPU threads (0: all cores; CPU backend only) and
+// the backend's `options`.
 // INVALID_ARGUMENT naming --device or --threads when bad; CreateBackend's error when the
 // device cannot be used (e.g. --device cuda without a GPU); the loader's errors.
 absl::StatusOr<ModelRuntime> LoadModelRuntime(const std::string& model_dir,
-                                              absl::string_view device, int threads);
+                                              absl::string_view device, int threads,
+                                              const kernels::BackendOptions& options = {});
 
 // A zero-filled KV pool of num_blocks blocks of `layout` in `backend`'s own memory, for a
 // single process (no transport: `kvrelay generate`, benchmarks). The pool must die before

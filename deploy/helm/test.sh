@@ -116,6 +116,7 @@ must_fail "unknown model.source" "model.source must be demo, pvc or hostPath" --
 must_fail "model.source=pvc without a claim" "model.pvc.claimName is required" --set model.source=pvc
 must_fail "a chart-owned flag in router.flags" "router.flags.block_size" --set router.flags.block_size=32
 must_fail "both kvBytes and kvBlocks" "decode: set kvBytes or kvBlocks" --set decode.kvBlocks=64
+must_fail "an unknown device" "prefill.device: must be auto, cpu or cuda" --set prefill.device=gpu
 must_fail "grace period below the drain time" "terminationGracePeriodSeconds (10) must exceed" \
   --set prefill.terminationGracePeriodSeconds=10
 must_fail "ServiceMonitor and PodMonitor together" "enable one" \

@@ -46,7 +46,7 @@ absl::Status CheckPoolAndHeads(absl::string_view op, const PagedKvView& kv, int 
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int ordinal) {
+absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int ordinal, bool split_k_decode) {
   std::string why;
   const int count = CudaDeviceCount(&why);
   if (count == 0) return absl::UnavailableError(absl::StrCat("cuda backend: no GPU: ", why));
@@ -72,13 +72,17 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int ordinal) {
   }
   absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create();
   if (!gemm.ok()) return fail(gemm.status());
-  return std::unique_ptr<CudaBackend>(
-      new CudaBackend(ordinal, stream, static_cast<int32_t*>(counter), std::move(*gemm)));
+  return std::unique_ptr<CudaBackend>(new CudaBackend(
+      ordinal, split_k_decode, stream, static_cast<int32_t*>(counter), std::move(*gemm)));
 }
 
-CudaBackend::CudaBackend(int ordinal, cudaStream_t stream, int32_t* num_bad,
+CudaBackend::CudaBackend(int ordinal, bool split_k_decode, cudaStream_t stream, int32_t* num_bad,
                          std::unique_ptr<Gemm> gemm)
-    : ordinal_(ordinal), stream_(stream), num_bad_(num_bad), gemm_(std::move(gemm)) {}
+    : ordinal_(ordinal),
+      split_k_decode_(split_k_decode),
+      stream_(stream),
+      num_bad_(num_bad),
+      gemm_(std::move(gemm)) {}
 
 CudaBackend::~CudaBackend() {
   // Best effort: nothing to report an error to. Pending work finishes before memory goes.
@@ -293,11 +297,13 @@ absl::Status CudaBackend::PagedAttention(const PagedKvView& kv, int layer, const
   }
   if (n == 0) return absl::OkStatus();
   KVR_CB_RETURN_IF_ERROR(CheckPoolAndHeads(kOp, kv, num_heads));
-  const int decode = batch.num_decode_seqs;
-  if (decode < 0 || decode > batch.num_seqs || decode > n) {
-    return Bad(kOp, absl::StrCat(decode, " decode sequences in a batch of ", batch.num_seqs,
-                                 " sequences and ", n, " tokens"));
+  if (batch.num_decode_seqs < 0 || batch.num_decode_seqs > batch.num_seqs ||
+      batch.num_decode_seqs > n) {
+    return Bad(kOp, absl::StrCat(batch.num_decode_seqs, " decode sequences in a batch of ",
+                                 batch.num_seqs, " sequences and ", n, " tokens"));
   }
+  // Without split-K decode every sequence goes through the prefill kernel (see the header).
+  const int decode = split_k_decode_ ? batch.num_decode_seqs : 0;
   if (q == nullptr || out == nullptr || batch.positions == nullptr || batch.seq_starts == nullptr ||
       batch.start_positions == nullptr || batch.block_tables == nullptr) {
     return Bad(kOp, "null pointer");

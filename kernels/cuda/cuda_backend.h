@@ -17,14 +17,17 @@
 // Kernels per op: EmbeddingGather (embedding.cu), AddPositionEmbedding / AddInPlace /
 // GatherRows (rows.cu), RmsNorm / LayerNorm (norms.cu), Linear (gemm.cu, cuBLASLt, one
 // algorithm per weight shape whatever the row count), RopeAndWriteKv (rope_kv.cu, then a
-// strided copy of q), PagedAttention (paged_attention.cu for the batch's leading one-token
-// sequences, TokenBatch::num_decode_seqs; prefill_attention.cu for the rest), SiluMul /
-// GeluTanh / GeluErf (activations.cu).
+// strided copy of q), PagedAttention (prefill_attention.cu; with split_k_decode, the batch's
+// leading one-token sequences, TokenBatch::num_decode_seqs, go to paged_attention.cu's
+// flash-decoding kernel instead), SiluMul / GeluTanh / GeluErf (activations.cu).
 //
-// Determinism: each kernel gives a token the same bits whatever else is in the batch
-// (fixed reduction orders; see each kernel's header). The decode and the prefill attention
-// kernels reduce in different orders, so a token computed as a one-token step and the same
-// token inside a longer chunk may differ in the last bits; the CPU backend has no such split.
+// Determinism: each kernel gives a token the same bits whatever else is in the batch (fixed
+// reduction orders; see each kernel's header), and the prefill attention kernel gives the
+// same bits however a sequence is cut into chunks, one-token decode steps included. So by
+// default a token's result does not depend on how it was served (prefilled here, reused from
+// the cache, decoded). With split_k_decode the decode kernel, which reduces in another order,
+// serves decode steps: a token computed as a decode step and the same token inside a prefill
+// chunk may then differ in the last bits.
 //
 // Thread safety: every method may be called from several threads; launches are serialised
 // by a mutex (they share the stream, the GEMM plans and the attention workspace).
@@ -51,7 +54,9 @@ class CudaBackend final : public Backend {
   // A backend on CUDA device `ordinal` (of those CUDA_VISIBLE_DEVICES leaves) with a stream
   // of its own. UNAVAILABLE without a usable device; INVALID_ARGUMENT for an ordinal out of
   // range.
-  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(int ordinal = 0);
+  // split_k_decode: BackendOptions::cuda_split_k_decode.
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(int ordinal = 0,
+                                                             bool split_k_decode = false);
   ~CudaBackend() override;
 
   int ordinal() const { return ordinal_; }
@@ -91,7 +96,8 @@ class CudaBackend final : public Backend {
                           int64_t n, float* out) override;
 
  private:
-  CudaBackend(int ordinal, cudaStream_t stream, int32_t* num_bad, std::unique_ptr<Gemm> gemm);
+  CudaBackend(int ordinal, bool split_k_decode, cudaStream_t stream, int32_t* num_bad,
+              std::unique_ptr<Gemm> gemm);
   void Free(void* data, size_t bytes) override;
 
   // Makes the backend's device current on the calling thread (CUDA's current device is per
@@ -103,6 +109,7 @@ class CudaBackend final : public Backend {
   absl::Status SynchronizeLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const int ordinal_;
+  const bool split_k_decode_;
   const cudaStream_t stream_;
   int32_t* const num_bad_;  // device counter the kernels add skipped elements to
   absl::Mutex mu_;

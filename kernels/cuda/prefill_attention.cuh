@@ -21,7 +21,8 @@ namespace kvrelay::kernels::cuda {
 // first, e.g. by cuda::RopeWriteKv), scores scaled by `scale`.
 //   q, out: [num_tokens, num_heads, head_dim] f32 (may not overlap), num_tokens =
 //     seq_starts[num_seqs].
-//   seq_starts: [num_seqs + 1] int32, non-decreasing, from 0; start_positions: [num_seqs].
+//   seq_starts: [num_seqs + 1] int32, non-decreasing: rows of q / out, from any first row (the
+//     CUDA backend passes the sequences after a batch's decode ones); start_positions: [num_seqs].
 //   block_tables: [num_seqs, max_blocks_per_seq] int32, row s the block ids of sequence s.
 //   max_query_len: a host-side bound on seq_starts[s + 1] - seq_starts[s]; it only sizes the
 //     grid (longer chunks are still computed in full, by fewer CTAs).

@@ -5,9 +5,13 @@
 //    then the same prompt again so its prefix comes from the cache) gives the same tokens.
 //  - model_logits: the logits of every generated position agree within a tolerance (the GPU
 //    sums in other orders: cuBLASLt tiles, tree reductions, CUDA's expf).
-//  - model_batch_invariance: on the GPU, a decode step of three sequences batched together,
-//    and with a prefill chunk of a fourth in the same pass, gives each sequence's logits bit
-//    for bit as when it is stepped alone (the "cpu" side of the comparison is the GPU alone).
+//  - model_batch_invariance (default and split-K decode attention): on the GPU, a decode step
+//    of three sequences batched together, and with a prefill chunk of a fourth in the same
+//    pass, gives each sequence's logits bit for bit as when it is stepped alone (the "cpu"
+//    side of the comparison is the GPU alone).
+//  - model_serving_paths (default attention): on the GPU, the logits of a sequence's last
+//    token are the same bits whether it is prefilled in one chunk, in chunks of 5, or
+//    prefilled in chunks of 7 and then decoded as a one-token step (reuse == recompute).
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -137,8 +141,10 @@ absl::StatusOr<std::vector<float>> Step(const model::Model& m, const PagedKvView
   return logits;
 }
 
-absl::Status BatchInvariance(const std::string& dir, Outputs* o) {
-  absl::StatusOr<std::unique_ptr<Backend>> gpu = CreateBackend(Device::kCuda, nullptr);
+absl::Status BatchInvariance(const std::string& dir, bool split_k, Outputs* o) {
+  BackendOptions options;
+  options.cuda_split_k_decode = split_k;
+  absl::StatusOr<std::unique_ptr<Backend>> gpu = CreateBackend(Device::kCuda, nullptr, options);
   if (!gpu.ok()) return gpu.status();
   absl::StatusOr<std::unique_ptr<model::Model>> m = model::Model::Load(dir, gpu->get());
   if (!m.ok()) return m.status();
@@ -184,6 +190,62 @@ absl::Status BatchInvariance(const std::string& dir, Outputs* o) {
   return absl::OkStatus();
 }
 
+// Logits of the last of `tokens` after feeding them in chunks of `chunk` tokens (the last
+// chunk holding the rest) on blocks [first_block, ...).
+absl::StatusOr<std::vector<float>> LastLogits(const model::Model& m, const PagedKvView& kv,
+                                              const std::vector<int32_t>& tokens, size_t chunk,
+                                              int32_t first_block) {
+  std::vector<int32_t> table;
+  for (size_t b = 0; b * kBlockSize < tokens.size(); ++b) {
+    table.push_back(first_block + static_cast<int32_t>(b));
+  }
+  std::vector<float> logits;
+  for (size_t at = 0; at < tokens.size(); at += chunk) {
+    model::SeqChunk c;
+    c.tokens = absl::MakeConstSpan(tokens.data() + at, std::min(chunk, tokens.size() - at));
+    c.start_pos = static_cast<int64_t>(at);
+    c.block_table = table;
+    logits.clear();
+    RETURN_IF_ERROR(m.Forward({c}, kv, &logits));
+  }
+  return logits;
+}
+
+absl::Status ServingPaths(const std::string& dir, Outputs* o) {
+  absl::StatusOr<std::unique_ptr<Backend>> gpu = CreateBackend(Device::kCuda, nullptr);
+  if (!gpu.ok()) return gpu.status();
+  absl::StatusOr<std::unique_ptr<model::Model>> m = model::Model::Load(dir, gpu->get());
+  if (!m.ok()) return m.status();
+  absl::StatusOr<worker::BackendKvPool> pool =
+      worker::AllocateKvPool(**gpu, (*m)->KvLayout(DType::kF32, kBlockSize), kBlocks);
+  if (!pool.ok()) return pool.status();
+  const PagedKvView& kv = pool->pool->view();
+  const std::vector<int32_t> tokens = Prompt(**m, 30, 55);  // 8 blocks of 4 per path
+  absl::StatusOr<std::vector<float>> whole = LastLogits(**m, kv, tokens, tokens.size(), 0);
+  if (!whole.ok()) return whole.status();
+  absl::StatusOr<std::vector<float>> fives = LastLogits(**m, kv, tokens, 5, 8);
+  if (!fives.ok()) return fives.status();
+  // Chunks of 7 over the first 29 tokens, then token 29 alone: 7, 7, 7, 7, 1, 1.
+  std::vector<int32_t> table;
+  for (int32_t b = 16; b < 24; ++b) table.push_back(b);
+  std::vector<float> decoded;
+  for (size_t at = 0; at < tokens.size();) {
+    const size_t n = at + 1 == tokens.size() ? 1 : std::min<size_t>(7, tokens.size() - 1 - at);
+    model::SeqChunk c;
+    c.tokens = absl::MakeConstSpan(tokens.data() + at, n);
+    c.start_pos = static_cast<int64_t>(at);
+    c.block_table = table;
+    decoded.clear();
+    RETURN_IF_ERROR((*m)->Forward({c}, kv, &decoded));
+    at += n;
+  }
+  o->cpu = *whole;
+  o->cpu.insert(o->cpu.end(), whole->begin(), whole->end());
+  o->gpu = *std::move(fives);
+  o->gpu.insert(o->gpu.end(), decoded.begin(), decoded.end());
+  return absl::OkStatus();
+}
+
 void AddModelCases(std::vector<Case>* cases) {
   for (const testing::ModelVariant& v : testing::TinyVariants()) {
     for (DType kv : {DType::kF32, DType::kBF16, DType::kI8}) {
@@ -211,9 +273,16 @@ void AddModelCases(std::vector<Case>* cases) {
              return absl::OkStatus();
            }});
     }
+    for (bool split_k : {false, true}) {
+      cases->push_back({"model_batch_invariance",
+                        absl::StrCat(v.name, split_k ? ",split-k decode" : ""), kExact,
+                        [v, split_k](cudaStream_t, Outputs* o) -> absl::Status {
+                          return BatchInvariance(testing::ModelDir(v), split_k, o);
+                        }});
+    }
     cases->push_back(
-        {"model_batch_invariance", v.name, kExact, [v](cudaStream_t, Outputs* o) -> absl::Status {
-           return BatchInvariance(testing::ModelDir(v), o);
+        {"model_serving_paths", v.name, kExact, [v](cudaStream_t, Outputs* o) -> absl::Status {
+           return ServingPaths(testing::ModelDir(v), o);
          }});
   }
 }

@@ -168,6 +168,16 @@ fact("gpu: prefill and decode ask for nvidia.com/gpu and an RDMA device, and run
   }
   return bad.join(", ");
 });
+fact("workers run --device auto by default and --device cuda in the GPU render", () => {
+  const bad = [];
+  for (const [name, docs, want] of [["default", renders.default, "auto"], ["gpu", renders.gpu, "cuda"]]) {
+    for (const comp of workers) {
+      const got = flagValue(effectiveFlags(docs, deployment(docs, comp)), "device");
+      if (got !== want) bad.push(`${name} ${comp}: --device=${got}`);
+    }
+  }
+  return bad.join(", ");
+});
 fact("gpu: the model comes from a PersistentVolumeClaim (no make-model init container)", () => {
   const d = deployment(renders.gpu, "decode");
   if (d.spec.template.spec.initContainers?.length) return "init containers present";

@@ -112,6 +112,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- $instead := dict "model" "model.mountPath and model.dir" "model_id" "model.id"
       "block_size" "kv.blockSize" "kv_dtype" "kv.dtype"
       "threads" (printf "%s.threads" .section) "drain_seconds" (printf "%s.drainSeconds" .section)
+      "device" (printf "%s.device" .section)
       "kv_bytes" (printf "%s.kvBytes" .section) "kv_blocks" (printf "%s.kvBlocks" .section)
       "listen" (printf "%s.port" .section) "metrics_listen" (printf "%s.metricsPort" .section) }}
 {{- range $name := .reserved }}
