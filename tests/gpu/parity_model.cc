@@ -141,24 +141,44 @@ absl::StatusOr<std::vector<float>> Step(const model::Model& m, const PagedKvView
   return logits;
 }
 
+// A model on a CUDA backend with an f32 KV pool of kBlocks blocks (the backend outlives the
+// rest: declared first).
+struct OnGpu {
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<model::Model> model;
+  worker::BackendKvPool pool;
+};
+
+absl::StatusOr<std::unique_ptr<OnGpu>> LoadOnGpu(const std::string& dir,
+                                                 const BackendOptions& options) {
+  auto g = std::make_unique<OnGpu>();
+  absl::StatusOr<std::unique_ptr<Backend>> be = CreateBackend(Device::kCuda, nullptr, options);
+  if (!be.ok()) return be.status();
+  g->backend = *std::move(be);
+  absl::StatusOr<std::unique_ptr<model::Model>> m = model::Model::Load(dir, g->backend.get());
+  if (!m.ok()) return m.status();
+  g->model = *std::move(m);
+  absl::StatusOr<worker::BackendKvPool> pool =
+      worker::AllocateKvPool(*g->backend, g->model->KvLayout(DType::kF32, kBlockSize), kBlocks);
+  if (!pool.ok()) return pool.status();
+  g->pool = *std::move(pool);
+  return g;
+}
+
 absl::Status BatchInvariance(const std::string& dir, bool split_k, Outputs* o) {
   BackendOptions options;
   options.cuda_split_k_decode = split_k;
-  absl::StatusOr<std::unique_ptr<Backend>> gpu = CreateBackend(Device::kCuda, nullptr, options);
-  if (!gpu.ok()) return gpu.status();
-  absl::StatusOr<std::unique_ptr<model::Model>> m = model::Model::Load(dir, gpu->get());
-  if (!m.ok()) return m.status();
-  absl::StatusOr<worker::BackendKvPool> pool =
-      worker::AllocateKvPool(**gpu, (*m)->KvLayout(DType::kF32, kBlockSize), kBlocks);
-  if (!pool.ok()) return pool.status();
-  const PagedKvView& kv = pool->pool->view();
+  absl::StatusOr<std::unique_ptr<OnGpu>> g = LoadOnGpu(dir, options);
+  if (!g.ok()) return g.status();
+  const model::Model* m = (*g)->model.get();
+  const PagedKvView& kv = (*g)->pool.pool->view();
   // Four sequences on disjoint blocks: three are prefilled then decoded; the fourth is a
   // prefill chunk riding along in the batched step.
   const int lens[] = {5, 19, 33, 12};
   std::vector<std::vector<int32_t>> tokens, tables;
   int32_t next_block = 0;
   for (int i = 0; i < 4; ++i) {
-    tokens.push_back(Prompt(**m, lens[i] + 1, 100 + i));
+    tokens.push_back(Prompt(*m, lens[i] + 1, 100 + i));
     std::vector<int32_t> t;
     for (int b = 0; b * kBlockSize < lens[i] + 1; ++b) t.push_back(next_block++);
     tables.push_back(t);
@@ -168,7 +188,7 @@ absl::Status BatchInvariance(const std::string& dir, bool split_k, Outputs* o) {
     c.tokens = absl::MakeConstSpan(tokens[i].data(), lens[i]);
     c.block_table = tables[i];
     std::vector<float> unused;
-    RETURN_IF_ERROR((*m)->Forward({c}, kv, &unused));
+    RETURN_IF_ERROR(m->Forward({c}, kv, &unused));
   }
   const std::vector<int64_t> pos = {lens[0], lens[1], lens[2]};
   model::SeqChunk chunk;
@@ -176,14 +196,14 @@ absl::Status BatchInvariance(const std::string& dir, bool split_k, Outputs* o) {
   chunk.block_table = tables[3];
   // Alone, one by one (the reference), then all three, then all three with the chunk.
   for (size_t i = 0; i < 3; ++i) {
-    absl::StatusOr<std::vector<float>> l = Step(**m, kv, tables, tokens, pos, {i}, nullptr);
+    absl::StatusOr<std::vector<float>> l = Step(*m, kv, tables, tokens, pos, {i}, nullptr);
     if (!l.ok()) return l.status();
     o->cpu.insert(o->cpu.end(), l->begin(), l->end());
   }
   o->cpu.insert(o->cpu.end(), o->cpu.begin(), o->cpu.end());  // twice: two batched forms
   const model::SeqChunk* const extras[] = {nullptr, &chunk};
   for (const model::SeqChunk* extra : extras) {
-    absl::StatusOr<std::vector<float>> l = Step(**m, kv, tables, tokens, pos, {0, 1, 2}, extra);
+    absl::StatusOr<std::vector<float>> l = Step(*m, kv, tables, tokens, pos, {0, 1, 2}, extra);
     if (!l.ok()) return l.status();
     o->gpu.insert(o->gpu.end(), l->begin(), l->end());
   }
@@ -212,18 +232,14 @@ absl::StatusOr<std::vector<float>> LastLogits(const model::Model& m, const Paged
 }
 
 absl::Status ServingPaths(const std::string& dir, Outputs* o) {
-  absl::StatusOr<std::unique_ptr<Backend>> gpu = CreateBackend(Device::kCuda, nullptr);
-  if (!gpu.ok()) return gpu.status();
-  absl::StatusOr<std::unique_ptr<model::Model>> m = model::Model::Load(dir, gpu->get());
-  if (!m.ok()) return m.status();
-  absl::StatusOr<worker::BackendKvPool> pool =
-      worker::AllocateKvPool(**gpu, (*m)->KvLayout(DType::kF32, kBlockSize), kBlocks);
-  if (!pool.ok()) return pool.status();
-  const PagedKvView& kv = pool->pool->view();
-  const std::vector<int32_t> tokens = Prompt(**m, 30, 55);  // 8 blocks of 4 per path
-  absl::StatusOr<std::vector<float>> whole = LastLogits(**m, kv, tokens, tokens.size(), 0);
+  absl::StatusOr<std::unique_ptr<OnGpu>> g = LoadOnGpu(dir, {});
+  if (!g.ok()) return g.status();
+  const model::Model* m = (*g)->model.get();
+  const PagedKvView& kv = (*g)->pool.pool->view();
+  const std::vector<int32_t> tokens = Prompt(*m, 30, 55);  // 8 blocks of 4 per path
+  absl::StatusOr<std::vector<float>> whole = LastLogits(*m, kv, tokens, tokens.size(), 0);
   if (!whole.ok()) return whole.status();
-  absl::StatusOr<std::vector<float>> fives = LastLogits(**m, kv, tokens, 5, 8);
+  absl::StatusOr<std::vector<float>> fives = LastLogits(*m, kv, tokens, 5, 8);
   if (!fives.ok()) return fives.status();
   // Chunks of 7 over the first 29 tokens, then token 29 alone: 7, 7, 7, 7, 1, 1.
   std::vector<int32_t> table;
@@ -236,7 +252,7 @@ absl::Status ServingPaths(const std::string& dir, Outputs* o) {
     c.start_pos = static_cast<int64_t>(at);
     c.block_table = table;
     decoded.clear();
-    RETURN_IF_ERROR((*m)->Forward({c}, kv, &decoded));
+    RETURN_IF_ERROR(m->Forward({c}, kv, &decoded));
     at += n;
   }
   o->cpu = *whole;
