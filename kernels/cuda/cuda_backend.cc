@@ -59,16 +59,21 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int ordinal, bo
   KVR_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   void* counter = nullptr;
   if (cudaError_t err = cudaMalloc(&counter, sizeof(int32_t)); err != cudaSuccess) {
-    cudaStreamDestroy(stream);
+    (void)cudaStreamDestroy(stream);
     return CudaErrorToStatus(err, "cudaMalloc(counter)", __FILE__, __LINE__);
   }
-  auto fail = [&](absl::Status s) {
-    cudaFree(counter);
-    cudaStreamDestroy(stream);
+  auto fail = [&](absl::Status s) {  // best-effort cleanup; `s` is the error to report
+    (void)cudaFree(counter);
+    (void)cudaStreamDestroy(stream);
     return s;
   };
-  if (cudaError_t err = cudaMemset(counter, 0, sizeof(int32_t)); err != cudaSuccess) {
-    return fail(CudaErrorToStatus(err, "cudaMemset(counter)", __FILE__, __LINE__));
+  // On the backend's own stream: a non-blocking stream does not wait for the legacy default
+  // stream that a plain cudaMemset would use.
+  if (cudaError_t err = cudaMemsetAsync(counter, 0, sizeof(int32_t), stream); err != cudaSuccess) {
+    return fail(CudaErrorToStatus(err, "cudaMemsetAsync(counter)", __FILE__, __LINE__));
+  }
+  if (cudaError_t err = cudaStreamSynchronize(stream); err != cudaSuccess) {
+    return fail(CudaErrorToStatus(err, "cudaStreamSynchronize", __FILE__, __LINE__));
   }
   absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create();
   if (!gemm.ok()) return fail(gemm.status());
