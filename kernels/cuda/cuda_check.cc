@@ -1,6 +1,7 @@
 #include "kernels/cuda/cuda_check.h"
 
 #include "absl/strings/str_cat.h"
+#include "kernels/cuda/cublaslt_api.h"
 
 namespace kvrelay::kernels::cuda {
 namespace {
@@ -54,9 +55,12 @@ absl::Status CudaErrorToStatus(cudaError_t err, const char* expr, const char* fi
 }
 
 absl::Status CublasErrorToStatus(cublasStatus_t st, const char* expr, const char* file, int line) {
-  return absl::Status(
-      CodeFor(st), absl::StrCat(file, ":", line, ": ", expr, ": ", cublasLtGetStatusName(st), " (",
-                                cublasLtGetStatusString(st), ")"));
+  // The names come from cuBLASLt itself, which is loaded at run time (cublaslt_api.h).
+  absl::StatusOr<const CublasLtApi*> lt = LoadCublasLt();
+  const std::string name =
+      lt.ok() ? absl::StrCat((*lt)->GetStatusName(st), " (", (*lt)->GetStatusString(st), ")")
+              : absl::StrCat("cublasStatus_t ", static_cast<int>(st));
+  return absl::Status(CodeFor(st), absl::StrCat(file, ":", line, ": ", expr, ": ", name));
 }
 
 int CudaDeviceCount(std::string* why) {

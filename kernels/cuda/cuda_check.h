@@ -2,7 +2,7 @@
 // turn a failure into an absl::Status naming the call, the file:line and the CUDA error:
 //
 //   KVR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, stream));
-//   KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(...));
+//   KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().Matmul(...));  // cuBLASLt: kernels/cuda/cublaslt_api.h
 //   MyKernel<<<grid, block, 0, stream>>>(...);
 //   KVR_CUDA_RETURN_IF_ERROR(cudaGetLastError());  // launch errors (bad config, no device)
 //

@@ -62,6 +62,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/cuda/cublaslt_api.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/gemm.cuh"
 
@@ -157,9 +158,9 @@ cublasStatus_t NoAlgorithmIsResult(cublasStatus_t st, bool algo_check, bool* non
 absl::Status DisableSplitK(cublasLtMatmulAlgo_t* algo) {
   const int32_t splits = 1;
   const uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_NONE;
-  KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulAlgoConfigSetAttribute(
+  KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().MatmulAlgoConfigSetAttribute(
       algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits, sizeof(splits)));
-  KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulAlgoConfigSetAttribute(
+  KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().MatmulAlgoConfigSetAttribute(
       algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme)));
   return absl::OkStatus();
 }
@@ -179,10 +180,10 @@ class Plan {
         algo_(o.algo_),
         invariant_(o.invariant_) {}
   ~Plan() {
-    if (d_ != nullptr) (void)cublasLtMatrixLayoutDestroy(d_);
-    if (b_ != nullptr) (void)cublasLtMatrixLayoutDestroy(b_);
-    if (a_ != nullptr) (void)cublasLtMatrixLayoutDestroy(a_);
-    if (op_ != nullptr) (void)cublasLtMatmulDescDestroy(op_);
+    if (d_ != nullptr) (void)CublasLt().MatrixLayoutDestroy(d_);
+    if (b_ != nullptr) (void)CublasLt().MatrixLayoutDestroy(b_);
+    if (a_ != nullptr) (void)CublasLt().MatrixLayoutDestroy(a_);
+    if (op_ != nullptr) (void)CublasLt().MatmulDescDestroy(op_);
   }
 
   struct Shape {
@@ -193,18 +194,18 @@ class Plan {
 
   // Creates the matmul descriptor and the A, B and D layouts of shape s.
   absl::Status Describe(const Shape& s) {
-    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&op_, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().MatmulDescCreate(&op_, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
-    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(op_, CUBLASLT_MATMUL_DESC_TRANSA,
-                                                              &trans_a, sizeof(trans_a)));
-    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(op_, CUBLASLT_MATMUL_DESC_TRANSB,
-                                                              &trans_b, sizeof(trans_b)));
+    KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().MatmulDescSetAttribute(op_, CUBLASLT_MATMUL_DESC_TRANSA,
+                                                                 &trans_a, sizeof(trans_a)));
+    KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().MatmulDescSetAttribute(op_, CUBLASLT_MATMUL_DESC_TRANSB,
+                                                                 &trans_b, sizeof(trans_b)));
     const cudaDataType_t ab = CudaType(s.wt);
     const auto in = static_cast<uint64_t>(s.in), out = static_cast<uint64_t>(s.out);
     const auto rows = static_cast<uint64_t>(s.rows);
-    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&a_, ab, in, out, s.in));
-    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&b_, ab, in, rows, s.in));
-    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&d_, CUDA_R_32F, out, rows, s.out));
+    KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().MatrixLayoutCreate(&a_, ab, in, out, s.in));
+    KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().MatrixLayoutCreate(&b_, ab, in, rows, s.in));
+    KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().MatrixLayoutCreate(&d_, CUDA_R_32F, out, rows, s.out));
     return absl::OkStatus();
   }
 
@@ -215,16 +216,16 @@ class Plan {
                          int max_results,
                          std::vector<cublasLtMatmulHeuristicResult_t>* results) const {
     cublasLtMatmulPreference_t pref = nullptr;
-    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&pref));
+    KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().MatmulPreferenceCreate(&pref));
     results->assign(static_cast<size_t>(max_results), cublasLtMatmulHeuristicResult_t{});
     int found = 0;
     const absl::Status st =
         HeuristicWith(handle, pref, s, workspace_bytes, max_results, results->data(), &found);
     if (!st.ok()) {
-      (void)cublasLtMatmulPreferenceDestroy(pref);  // the first error is the one to report
+      (void)CublasLt().MatmulPreferenceDestroy(pref);  // the first error is the one to report
       return st;
     }
-    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceDestroy(pref));
+    KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().MatmulPreferenceDestroy(pref));
     results->resize(static_cast<size_t>(std::clamp(found, 0, max_results)));
     results->erase(std::remove_if(results->begin(), results->end(),
                                   [](const cublasLtMatmulHeuristicResult_t& r) {
@@ -241,7 +242,7 @@ class Plan {
     cublasLtMatmulHeuristicResult_t result{};
     bool rejected = false;
     KVR_CUBLAS_RETURN_IF_ERROR(
-        NoAlgorithmIsResult(cublasLtMatmulAlgoCheck(handle, op_, a_, b_, d_, d_, &algo, &result),
+        NoAlgorithmIsResult(CublasLt().MatmulAlgoCheck(handle, op_, a_, b_, d_, d_, &algo, &result),
                             /*algo_check=*/true, &rejected));
     *fits = !rejected && result.workspaceSize <= workspace_bytes;
     return absl::OkStatus();
@@ -264,20 +265,20 @@ class Plan {
                              const Shape& s, size_t workspace_bytes, int max_results,
                              cublasLtMatmulHeuristicResult_t* results, int* found) const {
     const uint64_t ws = workspace_bytes;
-    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+    KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().MatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
-    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+    KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().MatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &s.align_a, sizeof(s.align_a)));
-    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+    KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().MatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &s.align_b, sizeof(s.align_b)));
-    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+    KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().MatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &s.align_d, sizeof(s.align_d)));
-    KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+    KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().MatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &s.align_d, sizeof(s.align_d)));
     bool none = false;
     KVR_CUBLAS_RETURN_IF_ERROR(
-        NoAlgorithmIsResult(cublasLtMatmulAlgoGetHeuristic(handle, op_, a_, b_, d_, d_, pref,
-                                                           max_results, results, found),
+        NoAlgorithmIsResult(CublasLt().MatmulAlgoGetHeuristic(handle, op_, a_, b_, d_, d_, pref,
+                                                              max_results, results, found),
                             /*algo_check=*/false, &none));
     if (none) *found = 0;
     return absl::OkStatus();
@@ -322,7 +323,7 @@ struct Gemm::Impl {
 
   ~Impl() {
     plans.clear();
-    if (handle != nullptr) (void)cublasLtDestroy(handle);
+    if (handle != nullptr) (void)CublasLt().Destroy(handle);
     if (workspace != nullptr) (void)cudaFree(workspace);
     if (xconv != nullptr) (void)cudaFree(xconv);
   }
@@ -440,9 +441,13 @@ absl::StatusOr<std::unique_ptr<Gemm>> Gemm::Create(size_t workspace_bytes) {
   if (CudaDeviceCount(&why) == 0) {
     return absl::UnavailableError(absl::StrCat("cuda::Gemm: no CUDA device (", why, ")"));
   }
+  // cuBLASLt is loaded here, on first use, not linked (kernels/cuda/cublaslt_api.h).
+  if (absl::StatusOr<const CublasLtApi*> lt = LoadCublasLt(); !lt.ok()) {
+    return absl::Status(lt.status().code(), absl::StrCat("cuda::Gemm: ", lt.status().message()));
+  }
   auto impl = std::make_unique<Impl>();
   KVR_CUDA_RETURN_IF_ERROR(cudaGetDevice(&impl->device));
-  KVR_CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&impl->handle));
+  KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().Create(&impl->handle));
   if (workspace_bytes > 0) {
     KVR_CUDA_RETURN_IF_ERROR(cudaMalloc(&impl->workspace, workspace_bytes));
   }
@@ -492,9 +497,9 @@ absl::Status Gemm::MatMul(const float* x, int64_t rows, int64_t in, const void* 
   if (!plan.ok()) return plan.status();
   const float alpha = 1.0f, beta = 0.0f;
   const Plan& p = **plan;
-  KVR_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(impl_->handle, p.op(), &alpha, w, p.a(), xb, p.b(),
-                                            &beta, y, p.d(), y, p.d(), p.algo(), impl_->workspace,
-                                            impl_->workspace_bytes, stream));
+  KVR_CUBLAS_RETURN_IF_ERROR(CublasLt().Matmul(impl_->handle, p.op(), &alpha, w, p.a(), xb, p.b(),
+                                               &beta, y, p.d(), y, p.d(), p.algo(),
+                                               impl_->workspace, impl_->workspace_bytes, stream));
   if (bias != nullptr) return LaunchBias(y, rows, out, bias, stream);
   return absl::OkStatus();
 }

@@ -1,6 +1,9 @@
 // Tests for choosing a backend (kernels/create_backend.cc): CreateBackend, ResolveDevice
 // ("--device auto|cpu|cuda") and BuiltWithCuda, in builds with and without CUDA, on machines
 // with and without a GPU.
+#include <pthread.h>
+
+#include <cstring>
 #include <memory>
 #include <string>
 
@@ -55,6 +58,22 @@ TEST(CreateBackendTest, CudaIsABackendOnDeviceMemoryOrSaysWhyNot) {
     EXPECT_EQ((*b)->device(), Device::kCuda);
     EXPECT_EQ((*b)->memory_kind(), MemoryKind::kCuda);
   }
+}
+
+// Linking the backends must leave room for threads with small stacks: civetweb (the /metrics
+// server) starts its threads with 100 KB stacks, and glibc refuses a thread whose stack cannot
+// hold the process's static TLS (libcublasLt alone has ~94 KB of it, which is why it is
+// dlopen'ed: kernels/cuda/cublaslt_api.h).
+TEST(CreateBackendTest, ThreadsWithSmallStacksStillStart) {
+  pthread_attr_t attr;
+  ASSERT_EQ(pthread_attr_init(&attr), 0);
+  ASSERT_EQ(pthread_attr_setstacksize(&attr, 100 * 1024), 0);
+  pthread_t thread;
+  const int err = pthread_create(
+      &thread, &attr, [](void*) -> void* { return nullptr; }, nullptr);
+  EXPECT_EQ(err, 0) << "pthread_create with a 100 KB stack: " << std::strerror(err);
+  if (err == 0) pthread_join(thread, nullptr);
+  pthread_attr_destroy(&attr);
 }
 
 TEST(ResolveDeviceTest, ExplicitNamesAreTakenAsGiven) {
