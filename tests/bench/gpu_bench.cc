@@ -75,6 +75,9 @@ ABSL_FLAG(int, reps, 20, "timed runs per measurement (the median is reported)");
 ABSL_FLAG(int64_t, copy_mib, 1024, "buffer size of the D2D and peer copies, MiB");
 ABSL_FLAG(int, gather_blocks, 256, "KV blocks per gather / scatter (pool: 4x as many)");
 ABSL_FLAG(std::string, parts, "decode,prefill,copy", "which parts to run: decode, prefill, copy");
+ABSL_FLAG(bool, cuda_split_k_decode, false,
+          "decode steps through the split-K flash-decoding kernel (as the workers' flag); run "
+          "once with and once without to compare the two attention paths");
 
 namespace kvrelay::bench {
 namespace {
@@ -241,6 +244,7 @@ struct Options {
   size_t copy_bytes = 0;
   int gather_blocks = 256;
   bool decode = true, prefill = true, copy = true;
+  kernels::BackendOptions backend;
 };
 
 absl::StatusOr<Options> ReadFlags() {
@@ -259,6 +263,7 @@ absl::StatusOr<Options> ReadFlags() {
   o.reps = absl::GetFlag(FLAGS_reps);
   const int64_t mib = absl::GetFlag(FLAGS_copy_mib);
   o.gather_blocks = absl::GetFlag(FLAGS_gather_blocks);
+  o.backend.cuda_split_k_decode = absl::GetFlag(FLAGS_cuda_split_k_decode);
   if (o.block_size <= 0 || o.warmup < 0 || o.reps <= 0 || mib <= 0 || o.gather_blocks <= 0) {
     return absl::InvalidArgumentError(
         "--block_size, --reps, --copy_mib and --gather_blocks must be positive, --warmup >= 0");
@@ -683,7 +688,11 @@ absl::Status Run(const Options& o) {
   if (o.decode || o.copy) KVR_RETURN_IF_ERROR(MeasureD2D(o, &info));
 
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend,
-                       kernels::CreateBackend(kernels::Device::kCuda, nullptr));
+                       kernels::CreateBackend(kernels::Device::kCuda, nullptr, o.backend));
+  std::printf("\ndecode attention: %s\n", o.backend.cuda_split_k_decode
+                                              ? "split-K flash-decoding (--cuda_split_k_decode)"
+                                              : "the prefill kernel (default: exact across serving "
+                                                "paths)");
   const std::string dir = o.model_dir.empty() ? EnsureBenchModel() : o.model_dir;
   KVR_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> m, model::Model::Load(dir, backend.get()));
   const model::ModelConfig& c = m->config();
