@@ -21,9 +21,9 @@ absl::StatusOr<std::unique_ptr<DecodeWorker>> DecodeWorker::Start(
   std::unique_ptr<DecodeWorker> w(new DecodeWorker());
   KVR_ASSIGN_OR_RETURN(w->runtime_, worker::LoadModelRuntime(options.model_dir, options.device,
                                                              options.threads, options.backend));
-  w->model_ = w->runtime_.model.get();
   KVR_ASSIGN_OR_RETURN(w->transport_, transfer::NewUcxTransport());
-  KVR_ASSIGN_OR_RETURN(w->kv_, worker::CreateKvStore(*w->transport_, *w->model_, options.kv));
+  KVR_ASSIGN_OR_RETURN(w->kv_,
+                       worker::CreateKvStore(*w->transport_, *w->runtime_.model, options.kv));
   const std::string model_id =
       options.model_id.empty() ? BaseName(options.model_dir) : options.model_id;
   EngineOptions engine_options = options.engine;
@@ -34,8 +34,9 @@ absl::StatusOr<std::unique_ptr<DecodeWorker>> DecodeWorker::Start(
   remote.client = &w->prefill_client_;
   remote.memory = w->kv_.memory.get();
   remote.prefill_timeout = options.prefill_timeout;
-  KVR_ASSIGN_OR_RETURN(w->engine_, Engine::Create(w->model_, w->kv_.pool.get(), w->kv_.cache.get(),
-                                                  model_id, engine_options, remote));
+  KVR_ASSIGN_OR_RETURN(
+      w->engine_, Engine::Create(w->runtime_.model.get(), w->kv_.pool.get(), w->kv_.cache.get(),
+                                 model_id, engine_options, remote));
   w->service_ = std::make_unique<DecodeService>(w->engine_.get());
 
   grpc::EnableDefaultHealthCheckService(true);

@@ -64,8 +64,7 @@ class DecodeWorker {
   DecodeWorker() = default;
 
   std::shared_ptr<prometheus::Registry> metrics_;
-  worker::ModelRuntime runtime_;   // the model on its backend
-  model::Model* model_ = nullptr;  // runtime_.model
+  worker::ModelRuntime runtime_;  // the model on its backend
   std::unique_ptr<transfer::KvTransport> transport_;
   worker::KvStore kv_;  // destroyed before the transport
   PrefillClient prefill_client_;

@@ -40,24 +40,19 @@ int GpuCount(std::string* why) {
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(Device device, ThreadPool* pool,
                                                        const BackendOptions& options) {
-  (void)options;  // only the CUDA backend has options (unused in a build without it)
   switch (device) {
     case Device::kCpu:
       return std::unique_ptr<Backend>(std::make_unique<CpuBackend>(pool));
     case Device::kCuda: {
-      if (!BuiltWithCuda()) {
-        return absl::FailedPreconditionError(
-            "this build has no CUDA backend (configure with -DKVRELAY_CUDA=ON)");
-      }
-      std::string why;
-      if (GpuCount(&why) == 0) {
-        return absl::UnavailableError(absl::StrCat("cuda backend: no usable GPU: ", why));
-      }
 #if defined(KVRELAY_HAVE_CUDA)
+      // UNAVAILABLE, saying why, without a usable GPU.
       absl::StatusOr<std::unique_ptr<cuda::CudaBackend>> b =
           cuda::CudaBackend::Create(0, options.cuda_split_k_decode);
       if (!b.ok()) return b.status();
       return std::unique_ptr<Backend>(std::move(*b));
+#else
+      return absl::FailedPreconditionError(
+          "this build has no CUDA backend (configure with -DKVRELAY_CUDA=ON)");
 #endif
     }
   }

@@ -22,18 +22,18 @@ absl::StatusOr<std::unique_ptr<PrefillWorker>> PrefillWorker::Start(
   std::unique_ptr<PrefillWorker> w(new PrefillWorker());
   KVR_ASSIGN_OR_RETURN(w->runtime_, worker::LoadModelRuntime(options.model_dir, options.device,
                                                              options.threads, options.backend));
-  w->model_ = w->runtime_.model.get();
   KVR_ASSIGN_OR_RETURN(w->transport_, transfer::NewUcxTransport());
-  KVR_ASSIGN_OR_RETURN(w->kv_, worker::CreateKvStore(*w->transport_, *w->model_, options.kv));
+  KVR_ASSIGN_OR_RETURN(w->kv_,
+                       worker::CreateKvStore(*w->transport_, *w->runtime_.model, options.kv));
   const std::string model_id =
       options.model_id.empty() ? BaseName(options.model_dir) : options.model_id;
   PrefillEngineOptions engine_options = options.engine;
   if (options.metrics) engine_options.metrics = options.metrics;
   if (!engine_options.metrics) engine_options.metrics = std::make_shared<prometheus::Registry>();
   w->metrics_ = engine_options.metrics;
-  w->engine_ = std::make_unique<PrefillEngine>(w->model_, w->kv_.pool.get(), w->kv_.memory.get(),
-                                               w->kv_.cache.get(), w->transport_.get(), model_id,
-                                               engine_options);
+  w->engine_ = std::make_unique<PrefillEngine>(w->runtime_.model.get(), w->kv_.pool.get(),
+                                               w->kv_.memory.get(), w->kv_.cache.get(),
+                                               w->transport_.get(), model_id, engine_options);
   w->service_ = std::make_unique<PrefillService>(w->engine_.get());
 
   grpc::EnableDefaultHealthCheckService(true);

@@ -58,8 +58,7 @@ class PrefillWorker {
   PrefillWorker() = default;
 
   std::shared_ptr<prometheus::Registry> metrics_;
-  worker::ModelRuntime runtime_;   // the model on its backend
-  model::Model* model_ = nullptr;  // runtime_.model
+  worker::ModelRuntime runtime_;  // the model on its backend
   std::unique_ptr<transfer::KvTransport> transport_;
   worker::KvStore kv_;  // destroyed before the transport
   std::unique_ptr<PrefillEngine> engine_;

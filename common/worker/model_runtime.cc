@@ -12,12 +12,10 @@ absl::StatusOr<ModelRuntime> LoadModelRuntime(const std::string& model_dir,
                                               const kernels::BackendOptions& options) {
   if (threads < 0) return absl::InvalidArgumentError("--threads must be >= 0");
   ModelRuntime r;
-  KVR_ASSIGN_OR_RETURN(r.device, kernels::ResolveDevice(device, &r.device_note));
-  if (r.device == kernels::Device::kCpu) {
-    r.threads = std::make_unique<kernels::ThreadPool>(threads);
-  }
+  KVR_ASSIGN_OR_RETURN(const kernels::Device d, kernels::ResolveDevice(device, &r.device_note));
+  if (d == kernels::Device::kCpu) r.threads = std::make_unique<kernels::ThreadPool>(threads);
   absl::StatusOr<std::unique_ptr<kernels::Backend>> backend =
-      kernels::CreateBackend(r.device, r.threads.get(), options);
+      kernels::CreateBackend(d, r.threads.get(), options);
   if (!backend.ok()) {
     return absl::Status(backend.status().code(),
                         absl::StrCat("--device ", device, ": ", backend.status().message()));

@@ -21,8 +21,7 @@ struct ModelRuntime {
   std::unique_ptr<kernels::ThreadPool> threads;  // the CPU backend's (null on CUDA)
   std::unique_ptr<kernels::Backend> backend;
   std::unique_ptr<model::Model> model;  // declared last: destroyed first
-  kernels::Device device = kernels::Device::kCpu;
-  std::string device_note;  // what was chosen and why, for the start-up log
+  std::string device_note;              // what was chosen and why, for the start-up log
 };
 
 // Loads `model_dir` on the backend `device` ("auto", "cpu" or "cuda"; see

@@ -4,9 +4,9 @@
 // Grid/block: kThreads = 256 threads per block, one element per thread per step.
 //  - SiluMul: a 2-D grid; blockIdx.x * 256 + threadIdx.x is the column i < inter (striding
 //    by gridDim.x * 256), blockIdx.y the row (striding by gridDim.y), so no division by inter
-//    is needed and any [rows, inter] is covered: grid.x = min(ceil(inter / 256), kMaxBlocks),
-//    grid.y = min(rows, kMaxGridY).
-//  - GeluTanh / GeluErf: a 1-D grid-stride loop over n, grid = min(ceil(n / 256), kMaxBlocks).
+//    is needed and any [rows, inter] is covered: grid.x = min(ceil(inter / 256), kMaxGridBlocks),
+//    grid.y = min(rows, kMaxGridBlocks).
+//  - GeluTanh / GeluErf: a 1-D grid-stride loop over n, grid = min(ceil(n / 256), kMaxGridBlocks).
 // Each element is independent: no reduction, no order to fix; the value is the
 // kernels/device_math.h function the CPU runs (expf / tanhf / erff are CUDA's, within 2 ulp
 // of the CPU's libm).
@@ -20,14 +20,13 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/activations.cuh"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/device_math.h"
 
 namespace kvrelay::kernels::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;
-constexpr int64_t kMaxGridY = 65535;  // the hardware limit of gridDim.y
+constexpr int kThreads = kElementThreads;
 
 __global__ void __launch_bounds__(kThreads)
     SiluMulKernel(const float* gate_up, int64_t rows, int64_t inter, float* out) {
@@ -57,16 +56,12 @@ __global__ void __launch_bounds__(kThreads) GeluKernel(float* x, int64_t n) {
   }
 }
 
-unsigned BlocksFor(int64_t n) {
-  return static_cast<unsigned>(std::min((n + kThreads - 1) / kThreads, kMaxBlocks));
-}
-
 template <Gelu kind>
 absl::Status LaunchGelu(const char* op, float* x, int64_t n, cudaStream_t stream) {
   if (n < 0) return absl::InvalidArgumentError(absl::StrCat(op, ": negative size ", n));
   if (n == 0) return absl::OkStatus();
   if (x == nullptr) return absl::InvalidArgumentError(absl::StrCat(op, ": null pointer"));
-  GeluKernel<kind><<<BlocksFor(n), kThreads, 0, stream>>>(x, n);
+  GeluKernel<kind><<<GridStrideBlocks(n), kThreads, 0, stream>>>(x, n);
   KVR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }
@@ -83,7 +78,7 @@ absl::Status SiluMul(const float* gate_up, int64_t rows, int64_t inter, float* o
   if (gate_up == nullptr || out == nullptr) {
     return absl::InvalidArgumentError("cuda::SiluMul: null pointer");
   }
-  const dim3 grid(BlocksFor(inter), static_cast<unsigned>(std::min(rows, kMaxGridY)));
+  const dim3 grid = RowColumnGrid(rows, inter);
   SiluMulKernel<<<grid, kThreads, 0, stream>>>(gate_up, rows, inter, out);
   KVR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();

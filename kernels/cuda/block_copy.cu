@@ -2,9 +2,9 @@
 // block ids (CPU twin: a memcpy per block).
 //
 // Grid/block: kThreads = 256 threads per block; a 2-D grid: blockIdx.y is the list entry i
-// (striding by gridDim.y, grid.y = min(n, kMaxGridY)), blockIdx.x * 256 + threadIdx.x the
+// (striding by gridDim.y, grid.y = min(n, kMaxGridBlocks)), blockIdx.x * 256 + threadIdx.x the
 // element e < block_bytes / W (striding by gridDim.x * 256, grid.x = min(ceil(elements /
-// 256), kMaxBlocksX)), where W is the element width: 16 bytes (uint4) when the pool base,
+// 256), kMaxGridBlocks)), where W is the element width: 16 bytes (uint4) when the pool base,
 // the staging base and block_bytes are all multiples of 16, else 8, 4 or 1 — the widest
 // that divides all three, so every access is naturally aligned. Chosen once per call on the
 // host: W divides block_bytes, so there is no head or tail to handle.
@@ -20,13 +20,12 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/block_copy.cuh"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 
 namespace kvrelay::kernels::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocksX = 65535;
-constexpr int64_t kMaxGridY = 65535;  // the hardware limit of gridDim.y
 
 enum class Direction { kGather, kScatter };
 
@@ -84,8 +83,8 @@ absl::Status Launch(const char* op, const void* src, void* dst, const void* pool
   const int w = ElementWidth(pool, staging, block_bytes);
   const uint64_t elements = block_bytes / static_cast<uint64_t>(w);
   const uint64_t blocks_x = (elements + kThreads - 1) / kThreads;
-  const dim3 grid(static_cast<unsigned>(std::min<uint64_t>(blocks_x, kMaxBlocksX)),
-                  static_cast<unsigned>(std::min(n, kMaxGridY)));
+  const dim3 grid(static_cast<unsigned>(std::min<uint64_t>(blocks_x, kMaxGridBlocks)),
+                  static_cast<unsigned>(std::min(n, kMaxGridBlocks)));
   switch (w) {
     case 16:
       BlockCopyKernel<uint4, dir><<<grid, kThreads, 0, stream>>>(

@@ -12,7 +12,7 @@
 // the blocks chain; lanes never mix until the final merge.
 //
 // Grid/block: one CTA per listed block (block b handles list entries b, b + gridDim.x, ...;
-// grid = min(n, kMaxBlocks)); kThreads = 256 threads = 32 groups of 8 lanes.
+// grid = min(n, kMaxGridBlocks)); kThreads = 256 threads = 32 groups of 8 lanes.
 //  - Round r: group g computes, for 1024-byte block 32 r + g, its lane's sum over the 16
 //    stripes (thread = (group, lane)); the 8 lanes of a group read one stripe's 64 contiguous
 //    bytes per step (each lane also reads its pair's word, an L1 hit). The 32 x 8 sums go to
@@ -35,6 +35,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/checksum.cuh"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 
 #define KVR_XXH_HD __host__ __device__ __forceinline__
 
@@ -44,7 +45,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kLanes = 8;
 constexpr int kGroups = kThreads / kLanes;
-constexpr int64_t kMaxBlocks = 65535;
 
 constexpr uint64_t kStripeLen = 64;
 constexpr uint64_t kBlockLen = 1024;  // 16 stripes: (192 - 64) / 8 per scramble
@@ -326,7 +326,7 @@ absl::Status BlockChecksums(const void* base, int64_t pool_blocks, uint64_t bloc
   if (base == nullptr || out == nullptr) {
     return absl::InvalidArgumentError("cuda::BlockChecksums: null pointer");
   }
-  const auto grid = static_cast<unsigned>(std::min(n, kMaxBlocks));
+  const auto grid = static_cast<unsigned>(std::min(n, kMaxGridBlocks));
   BlockChecksumKernel<<<grid, kThreads, 0, stream>>>(static_cast<const uint8_t*>(base), pool_blocks,
                                                      block_bytes, blocks, n, out, num_bad_ids);
   KVR_CUDA_RETURN_IF_ERROR(cudaGetLastError());

@@ -49,7 +49,7 @@ absl::Status CheckPoolAndHeads(absl::string_view op, const PagedKvView& kv, int 
 absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int ordinal, bool split_k_decode) {
   std::string why;
   const int count = CudaDeviceCount(&why);
-  if (count == 0) return absl::UnavailableError(absl::StrCat("cuda backend: no GPU: ", why));
+  if (count == 0) return absl::UnavailableError(absl::StrCat("cuda backend: no usable GPU: ", why));
   if (ordinal < 0 || ordinal >= count) {
     return absl::InvalidArgumentError(
         absl::StrCat("cuda backend: device ", ordinal, " outside [0, ", count, ")"));

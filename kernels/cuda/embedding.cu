@@ -2,8 +2,8 @@
 // twin: kernels::EmbeddingGather in kernels/cpu/ops.cc).
 //
 // Grid/block: kThreads = 256 threads per block; a 2-D grid: blockIdx.y is the token t
-// (striding by gridDim.y, grid.y = min(n, kMaxGridY)), blockIdx.x * 256 + threadIdx.x the
-// column c < dim (striding by gridDim.x * 256, grid.x = min(ceil(dim / 256), kMaxBlocks)).
+// (striding by gridDim.y, grid.y = min(n, kMaxGridBlocks)), blockIdx.x * 256 + threadIdx.x the
+// column c < dim (striding by gridDim.x * 256, grid.x = min(ceil(dim / 256), kMaxGridBlocks)).
 // Every thread of a token reads the same ids[t] (one broadcast load per warp).
 // Bounds: ids[t] is checked against [0, vocab) before any table access; a bad id writes
 // zeros and is counted (atomicAdd by column 0's thread) into *num_bad_ids when given.
@@ -20,13 +20,12 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/embedding.cuh"
+#include "kernels/cuda/launch.cuh"
 
 namespace kvrelay::kernels::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;
-constexpr int64_t kMaxGridY = 65535;  // the hardware limit of gridDim.y
+constexpr int kThreads = kElementThreads;
 
 template <DType T>
 __device__ __forceinline__ float LoadF32(const void* table, int64_t i) {
@@ -77,8 +76,7 @@ absl::Status EmbeddingGather(const int32_t* ids, int64_t n, const void* table, D
   if (ids == nullptr || table == nullptr || out == nullptr) {
     return absl::InvalidArgumentError("cuda::EmbeddingGather: null pointer");
   }
-  const dim3 grid(static_cast<unsigned>(std::min((dim + kThreads - 1) / kThreads, kMaxBlocks)),
-                  static_cast<unsigned>(std::min(n, kMaxGridY)));
+  const dim3 grid = RowColumnGrid(n, dim);
   switch (et) {
     case DType::kF16:
       EmbeddingGatherKernel<DType::kF16>

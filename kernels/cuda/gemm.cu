@@ -43,11 +43,11 @@
 //  - GemmConvertXKernel<T>: x f32 -> T (bf16 / f16, round to nearest even: the values
 //    kernels::F32ToBf16 / F32ToF16 give, NaN stays NaN) into the Gemm's conversion buffer.
 //    1-D grid-stride over rows * in elements, kThreads = 256, grid = min(ceil(n / 256),
-//    kMaxBlocks); one element per thread per step, coalesced; no alignment beyond float's.
+//    kMaxGridBlocks); one element per thread per step, coalesced; no alignment beyond float's.
 //  - GemmBiasEpilogueKernel: y[r][o] += bias[o], the CPU's own f32 add after its dot product.
 //    2-D grid: blockIdx.x * 256 + threadIdx.x is the column o < out (striding by
 //    gridDim.x * 256), blockIdx.y the row (striding by gridDim.y): no division by out;
-//    grid.x = min(ceil(out / 256), kMaxBlocks), grid.y = min(rows, kMaxGridY). Each
+//    grid.x = min(ceil(out / 256), kMaxGridBlocks), grid.y = min(rows, kMaxGridBlocks). Each
 //    element read and written once by one thread; loads coalesced along o.
 // Bounds: every access is guarded (i < n; o < out, r < rows); indices are int64.
 // Shared memory: none.
@@ -65,13 +65,12 @@
 #include "kernels/cuda/cublaslt_api.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/gemm.cuh"
+#include "kernels/cuda/launch.cuh"
 
 namespace kvrelay::kernels::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;
-constexpr int64_t kMaxGridY = 65535;  // the hardware limit of gridDim.y
+constexpr int kThreads = kElementThreads;
 
 template <typename T>
 __device__ __forceinline__ T FromF32(float v);
@@ -104,13 +103,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-unsigned BlocksFor(int64_t n) {
-  return static_cast<unsigned>(std::min((n + kThreads - 1) / kThreads, kMaxBlocks));
-}
-
 absl::Status LaunchBias(float* y, int64_t rows, int64_t out, const float* bias,
                         cudaStream_t stream) {
-  const dim3 grid(BlocksFor(out), static_cast<unsigned>(std::min(rows, kMaxGridY)));
+  const dim3 grid = RowColumnGrid(rows, out);
   GemmBiasEpilogueKernel<<<grid, kThreads, 0, stream>>>(y, rows, out, bias);
   KVR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
@@ -482,11 +477,11 @@ absl::Status Gemm::MatMul(const float* x, int64_t rows, int64_t in, const void* 
     const absl::Status reserved = impl_->ReserveConversion(static_cast<size_t>(n) * 2, stream);
     if (!reserved.ok()) return reserved;
     if (wt == DType::kBF16) {
-      GemmConvertXKernel<__nv_bfloat16>
-          <<<BlocksFor(n), kThreads, 0, stream>>>(x, n, static_cast<__nv_bfloat16*>(impl_->xconv));
+      GemmConvertXKernel<__nv_bfloat16><<<GridStrideBlocks(n), kThreads, 0, stream>>>(
+          x, n, static_cast<__nv_bfloat16*>(impl_->xconv));
     } else {
       GemmConvertXKernel<__half>
-          <<<BlocksFor(n), kThreads, 0, stream>>>(x, n, static_cast<__half*>(impl_->xconv));
+          <<<GridStrideBlocks(n), kThreads, 0, stream>>>(x, n, static_cast<__half*>(impl_->xconv));
     }
     KVR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     xb = impl_->xconv;

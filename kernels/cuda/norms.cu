@@ -2,7 +2,7 @@
 // kernels::RmsNorm / kernels::LayerNorm in kernels/cpu/ops.cc).
 //
 // Grid/block: one block of kThreads = 256 threads (8 warps) per row; block b handles rows
-// b, b + gridDim.x, ... (grid = min(rows, kMaxBlocks)), so any row count works and every row
+// b, b + gridDim.x, ... (grid = min(rows, kMaxGridBlocks)), so any row count works and every row
 // is reduced by the same block shape whatever the batch size.
 // Per row: thread t reads elements i = t, t + 256, ... < dim (a warp reads 32 consecutive
 // floats: coalesced) and sums its terms in double in increasing i; the block then reduces
@@ -24,6 +24,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/norms.cuh"
 #include "kernels/device_math.h"
 
@@ -32,7 +33,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kMaxBlocks = 65535;
 
 __device__ __forceinline__ double WarpSum(double v) {
 #pragma unroll
@@ -110,7 +110,7 @@ absl::Status CheckArgs(const char* op, int64_t rows, int64_t dim, bool pointers_
   return absl::OkStatus();
 }
 
-unsigned Blocks(int64_t rows) { return static_cast<unsigned>(std::min(rows, kMaxBlocks)); }
+unsigned Blocks(int64_t rows) { return static_cast<unsigned>(std::min(rows, kMaxGridBlocks)); }
 
 }  // namespace
 

@@ -57,6 +57,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/paged_attention.cuh"
 
 namespace kvrelay::kernels::cuda {
@@ -122,9 +123,6 @@ namespace {
 
 constexpr int64_t kP = kDecodePartitionKeys;
 constexpr int kReduceThreads = 128;
-constexpr int64_t kMaxGridYZ = 65535;
-
-__device__ __forceinline__ float QuietNaN() { return __int_as_float(0x7fc00000); }
 
 int64_t NumPartitions(int64_t max_context) { return (max_context + kP - 1) / kP; }
 
@@ -218,7 +216,7 @@ __global__ void __launch_bounds__(DecodeThreads<kHdPad>::value)
   if (!PositionOk(p, pos)) {
     if (part == 0) {
       for (int i = tid; i < rows * hd; i += kThreads) {
-        p.out[(t * p.num_heads + head0 + i / hd) * hd + i % hd] = QuietNaN();
+        p.out[(t * p.num_heads + head0 + i / hd) * hd + i % hd] = kv_device::QuietNaN();
       }
     }
     return;
@@ -354,7 +352,7 @@ __global__ void __launch_bounds__(DecodeThreads<kHdPad>::value)
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       if (r >= rows) break;
-      const float inv = bad ? QuietNaN() : 1.0f / s_l[r];
+      const float inv = bad ? kv_device::QuietNaN() : 1.0f / s_l[r];
       float* orow = p.out + (t * p.num_heads + head0 + r) * hd;
 #pragma unroll
       for (int i = 0; i < kDpt; ++i) {
@@ -376,7 +374,7 @@ __global__ void __launch_bounds__(DecodeThreads<kHdPad>::value)
     }
     if (tid == 0) {
       p.ws_m[slot] = s_m[r];
-      p.ws_l[slot] = bad ? QuietNaN() : s_l[r];
+      p.ws_l[slot] = bad ? kv_device::QuietNaN() : s_l[r];
     }
   }
 }
@@ -470,9 +468,9 @@ absl::Status PagedAttentionDecode(const PagedKvView& kv, int layer, const float*
       kOp, kv, layer, num_heads, /*has_tokens=*/n > 0,
       {{"q", q}, {"block_tables", block_tables}, {"positions", positions}, {"out", out}}, &g);
   if (!st.ok()) return st;
-  if (max_context <= 0 || NumPartitions(max_context) > kMaxGridYZ) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(kOp, ": max_context ", max_context, " outside [1, ", kMaxGridYZ * kP, "]"));
+  if (max_context <= 0 || NumPartitions(max_context) > kMaxGridBlocks) {
+    return absl::InvalidArgumentError(absl::StrCat(kOp, ": max_context ", max_context,
+                                                   " outside [1, ", kMaxGridBlocks * kP, "]"));
   }
   const int64_t blocks_needed = (max_context + g.block_size - 1) / g.block_size;
   if (max_blocks_per_seq < blocks_needed) {
@@ -495,7 +493,8 @@ absl::Status PagedAttentionDecode(const PagedKvView& kv, int layer, const float*
   int rows = 1;
   while (rows < group && rows < 8) rows *= 2;
   const int row_chunks = (group + rows - 1) / rows;
-  if (num_heads > kMaxGridYZ || static_cast<int64_t>(g.num_kv_heads) * row_chunks > kMaxGridYZ) {
+  if (num_heads > kMaxGridBlocks ||
+      static_cast<int64_t>(g.num_kv_heads) * row_chunks > kMaxGridBlocks) {
     return absl::InvalidArgumentError(
         absl::StrCat(kOp, ": num_heads ", num_heads, " too large for the grid"));
   }

@@ -108,6 +108,10 @@ absl::Status PagedAttentionDecode(const PagedKvView& kv, int layer, const float*
 
 namespace kvrelay::kernels::cuda::kv_device {
 
+// What an attention kernel writes for a token whose position or block table is out of range
+// (a quiet NaN, so the caller's bad input cannot pass for a result).
+__device__ __forceinline__ float QuietNaN() { return __int_as_float(0x7fc00000); }
+
 // Byte offset (from base) of the (block, slot, kv head) row of the layer's K (kv_offset =
 // g.k_offset) or V (g.v_offset): PagedKvView::row.
 __device__ __forceinline__ int64_t RowOffset(const PagedKvGeometry& g, int64_t kv_offset,

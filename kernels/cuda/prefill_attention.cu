@@ -49,6 +49,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/paged_attention.cuh"
 #include "kernels/cuda/prefill_attention.cuh"
 
@@ -57,9 +58,6 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kBlockN = 32;
-constexpr int64_t kMaxGridYZ = 65535;
-
-__device__ __forceinline__ float QuietNaN() { return __int_as_float(0x7fc00000); }
 
 template <int kHdPad>
 struct Cfg {
@@ -168,7 +166,7 @@ __global__ void __launch_bounds__(kThreads) PagedPrefillAttentionKernel(const Pr
 
     if (start < 0 || (kv_len - 1) / bs >= p.max_blocks) {  // uniform over the CTA
       for (int i = tid; i < kBlockM * hd; i += kThreads) {
-        if (row_valid(i / hd)) out_row(i / hd)[i % hd] = QuietNaN();
+        if (row_valid(i / hd)) out_row(i / hd)[i % hd] = kv_device::QuietNaN();
       }
       continue;
     }
@@ -332,7 +330,7 @@ __global__ void __launch_bounds__(kThreads) PagedPrefillAttentionKernel(const Pr
       lt += __shfl_xor_sync(0xffffffffu, lt, 2);
       lt += __shfl_xor_sync(0xffffffffu, lt, 4);
       if (qpos[i] < 0) continue;
-      const float inv = bad ? QuietNaN() : 1.0f / lt;
+      const float inv = bad ? kv_device::QuietNaN() : 1.0f / lt;
       float* orow = out_row(ty * kTM + i);
 #pragma unroll
       for (int c = 0; c < C::kChunks; ++c) {
@@ -400,9 +398,9 @@ absl::Status PagedPrefillAttention(const PagedKvView& kv, int layer, const float
     return absl::InvalidArgumentError(
         absl::StrCat(kOp, ": max_blocks_per_seq ", max_blocks_per_seq, " must be positive"));
   }
-  if (num_seqs > kMaxGridYZ) {
+  if (num_seqs > kMaxGridBlocks) {
     return absl::InvalidArgumentError(
-        absl::StrCat(kOp, ": num_seqs ", num_seqs, " > ", kMaxGridYZ, " per call"));
+        absl::StrCat(kOp, ": num_seqs ", num_seqs, " > ", kMaxGridBlocks, " per call"));
   }
   if (num_seqs == 0 || max_query_len == 0) return absl::OkStatus();
 
@@ -421,7 +419,7 @@ absl::Status PagedPrefillAttention(const PagedKvView& kv, int layer, const float
   p.gc = std::min(p.group, block_m);
   p.head_chunks = (p.group + p.gc - 1) / p.gc;
   p.tokens_per_tile = block_m / p.gc;
-  if (static_cast<int64_t>(g.num_kv_heads) * p.head_chunks > kMaxGridYZ) {
+  if (static_cast<int64_t>(g.num_kv_heads) * p.head_chunks > kMaxGridBlocks) {
     return absl::InvalidArgumentError(
         absl::StrCat(kOp, ": num_heads ", num_heads, " too large for the grid"));
   }

@@ -1,10 +1,10 @@
 // Residual add, position-embedding add and row gather (kernels/cuda/rows.cuh).
 //
 // Grid/block: kThreads = 256 threads per block.
-//  - AddInPlace: a 1-D grid-stride loop over n, grid = min(ceil(n / 256), kMaxBlocks).
+//  - AddInPlace: a 1-D grid-stride loop over n, grid = min(ceil(n / 256), kMaxGridBlocks).
 //  - AddPositionEmbedding / GatherRows: a 2-D grid; blockIdx.x * 256 + threadIdx.x is the
 //    column c < dim (striding by gridDim.x * 256), blockIdx.y the row t < n (striding by
-//    gridDim.y): grid.x = min(ceil(dim / 256), kMaxBlocks), grid.y = min(n, kMaxGridY).
+//    gridDim.y): grid.x = min(ceil(dim / 256), kMaxGridBlocks), grid.y = min(n, kMaxGridBlocks).
 //    Every thread of a row reads the row's index (position / source row) itself: a broadcast
 //    load, no shared memory.
 // Arithmetic: one float add per element, as the CPU (no reduction, nothing to order); the
@@ -17,14 +17,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/rows.cuh"
 
 namespace kvrelay::kernels::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;
-constexpr int64_t kMaxGridY = 65535;  // the hardware limit of gridDim.y
+constexpr int kThreads = kElementThreads;
 
 __global__ void __launch_bounds__(kThreads) AddKernel(float* x, const float* y, int64_t n) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
@@ -58,10 +57,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-unsigned BlocksFor(int64_t n) {
-  return static_cast<unsigned>(std::min((n + kThreads - 1) / kThreads, kMaxBlocks));
-}
-
 template <bool kAdd>
 absl::Status LaunchRows(const char* op, const float* src, int64_t num_src, const int64_t* index,
                         int64_t n, int64_t dim, float* dst, int32_t* num_bad, cudaStream_t stream) {
@@ -73,7 +68,7 @@ absl::Status LaunchRows(const char* op, const float* src, int64_t num_src, const
   if (src == nullptr || index == nullptr || dst == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat(op, ": null pointer"));
   }
-  const dim3 grid(BlocksFor(dim), static_cast<unsigned>(std::min(n, kMaxGridY)));
+  const dim3 grid = RowColumnGrid(n, dim);
   RowKernel<kAdd><<<grid, kThreads, 0, stream>>>(src, num_src, index, n, dim, dst, num_bad);
   KVR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
@@ -87,7 +82,7 @@ absl::Status AddInPlace(float* x, const float* y, int64_t n, cudaStream_t stream
   if (x == nullptr || y == nullptr) {
     return absl::InvalidArgumentError("cuda::AddInPlace: null pointer");
   }
-  AddKernel<<<BlocksFor(n), kThreads, 0, stream>>>(x, y, n);
+  AddKernel<<<GridStrideBlocks(n), kThreads, 0, stream>>>(x, y, n);
   KVR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }

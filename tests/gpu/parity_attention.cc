@@ -163,6 +163,17 @@ struct Chunk {
   int64_t start, qlen;
 };
 
+// One sequence per chunk, whose context ends with the chunk; *tokens = the chunks' tokens.
+std::vector<Seq> SeqsFor(const std::vector<Chunk>& chunks, int64_t* tokens) {
+  std::vector<Seq> seqs(chunks.size());
+  *tokens = 0;
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    seqs[i].context = chunks[i].start + chunks[i].qlen;
+    *tokens += chunks[i].qlen;
+  }
+  return seqs;
+}
+
 absl::Status GpuPrefill(cudaStream_t st, Pool& pool, const std::vector<const Seq*>& seqs,
                         const std::vector<Chunk>& chunks, const std::vector<float>& q, int nh,
                         float scale, std::vector<float>* out) {
@@ -209,12 +220,8 @@ void CpuPrefill(Pool& pool, const std::vector<const Seq*>& seqs, const std::vect
 absl::Status RunPrefill(cudaStream_t st, DType dt, const KvConfig& c,
                         const std::vector<Chunk>& chunks, uint32_t seed, Outputs* o) {
   std::mt19937 rng(seed);
-  std::vector<Seq> seqs(chunks.size());
   int64_t tokens = 0;
-  for (size_t i = 0; i < chunks.size(); ++i) {
-    seqs[i].context = chunks[i].start + chunks[i].qlen;
-    tokens += chunks[i].qlen;
-  }
+  std::vector<Seq> seqs = SeqsFor(chunks, &tokens);
   Pool pool = MakePool(dt, c, &seqs, &rng);
   const int nh = c.nkv * c.group;
   const auto q = Uniform(&rng, tokens * nh * c.hd, -2, 2);
@@ -230,12 +237,8 @@ absl::Status RunPrefill(cudaStream_t st, DType dt, const KvConfig& c,
 absl::Status RunPipeline(cudaStream_t st, const KvConfig& c, const std::vector<Chunk>& chunks,
                          uint32_t seed, Outputs* o) {
   std::mt19937 rng(seed);
-  std::vector<Seq> seqs(chunks.size());
   int64_t tokens = 0;
-  for (size_t i = 0; i < chunks.size(); ++i) {
-    seqs[i].context = chunks[i].start + chunks[i].qlen;
-    tokens += chunks[i].qlen;
-  }
+  std::vector<Seq> seqs = SeqsFor(chunks, &tokens);
   // The prefixes' K/V come from MakePool; the chunks' (there too, at random) are overwritten
   // in layer kLayer by the RoPE + write step on each side.
   Pool pool = MakePool(DType::kF32, c, &seqs, &rng);

@@ -91,6 +91,29 @@ std::vector<float> InvFreq(int head_dim) {
   return f;
 }
 
+// One token at position 0, in slot 0 of block 0, the only block of its sequence. The batch
+// points into this object (tests change block / slot through it).
+struct OneToken {
+  int64_t pos[1] = {0};
+  int32_t block[1] = {0};
+  int32_t slot[1] = {0};
+  int32_t starts[2] = {0, 1};
+
+  TokenBatch Batch() const {
+    TokenBatch tb;
+    tb.num_tokens = 1;
+    tb.positions = pos;
+    tb.blocks = block;
+    tb.slots = slot;
+    tb.num_seqs = 1;
+    tb.seq_starts = starts;
+    tb.start_positions = pos;
+    tb.block_tables = block;
+    tb.max_blocks_per_seq = 1;
+    return tb;
+  }
+};
+
 // Sets the active ISA for a test and restores the previous one afterwards.
 class CpuBackendTest : public ::testing::TestWithParam<Isa> {
  protected:
@@ -476,30 +499,19 @@ TEST(CpuBackendArgsTest, RejectsBadArguments) {
   const PagedKvLayout L = Layout(DType::kF32, 2, 4, 1, 2);
   HostPool pool(L, 3);
   std::vector<float> qkv(3 * 2), q(2);
-  const int64_t pos[] = {0};
-  int32_t block[] = {0}, slot[] = {0};
-  const int32_t starts[] = {0, 1};
-  TokenBatch tb;
-  tb.num_tokens = 1;
-  tb.positions = pos;
-  tb.blocks = block;
-  tb.slots = slot;
-  tb.num_seqs = 1;
-  tb.seq_starts = starts;
-  tb.start_positions = pos;
-  tb.block_tables = block;
-  tb.max_blocks_per_seq = 1;
+  OneToken one;
+  const TokenBatch tb = one.Batch();
   ASSERT_TRUE(be.RopeAndWriteKv(pool.view, 0, tb, qkv.data(), 1, nullptr, q.data()).ok());
-  block[0] = 3;
+  one.block[0] = 3;
   s = be.RopeAndWriteKv(pool.view, 0, tb, qkv.data(), 1, nullptr, q.data());
   EXPECT_EQ(s.code(), kInvalid);
   EXPECT_THAT(s.message(), HasSubstr("block 3"));
-  block[0] = 0;
-  slot[0] = 4;
+  one.block[0] = 0;
+  one.slot[0] = 4;
   s = be.RopeAndWriteKv(pool.view, 0, tb, qkv.data(), 1, nullptr, q.data());
   EXPECT_EQ(s.code(), kInvalid);
   EXPECT_THAT(s.message(), HasSubstr("slot 4"));
-  slot[0] = 0;
+  one.slot[0] = 0;
   s = be.RopeAndWriteKv(pool.view, 2, tb, qkv.data(), 1, nullptr, q.data());
   EXPECT_EQ(s.code(), kInvalid);
   EXPECT_THAT(s.message(), HasSubstr("layer 2"));
@@ -530,18 +542,8 @@ TEST(CpuBackendArgsTest, PoolMustBeHostMemory) {
   HostPool pool(L, 1);
   pool.view.memory = MemoryKind::kCuda;
   std::vector<float> qkv(3 * 2), q(2);
-  const int64_t pos[] = {0};
-  const int32_t block[] = {0}, slot[] = {0}, starts[] = {0, 1};
-  TokenBatch tb;
-  tb.num_tokens = 1;
-  tb.positions = pos;
-  tb.blocks = block;
-  tb.slots = slot;
-  tb.num_seqs = 1;
-  tb.seq_starts = starts;
-  tb.start_positions = pos;
-  tb.block_tables = block;
-  tb.max_blocks_per_seq = 1;
+  const OneToken one;
+  const TokenBatch tb = one.Batch();
   absl::Status s = be.RopeAndWriteKv(pool.view, 0, tb, qkv.data(), 1, nullptr, q.data());
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(s.message(), HasSubstr("cuda"));
