@@ -607,6 +607,7 @@ grpc::ServerUnaryReactor* GenerationService::ListModels(grpc::CallbackServerCont
   v1::ModelInfo* m = response->add_models();
   m->set_id(model_->model_id);
   m->set_max_context(model_->config.max_position_embeddings);
+  m->set_vocab_size(model_->config.vocab_size);
   m->set_block_size(model_->block_size);
   m->set_prefill_workers(registry_->Alive(v1::WORKER_ROLE_PREFILL));
   m->set_decode_workers(registry_->Alive(v1::WORKER_ROLE_DECODE));

@@ -10,6 +10,7 @@ PACKAGES=(
   libucx-dev ucx-utils
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev prometheus
+  gnuplot-nox libpng-dev
   golang-go golang-github-masterminds-sprig-dev golang-k8s-sigs-yaml-dev
   golang-gopkg-yaml.v2-dev golang-github-burntsushi-toml-dev nodejs
 )

@@ -57,6 +57,8 @@ void Usage(std::ostream& out) {
          "  generate     generate text: from a model folder (single process), or from a\n"
          "               server with --server HOST:PORT\n"
          "  local        run the router, prefill and decode workers on this machine\n"
+         "  bench serve  drive a running service with a workload; latency, throughput,\n"
+         "               goodput, prefix hit rate (table, JSON, PNG figures)\n"
          "  help         this text\n\n"
          "Run 'kvrelay <command> --help' for the flags of a command.\n";
 }
@@ -72,6 +74,7 @@ int RunCli(int argc, char** argv, std::ostream& out, std::ostream& err) {
   if (cmd == "make-model") return RunMakeModel(argc, argv, out, err);
   if (cmd == "generate") return RunGenerate(argc, argv, out, err);
   if (cmd == "local") return RunLocal(argc, argv, out, err);
+  if (cmd == "bench") return RunBench(argc, argv, out, err);
   if (cmd == "help" || cmd == "--help" || cmd == "-h") {
     Usage(out);
     return 0;

@@ -9,7 +9,7 @@
 
 namespace kvrelay::cli {
 
-// Dispatches argv[1] (make-model, generate, local, help). Returns the process exit code.
+// Dispatches argv[1] (make-model, generate, local, bench, help). Returns the process exit code.
 int RunCli(int argc, char** argv, std::ostream& out, std::ostream& err);
 
 int RunMakeModel(int argc, char** argv, std::ostream& out, std::ostream& err);
@@ -17,6 +17,8 @@ int RunMakeModel(int argc, char** argv, std::ostream& out, std::ostream& err);
 int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err);
 // Router + prefill + decode workers as child processes on this machine (tools/cli/local_cmd.cc).
 int RunLocal(int argc, char** argv, std::ostream& out, std::ostream& err);
+// `bench serve`: the load generator against a running service (tools/cli/bench_cmd.cc).
+int RunBench(int argc, char** argv, std::ostream& out, std::ostream& err);
 
 // The demo model folder ($KVRELAY_HOME/demo-model, else ~/.cache/kvrelay/demo-model),
 // written with make-model's defaults when it does not exist yet.
