@@ -215,6 +215,14 @@ RunResult Runner::Run() {
   double last_progress = -1;
   int64_t output_tokens = 0;
   std::vector<RequestRecord> records;
+  // Whether another conversation may start. Cycling the dataset at an infinite rate
+  // (closed loop: --duration with --max-concurrency) keeps only enough ready requests to
+  // refill the free slots instead of starting infinitely many at once.
+  auto more_arrivals = [&] {
+    if (!cycle) return started < dataset_.size();
+    return !std::isinf(o_.request_rate) ||
+           static_cast<int64_t>(ready.size() + in_flight_.size()) < o_.max_concurrency;
+  };
   for (;;) {
     // Calls that ended: record them, make their conversation's next turn ready.
     std::vector<Call*> ended;
@@ -244,7 +252,7 @@ RunResult Runner::Run() {
     }
     if (cycle && now >= o_.duration_seconds) stop_new = true;
     if (!stop_new) {
-      while ((cycle || started < dataset_.size()) && next_arrival <= now) {
+      while (more_arrivals() && next_arrival <= now) {
         const int idx = static_cast<int>(started % dataset_.size());
         convs_.push_back({&dataset_[idx], idx, 0, {}});
         ready.push({next_arrival, ready_seq++, static_cast<int>(convs_.size() - 1)});
@@ -272,7 +280,7 @@ RunResult Runner::Run() {
     // call ending (which wakes us at once).
     double wake = now + 0.25;
     if (!stop_new) {
-      if (cycle || started < dataset_.size()) wake = std::min(wake, next_arrival);
+      if (more_arrivals()) wake = std::min(wake, next_arrival);
       if (!ready.empty() &&
           (o_.max_concurrency <= 0 || static_cast<int>(in_flight_.size()) < o_.max_concurrency)) {
         wake = std::min(wake, ready.top().at);
@@ -360,6 +368,10 @@ absl::StatusOr<RunResult> RunBenchmark(const std::shared_ptr<grpc::Channel>& cha
   if (o.max_concurrency < 0) return absl::InvalidArgumentError("--max-concurrency must be >= 0");
   if (o.duration_seconds < 0 || std::isinf(o.duration_seconds)) {
     return absl::InvalidArgumentError("--duration must be a number of seconds >= 0");
+  }
+  if (o.duration_seconds > 0 && std::isinf(o.request_rate) && o.max_concurrency <= 0) {
+    return absl::InvalidArgumentError(
+        "--duration at an infinite --request-rate needs --max-concurrency (or a finite rate)");
   }
   for (const Conversation& c : dataset) {
     for (const TurnSpec& t : c.turns) {
