@@ -298,7 +298,7 @@ absl::Status WritePlots(const std::vector<Point>& points, const std::string& dir
         &script, "set terminal pngcairo size 1200,600 enhanced font 'Sans,11'\nset output ",
         Quote(png),
         "\nset multiplot layout 1,2 title 'Latency vs output throughput (one point per run)'\n"
-        "set key top left\nset xlabel 'output tokens/s'\n"
+        "set key below horizontal\nset xlabel 'output tokens/s'\n"
         "set title 'TTFT'\nset ylabel 'ms'\nplot ",
         sweep, " using 1:2 with linespoints pt 7 lw 2 title 'p50', ", sweep,
         " using 1:3 with linespoints pt 5 lw 2 title 'p99', ", sweep,

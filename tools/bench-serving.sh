@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The serving figures of docs/benchmarks.md ("Serving with kvrelay bench serve"): starts
+# `kvrelay local` in each configuration, drives it with `kvrelay bench serve`, writes the
+# JSON reports and figures into OUT (default build/bench-serving) and prints the tables.
+#   tools/bench-serving.sh [OUT]
+# Needs a build (tools/build.sh). Takes a few minutes on a 2-core machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-build/bench-serving}
+BIN=build/bin
+mkdir -p "$OUT"
+NUM=${NUM:-64}
+IN=${IN:-256}
+OUTLEN=${OUTLEN:-64}
+SLO=${SLO:-ttft=250,tpot=25}
+LOCAL_PID=""
+
+start_local() {  # $1: name; rest: kvrelay local flags
+  local name=$1
+  shift
+  "$BIN/kvrelay" local --port 0 "$@" >"$OUT/$name.local.out" 2>"$OUT/$name.local.err" &
+  LOCAL_PID=$!
+  for _ in $(seq 600); do
+    if grep -q '^READY ' "$OUT/$name.local.out"; then
+      PORT=$(sed -n 's/^READY //p' "$OUT/$name.local.out")
+      return 0
+    fi
+    kill -0 "$LOCAL_PID" 2>/dev/null || { cat "$OUT/$name.local.err" >&2; exit 1; }
+    sleep 0.2
+  done
+  echo "kvrelay local ($name) did not get ready" >&2
+  exit 1
+}
+stop_local() {
+  kill -INT "$LOCAL_PID" 2>/dev/null || true
+  wait "$LOCAL_PID" 2>/dev/null || true
+}
+trap stop_local EXIT
+
+bench() {  # $1: name; rest: bench flags
+  local name=$1
+  shift
+  echo "== $name" >&2
+  "$BIN/kvrelay" bench serve --server "127.0.0.1:$PORT" --ignore-eos --no-progress \
+    --json "$OUT/$name.json" "$@" | tee "$OUT/$name.txt"
+}
+
+# Disaggregated: 1 prefill + 1 decode worker, 1 CPU thread each (2 cores in all); every
+# prompt of >= 64 uncached tokens is prefilled remotely and its KV sent over UCX.
+start_local disagg --prefill 1 --decode 1 --threads 1 --router-flag=--local_prefill_max_tokens=64
+bench disagg-sweep --dataset random --num-prompts "$NUM" --input-len "$IN" --output-len "$OUTLEN" \
+  --sweep-concurrency 1,2,4,8,16 --slo "$SLO" --plot "$OUT/disagg-sweep"
+bench disagg-random --dataset random --num-prompts "$NUM" --input-len $((IN + 512)) \
+  --output-len "$OUTLEN" --max-concurrency 4 --seed 1
+bench disagg-prefix --dataset prefix --num-prompts "$NUM" --prefix-groups 4 --prefix-len 512 \
+  --input-len "$IN" --output-len "$OUTLEN" --max-concurrency 4 --seed 1 --plot "$OUT/disagg-prefix"
+bench disagg-multiturn --dataset multi-turn --num-prompts 16 --turns 4 --input-len 128 \
+  --output-len "$OUTLEN" --max-concurrency 4 --seed 1
+stop_local
+
+# Aggregated: one decode worker that prefills locally, 2 CPU threads (the same 2 cores).
+start_local agg --prefill 0 --decode 1 --threads 2
+bench agg-sweep --dataset random --num-prompts "$NUM" --input-len "$IN" --output-len "$OUTLEN" \
+  --sweep-concurrency 1,2,4,8,16 --slo "$SLO" --plot "$OUT/agg-sweep"
+stop_local
+
+# Overload: Poisson arrivals at rising rates against the aggregated worker.
+start_local agg-rate --prefill 0 --decode 1 --threads 2
+bench agg-rate-sweep --dataset random --num-prompts "$NUM" --input-len "$IN" \
+  --output-len "$OUTLEN" --sweep-rate 2,4,8,16 --slo "$SLO" --plot "$OUT/agg-rate-sweep"
+stop_local
+trap - EXIT
+echo "reports in $OUT" >&2
