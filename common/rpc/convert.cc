@@ -127,4 +127,15 @@ absl::Status FromGrpc(const grpc::Status& s) {
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
 }
 
+const char* PrefillModeName(v1::PrefillMode mode) {
+  switch (mode) {
+    case v1::PREFILL_MODE_LOCAL:
+      return "local";
+    case v1::PREFILL_MODE_REMOTE:
+      return "remote";
+    default:
+      return "";
+  }
+}
+
 }  // namespace kvrelay::rpc

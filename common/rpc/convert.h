@@ -29,6 +29,9 @@ v1::KvPoolDescriptor ToProto(const transfer::PoolDescriptor& d);
 absl::StatusOr<transfer::PoolDescriptor> FromProto(const v1::KvPoolDescriptor& d,
                                                    absl::string_view field_name);
 
+// "local" | "remote" (the names clients print), "" when unspecified.
+const char* PrefillModeName(v1::PrefillMode mode);
+
 // The same code and message.
 grpc::Status ToGrpc(const absl::Status& s);
 absl::Status FromGrpc(const grpc::Status& s);

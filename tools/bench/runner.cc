@@ -27,17 +27,6 @@ void SetDeadline(grpc::ClientContext& ctx, double seconds) {
   }
 }
 
-const char* PrefillModeName(v1::PrefillMode m) {
-  switch (m) {
-    case v1::PREFILL_MODE_LOCAL:
-      return "local";
-    case v1::PREFILL_MODE_REMOTE:
-      return "remote";
-    default:
-      return "";
-  }
-}
-
 class Runner;
 
 // One Generate call. Owned by the Runner, which deletes it only after OnDone.
@@ -91,7 +80,7 @@ class Call final : public grpc::ClientReadReactor<v1::GenerateResponse> {
     if (has_final_) {
       record.cached_tokens = final_.usage().cached_tokens();
       record.finish_reason = final_.finish_reason();
-      record.prefill_mode = PrefillModeName(final_.route().prefill_mode());
+      record.prefill_mode = rpc::PrefillModeName(final_.route().prefill_mode());
       record.decode_worker = final_.route().decode_worker();
       record.prefill_worker = final_.route().prefill_worker();
       record.migrations = final_.route().migrations();

@@ -104,17 +104,6 @@ int GrpcFail(std::ostream& err, const grpc::Status& s) {
   return Fail(err, absl::StatusCodeToString(st.code()) + ": " + std::string(st.message()));
 }
 
-const char* PrefillModeName(v1::PrefillMode m) {
-  switch (m) {
-    case v1::PREFILL_MODE_LOCAL:
-      return "local";
-    case v1::PREFILL_MODE_REMOTE:
-      return "remote";
-    default:
-      return "";
-  }
-}
-
 // --server: the turns as calls to kvrelay.v1.Generation. Each fresh turn is tokenized by
 // the server (special tokens on turn 1 only, as in the single-process mode) and sent
 // after the history as token ids, so both modes compute the same thing.
@@ -220,7 +209,7 @@ int RunServerGenerate(const Args& args, const std::vector<std::string>& prompts,
       j["stop_reason"] = final.stop_reason();
       j["decode_worker"] = final.route().decode_worker();
       j["prefill_worker"] = final.route().prefill_worker();
-      j["prefill_mode"] = PrefillModeName(final.route().prefill_mode());
+      j["prefill_mode"] = rpc::PrefillModeName(final.route().prefill_mode());
       j["transfer_bytes"] = final.transfer().bytes();
       out << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n" << std::flush;
     }

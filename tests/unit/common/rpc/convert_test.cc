@@ -79,6 +79,12 @@ TEST(ConvertTest, BadSamplingNamesTheField) {
   }
 }
 
+TEST(ConvertTest, PrefillModeNames) {
+  EXPECT_STREQ(PrefillModeName(v1::PREFILL_MODE_LOCAL), "local");
+  EXPECT_STREQ(PrefillModeName(v1::PREFILL_MODE_REMOTE), "remote");
+  EXPECT_STREQ(PrefillModeName(v1::PREFILL_MODE_UNSPECIFIED), "");
+}
+
 TEST(ConvertTest, TokenLogprobs) {
   sampling::SampleResult r;
   r.token = 5;
