@@ -429,10 +429,8 @@ void GenerationService::Serve(Call* call) {
     std::vector<int32_t> tokens = req.prompt;
     tokens.insert(tokens.end(), gen.begin(), gen.end());
     const std::vector<uint64_t> hashes = kvcache::BlockHashes(root, tokens, bs);
-    const FleetView view = registry_->View(hashes);
     absl::StatusOr<RouteDecision> d =
-        ChooseRoute(options_.scheduler, static_cast<int64_t>(tokens.size()), bs, view.overlaps,
-                    view.decode, view.prefill, excluded);
+        registry_->Route(options_.scheduler, hashes, static_cast<int64_t>(tokens.size()), excluded);
     if (!d.ok()) {
       if (busy) return call->End(*busy);  // every decode worker left refused it
       if (migrations > 0) {

@@ -23,6 +23,8 @@ ABSL_FLAG(int, migration_limit, 2, "times a request may move to another decode w
 ABSL_FLAG(int, max_request_bytes, 4 << 20, "largest request message accepted");
 ABSL_FLAG(int, heartbeat_interval_ms, 500, "workers report load at least this often");
 ABSL_FLAG(int, heartbeat_timeout_ms, 5000, "a worker silent this long is dead");
+ABSL_FLAG(int, max_workers, kvrelay::router::PrefixIndex::kDefaultMaxWorkers,
+          "workers this router tracks (live and dead); more registrations are refused");
 ABSL_FLAG(double, overlap_weight, 1.0, "routing cost of each prompt block a worker lacks");
 ABSL_FLAG(double, decode_busy_threshold, 0.95, "decode workers above this KV use are avoided");
 ABSL_FLAG(int64_t, decode_max_waiting, 64, "decode workers with more waiting are avoided");
@@ -55,6 +57,7 @@ int main(int argc, char** argv) {
   o.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
   o.heartbeat_interval = absl::Milliseconds(absl::GetFlag(FLAGS_heartbeat_interval_ms));
   o.heartbeat_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_heartbeat_timeout_ms));
+  o.max_workers = absl::GetFlag(FLAGS_max_workers);
   o.generation.max_running = absl::GetFlag(FLAGS_max_running);
   o.generation.max_queued = static_cast<size_t>(std::max(0, absl::GetFlag(FLAGS_max_queued)));
   o.generation.migration_limit = absl::GetFlag(FLAGS_migration_limit);

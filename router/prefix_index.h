@@ -181,8 +181,8 @@ class PrefixIndex {
     void ToBitmap(uint32_t words);
     void ToArray();
 
-    uint32_t meta_ = 0;           // count | mode
-    uint32_t w_[kInline] = {};    // inline: the slots; heap: capacity + pointer
+    uint32_t meta_ = 0;         // count | mode
+    uint32_t w_[kInline] = {};  // inline: the slots; heap: capacity + pointer
   };
   static_assert(sizeof(void*) <= 2 * sizeof(uint32_t), "the heap pointer must fit in w_[1..2]");
 

@@ -33,6 +33,7 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Start(const RouterOptions& optio
     return absl::InvalidArgumentError(
         "--heartbeat_interval_ms must be > 0 and below --heartbeat_timeout_ms");
   }
+  if (options.max_workers < 1) return absl::InvalidArgumentError("--max_workers must be >= 1");
   if (options.max_request_bytes < 1024) {
     return absl::InvalidArgumentError("--max_request_bytes must be >= 1024");
   }
@@ -44,6 +45,8 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Start(const RouterOptions& optio
   ro.block_size = options.block_size;
   ro.heartbeat_interval = options.heartbeat_interval;
   ro.heartbeat_timeout = options.heartbeat_timeout;
+  ro.max_workers = options.max_workers;
+  ro.scheduler = options.generation.scheduler;  // the busy rule of the load order
   // The id is needed before the port is known; a random suffix keeps replicas apart.
   ro.router_id = options.router_id.empty()
                      ? absl::StrCat("router-", absl::Hex(absl::ToUnixNanos(absl::Now()) & 0xffffff))

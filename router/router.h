@@ -29,6 +29,7 @@ struct RouterOptions {
   int max_request_bytes = 4 << 20;  // larger messages: RESOURCE_EXHAUSTED (gRPC)
   absl::Duration heartbeat_interval = absl::Milliseconds(500);
   absl::Duration heartbeat_timeout = absl::Seconds(5);
+  int max_workers = PrefixIndex::kDefaultMaxWorkers;  // registrations beyond: RESOURCE_EXHAUSTED
   GenerationOptions generation;
   // Where the router's metrics (kvrelay_router_*) go, e.g. the registry main.cc serves
   // on /metrics; nullptr: a private registry.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
@@ -56,6 +57,21 @@ bool DecodeBusy(const SchedulerOptions& o, const WorkerLoadView& w) {
   return used > o.decode_busy_threshold || w.waiting > o.decode_max_waiting;
 }
 
+absl::Status CheckPrompt(int64_t prompt_tokens, int block_size) {
+  if (prompt_tokens <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt_tokens must be > 0, got ", prompt_tokens));
+  }
+  if (block_size <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("block_size must be > 0, got ", block_size));
+  }
+  return absl::OkStatus();
+}
+
+bool IsExcluded(absl::Span<const int> excluded, int slot) {
+  return std::find(excluded.begin(), excluded.end(), slot) != excluded.end();
+}
+
 }  // namespace
 
 absl::Status Validate(const SchedulerOptions& o) {
@@ -75,13 +91,7 @@ absl::StatusOr<RouteDecision> ChooseRoute(const SchedulerOptions& options, int64
                                           absl::Span<const WorkerLoadView> prefill_workers,
                                           absl::Span<const int> excluded_decode_slots) {
   if (absl::Status s = Validate(options); !s.ok()) return s;
-  if (prompt_tokens <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("prompt_tokens must be > 0, got ", prompt_tokens));
-  }
-  if (block_size <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("block_size must be > 0, got ", block_size));
-  }
+  if (absl::Status s = CheckPrompt(prompt_tokens, block_size); !s.ok()) return s;
   for (const auto* list : {&decode_workers, &prefill_workers}) {
     for (const WorkerLoadView& w : *list) {
       if (w.slot < 0) {
@@ -107,10 +117,7 @@ absl::StatusOr<RouteDecision> ChooseRoute(const SchedulerOptions& options, int64
   // ---- Decode worker.
   Best idle, busy;
   for (const WorkerLoadView& w : decode_workers) {
-    if (std::find(excluded_decode_slots.begin(), excluded_decode_slots.end(), w.slot) !=
-        excluded_decode_slots.end()) {
-      continue;
-    }
+    if (IsExcluded(excluded_decode_slots, w.slot)) continue;
     Candidate c;
     c.worker = &w;
     c.overlap = overlap_of(w.slot);
@@ -149,6 +156,207 @@ absl::StatusOr<RouteDecision> ChooseRoute(const SchedulerOptions& options, int64
   }
   if (p.found) {  // otherwise no P is usable: D prefills locally
     d.prefill_slot = p.c.worker->slot;
+    d.prefill_overlap_blocks = p.c.overlap;
+  }
+  return d;
+}
+
+// ---- FleetOrder / ChooseRouteFast --------------------------------------------------------
+
+bool FleetOrder::Key::operator<(const Key& o) const {
+  return std::tie(busy, load, running, last_chosen, slot) <
+         std::tie(o.busy, o.load, o.running, o.last_chosen, o.slot);
+}
+
+FleetOrder::FleetOrder(const SchedulerOptions& busy_rule)
+    : busy_threshold_(busy_rule.decode_busy_threshold),
+      max_waiting_(busy_rule.decode_max_waiting) {}
+
+bool FleetOrder::SameBusyRule(const SchedulerOptions& o) const {
+  return o.decode_busy_threshold == busy_threshold_ && o.decode_max_waiting == max_waiting_;
+}
+
+absl::Status FleetOrder::Set(const WorkerLoadView& w, bool decode) {
+  if (w.slot < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("worker '", w.id, "' has negative slot ", w.slot));
+  }
+  if (static_cast<size_t>(w.slot) >= by_slot_.size()) by_slot_.resize(w.slot + 1);
+  Worker& e = by_slot_[w.slot];
+  if (e.present) (e.decode ? decode_ : prefill_).erase(e.key);
+  SchedulerOptions rule;
+  rule.decode_busy_threshold = busy_threshold_;
+  rule.decode_max_waiting = max_waiting_;
+  e.present = true;
+  e.decode = decode;
+  e.key.busy = decode && DecodeBusy(rule, w);
+  e.key.load = decode ? w.active_blocks : w.queued_prefill_tokens;
+  e.key.running = w.running;
+  e.key.last_chosen = w.last_chosen;
+  e.key.slot = w.slot;
+  (decode ? decode_ : prefill_).insert(e.key);
+  return absl::OkStatus();
+}
+
+void FleetOrder::Erase(int slot) {
+  if (slot < 0 || static_cast<size_t>(slot) >= by_slot_.size()) return;
+  Worker& e = by_slot_[slot];
+  if (!e.present) return;
+  (e.decode ? decode_ : prefill_).erase(e.key);
+  e.present = false;
+}
+
+bool FleetOrder::Contains(int slot) const { return Get(slot) != nullptr; }
+
+namespace {
+
+// ChooseRoute's Candidate/Better over FleetOrder keys.
+struct FastCandidate {
+  int32_t slot = -1;
+  int32_t overlap = 0;
+  double cost = 0;
+  int64_t running = 0;
+  uint64_t last_chosen = 0;
+};
+
+// (running, last_chosen, slot) before the candidate's: with an equal cost, it would win.
+template <typename K>
+bool TieBefore(const K& k, const FastCandidate& c) {
+  return std::make_tuple(k.running, k.last_chosen, k.slot) <
+         std::make_tuple(c.running, c.last_chosen, c.slot);
+}
+
+struct FastBest {
+  FastCandidate c;
+  bool found = false;
+  void Offer(const FastCandidate& x) {
+    if (!found || std::make_tuple(x.cost, x.running, x.last_chosen, x.slot) <
+                      std::make_tuple(c.cost, c.running, c.last_chosen, c.slot)) {
+      c = x;
+      found = true;
+    }
+  }
+};
+
+}  // namespace
+
+absl::StatusOr<RouteDecision> ChooseRouteFast(const SchedulerOptions& options,
+                                              int64_t prompt_tokens, int block_size,
+                                              const OverlapResult& overlaps,
+                                              const FleetOrder& fleet,
+                                              absl::Span<const int> excluded_decode_slots) {
+  if (absl::Status s = Validate(options); !s.ok()) return s;
+  if (absl::Status s = CheckPrompt(prompt_tokens, block_size); !s.ok()) return s;
+  if (!fleet.SameBusyRule(options)) {
+    return absl::FailedPreconditionError(
+        "the fleet order was built for another decode_busy_threshold / decode_max_waiting");
+  }
+  using Key = FleetOrder::Key;
+  const int64_t prompt_blocks = prompt_tokens / block_size;
+  auto clamp = [&](int32_t v) {
+    return static_cast<int32_t>(std::clamp<int64_t>(v, 0, prompt_blocks));
+  };
+  const double w = options.overlap_weight;
+  const double bs = static_cast<double>(block_size);
+  // The same expressions as ChooseRoute's, so that equal inputs give bit-equal costs.
+  auto decode_cost = [&](int32_t overlap, int64_t active) {
+    return w * static_cast<double>(prompt_blocks - overlap) + static_cast<double>(active);
+  };
+  auto prefill_cost = [&](int32_t overlap, int64_t queued) {
+    return w * static_cast<double>(prompt_blocks - overlap) + static_cast<double>(queued) / bs;
+  };
+  auto candidate = [](const Key& k, int32_t overlap, double cost) {
+    return FastCandidate{k.slot, overlap, cost, k.running, k.last_chosen};
+  };
+  // Every worker that is not listed has overlap <= bound.
+  const int32_t bound = clamp(overlaps.level_depth());
+
+  // Walks [it, end) in key order, offering the workers that are neither listed (the
+  // caller offered those) nor passed over, until no later worker can beat `best`.
+  // lower(k) is the least cost a worker with key k can have (overlap `bound`); it never
+  // decreases along the order. stop(k): k and every later worker are unusable.
+  auto walk = [&](const absl::btree_set<Key>& set, absl::btree_set<Key>::const_iterator it,
+                  absl::btree_set<Key>::const_iterator end, FastBest& best, auto lower, auto cost,
+                  auto stop, auto pass) {
+    while (it != end) {
+      const Key& k = *it;
+      if (stop(k)) break;
+      if (best.found) {
+        const double lb = lower(k);
+        if (lb > best.c.cost) break;
+        if (lb == best.c.cost && !TieBefore(k, best.c)) {
+          // Nobody else with this load can win either: their tie-breaks come later.
+          it = set.upper_bound(Key{k.busy, k.load, std::numeric_limits<int64_t>::max(),
+                                   std::numeric_limits<uint64_t>::max(),
+                                   std::numeric_limits<int32_t>::max()});
+          continue;
+        }
+      }
+      if (!pass(k) && !overlaps.IsListed(k.slot)) {
+        const int32_t ov = clamp(overlaps.Of(k.slot));
+        best.Offer(candidate(k, ov, cost(ov, k)));
+      }
+      ++it;
+    }
+  };
+  auto never = [](const Key&) { return false; };
+
+  RouteDecision d;
+  d.max_overlap_blocks = clamp(overlaps.max());
+
+  // ---- Decode worker.
+  FastBest idle, busy;
+  for (const OverlapResult::Listed& l : overlaps.listed()) {
+    const FleetOrder::Worker* e = fleet.Get(l.slot);
+    if (e == nullptr || !e->decode || IsExcluded(excluded_decode_slots, l.slot)) continue;
+    const int32_t ov = clamp(l.overlap);
+    (e->key.busy ? busy : idle).Offer(candidate(e->key, ov, decode_cost(ov, e->key.load)));
+  }
+  {
+    auto lower = [&](const Key& k) { return decode_cost(bound, k.load); };
+    auto cost = [&](int32_t ov, const Key& k) { return decode_cost(ov, k.load); };
+    auto excluded = [&](const Key& k) { return IsExcluded(excluded_decode_slots, k.slot); };
+    const auto& set = fleet.decode_;
+    const auto split = set.lower_bound(Key{true, std::numeric_limits<int64_t>::min(),
+                                           std::numeric_limits<int64_t>::min(), 0,
+                                           std::numeric_limits<int32_t>::min()});
+    walk(set, set.begin(), split, idle, lower, cost, never, excluded);
+    if (!idle.found) walk(set, split, set.end(), busy, lower, cost, never, excluded);
+  }
+  if (!idle.found && !busy.found) {
+    return absl::UnavailableError(
+        fleet.decode_.empty()
+            ? "no decode worker is up"
+            : absl::StrCat("all ", fleet.decode_.size(), " decode workers are excluded"));
+  }
+  const FastCandidate& dc = idle.found ? idle.c : busy.c;
+  d.decode_slot = dc.slot;
+  d.decode_overlap_blocks = dc.overlap;
+  d.uncached_tokens =
+      std::max<int64_t>(1, prompt_tokens - static_cast<int64_t>(dc.overlap) * block_size);
+
+  // ---- Local or remote prefill (the same rule as ChooseRoute's).
+  const bool few_uncached =
+      d.uncached_tokens < options.local_prefill_max_tokens ||
+      static_cast<double>(d.uncached_tokens) / static_cast<double>(prompt_tokens) <
+          options.local_prefill_max_ratio;
+  if (few_uncached) return d;
+
+  FastBest p;
+  for (const OverlapResult::Listed& l : overlaps.listed()) {
+    const FleetOrder::Worker* e = fleet.Get(l.slot);
+    if (e == nullptr || e->decode || e->key.load > options.prefill_max_queued_tokens) continue;
+    const int32_t ov = clamp(l.overlap);
+    p.Offer(candidate(e->key, ov, prefill_cost(ov, e->key.load)));
+  }
+  // Queued tokens ascend along the order: the first worker over the limit ends the walk.
+  walk(
+      fleet.prefill_, fleet.prefill_.begin(), fleet.prefill_.end(), p,
+      [&](const Key& k) { return prefill_cost(bound, k.load); },
+      [&](int32_t ov, const Key& k) { return prefill_cost(ov, k.load); },
+      [&](const Key& k) { return k.load > options.prefill_max_queued_tokens; }, never);
+  if (p.found) {  // otherwise no P is usable: D prefills locally
+    d.prefill_slot = p.c.slot;
     d.prefill_overlap_blocks = p.c.overlap;
   }
   return d;

@@ -35,10 +35,13 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
+#include "absl/container/btree_set.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "router/prefix_index.h"
 
 namespace kvrelay::router {
 
@@ -98,5 +101,83 @@ absl::StatusOr<RouteDecision> ChooseRoute(const SchedulerOptions& options, int64
                                           absl::Span<const WorkerLoadView> decode_workers,
                                           absl::Span<const WorkerLoadView> prefill_workers,
                                           absl::Span<const int> excluded_decode_slots);
+
+// ---- The same decision for large fleets -------------------------------------------------
+//
+// ChooseRoute looks at every worker, and its caller must copy every worker's load for
+// each decision: at thousands of workers that alone is far slower than the ~10 us a
+// decision may take. ChooseRouteFast makes the identical decision (a randomized test
+// checks it against ChooseRoute) from a sparse OverlapResult and a FleetOrder the router
+// keeps up to date, looking only at the workers that hold a prefix of the prompt plus
+// the head of the load order:
+//   - A worker whose overlap is not listed in the OverlapResult has overlap <= K (the
+//     deepest level, 0 when there is none), so its cost is at least
+//     overlap_weight x (prompt_blocks - K) + load. Walking the workers in the order
+//     (load, running, last_chosen, slot) -- the cost's own tie-break order -- this bound
+//     only grows, and the walk stops as soon as it exceeds the best cost found.
+//   - The listed workers (few: those holding the leading blocks that few workers hold)
+//     are evaluated exactly before the walk, so the walk usually stops after one or two
+//     workers.
+//   - Busy decode workers come after every non-busy one in the order, so they are only
+//     walked when no non-busy worker is left (then the same walk among the busy ones).
+
+// The alive workers by role, ordered by (busy, load, running, last_chosen, slot) where
+// load is active_blocks for decode and queued_prefill_tokens for prefill workers. The
+// router updates it on every load report, registration, death and routing decision.
+// Whether a decode worker is busy depends on decode_busy_threshold and
+// decode_max_waiting, which are therefore fixed at construction. Not thread-safe.
+class FleetOrder {
+ public:
+  explicit FleetOrder(const SchedulerOptions& busy_rule = SchedulerOptions());
+
+  // True when `o` has this order's busy rule (otherwise ChooseRouteFast refuses it).
+  bool SameBusyRule(const SchedulerOptions& o) const;
+
+  // Adds the worker w.slot, or updates it (also from one role to the other).
+  // INVALID_ARGUMENT for a negative slot.
+  absl::Status Set(const WorkerLoadView& w, bool decode);
+  // Removes the worker (nothing if absent).
+  void Erase(int slot);
+  bool Contains(int slot) const;
+  size_t decode_size() const { return decode_.size(); }
+  size_t prefill_size() const { return prefill_.size(); }
+
+ private:
+  friend absl::StatusOr<RouteDecision> ChooseRouteFast(const SchedulerOptions&, int64_t, int,
+                                                       const OverlapResult&, const FleetOrder&,
+                                                       absl::Span<const int>);
+  struct Key {
+    bool busy = false;
+    int64_t load = 0;
+    int64_t running = 0;
+    uint64_t last_chosen = 0;
+    int32_t slot = 0;
+    bool operator<(const Key& o) const;
+  };
+  struct Worker {
+    bool present = false;
+    bool decode = false;
+    Key key;
+  };
+  const Worker* Get(int slot) const {
+    return slot >= 0 && static_cast<size_t>(slot) < by_slot_.size() && by_slot_[slot].present
+               ? &by_slot_[slot]
+               : nullptr;
+  }
+
+  double busy_threshold_;
+  int64_t max_waiting_;
+  absl::btree_set<Key> decode_, prefill_;
+  std::vector<Worker> by_slot_;
+};
+
+// ChooseRoute's decision for the workers in `fleet` with the overlaps in `overlaps`
+// (PrefixIndex::Overlaps of the prompt's block hashes). Errors as ChooseRoute's, plus
+// FAILED_PRECONDITION when options' busy rule is not the fleet order's.
+absl::StatusOr<RouteDecision> ChooseRouteFast(const SchedulerOptions& options,
+                                              int64_t prompt_tokens, int block_size,
+                                              const OverlapResult& overlaps,
+                                              const FleetOrder& fleet,
+                                              absl::Span<const int> excluded_decode_slots);
 
 }  // namespace kvrelay::router

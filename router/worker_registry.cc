@@ -51,18 +51,29 @@ WorkerRegistry::WorkerRegistry(RegistryOptions options,
       metrics_registry_(metrics != nullptr ? std::move(metrics)
                                            : std::make_shared<prometheus::Registry>()),
       m_(*metrics_registry_),
-      slots_(PrefixIndex::kMaxWorkers) {}
+      index_(options_.max_workers),
+      fleet_(options_.scheduler) {}
+
+void WorkerRegistry::Count(const Entry& e, int delta) {
+  if (e.used) counts_[e.reg.role() == v1::WORKER_ROLE_DECODE ? 1 : 0][e.alive ? 1 : 0] += delta;
+}
 
 void WorkerRegistry::UpdateWorkerGauges() {
-  int64_t n[2][2] = {{0, 0}, {0, 0}};
-  for (const Entry& e : slots_) {
-    if (e.used) ++n[e.reg.role() == v1::WORKER_ROLE_DECODE ? 1 : 0][e.alive ? 1 : 0];
-  }
   for (int decode = 0; decode < 2; ++decode) {
     for (int alive = 0; alive < 2; ++alive) {
-      m_.workers[decode][alive]->Set(static_cast<double>(n[decode][alive]));
+      m_.workers[decode][alive]->Set(static_cast<double>(counts_[decode][alive]));
     }
   }
+}
+
+void WorkerRegistry::Reorder(int slot) {
+  const Entry& e = slots_[slot];
+  if (!e.alive) {
+    fleet_.Erase(slot);
+    return;
+  }
+  (void)fleet_.Set(ViewOf(slot, /*with_id=*/false),  // slot >= 0: cannot fail
+                   e.reg.role() == v1::WORKER_ROLE_DECODE);
 }
 
 uint64_t WorkerRegistry::NewConnection() {
@@ -93,24 +104,28 @@ absl::Status WorkerRegistry::OnRegister(uint64_t conn, const v1::WorkerRegistrat
   if (auto it = by_id_.find(r.worker_id()); it != by_id_.end()) {
     slot = it->second;
   } else {
-    for (int s = 0; s < static_cast<int>(slots_.size()) && slot < 0; ++s) {
-      if (!slots_[s].used) slot = s;
+    if (static_cast<int>(slots_.size()) < std::min(options_.max_workers, index_.max_workers())) {
+      slot = static_cast<int>(slots_.size());
+      slots_.emplace_back();
     }
+    // Full: reuse the slot of a dead worker (a scan, but only once max_workers workers
+    // have registered).
     for (int s = 0; s < static_cast<int>(slots_.size()) && slot < 0; ++s) {
-      if (!slots_[s].alive) {  // reuse the slot of a dead worker
+      if (!slots_[s].alive) {
         by_id_.erase(slots_[s].reg.worker_id());
         slot = s;
       }
     }
     if (slot < 0) {
       return absl::ResourceExhaustedError(
-          absl::StrCat("this router tracks at most ", PrefixIndex::kMaxWorkers, " workers"));
+          absl::StrCat("this router tracks at most ", slots_.size(), " workers (--max_workers)"));
     }
     by_id_[r.worker_id()] = slot;
   }
   Entry& e = slots_[slot];
   if (e.used && e.conn != conn) by_conn_.erase(e.conn);  // the newer stream wins
   (void)index_.ClearWorker(slot);
+  Count(e, -1);
   e = Entry();
   e.used = true;
   e.reg = r;
@@ -118,7 +133,9 @@ absl::Status WorkerRegistry::OnRegister(uint64_t conn, const v1::WorkerRegistrat
   e.alive = true;
   e.last_heard = now;
   e.snapshot_requested = true;  // a worker sends its snapshot right after registering
+  Count(e, +1);
   by_conn_[conn] = slot;
+  Reorder(slot);
   UpdateIndexGauge();
   UpdateWorkerGauges();
   return absl::OkStatus();
@@ -131,10 +148,13 @@ WorkerRegistry::Entry* WorkerRegistry::ForConn(uint64_t conn, absl::Time now, bo
   Entry& e = slots_[it->second];
   if (e.conn != conn) return nullptr;
   if (!e.alive) {  // expired, but its stream is still open: it is back
+    Count(e, -1);
     e.alive = true;
+    Count(e, +1);
     e.synced = false;
     e.snapshot_requested = false;
     *revived = true;
+    Reorder(it->second);
     UpdateWorkerGauges();
   }
   e.last_heard = now;
@@ -147,6 +167,7 @@ bool WorkerRegistry::OnLoad(uint64_t conn, const v1::LoadReport& load, absl::Tim
   Entry* e = ForConn(conn, now, &revived);
   if (e == nullptr) return true;
   e->load = load;
+  Reorder(by_conn_[conn]);
   if (revived) {
     e->snapshot_requested = true;
     return false;
@@ -215,7 +236,10 @@ void WorkerRegistry::OnSnapshot(uint64_t conn, const v1::KvSnapshotMsg& snapshot
 
 void WorkerRegistry::MarkDead(int slot) {
   Entry& e = slots_[slot];
+  Count(e, -1);
   e.alive = false;
+  Count(e, +1);
+  fleet_.Erase(slot);
   e.synced = false;
   e.snapshot_requested = false;
   e.load = v1::LoadReport();
@@ -250,11 +274,11 @@ int WorkerRegistry::ExpireSilent(absl::Time now) {
   return n;
 }
 
-WorkerLoadView WorkerRegistry::ViewOf(int slot) const {
+WorkerLoadView WorkerRegistry::ViewOf(int slot, bool with_id) const {
   const Entry& e = slots_[slot];
   WorkerLoadView v;
   v.slot = slot;
-  v.id = e.reg.worker_id();
+  if (with_id) v.id = e.reg.worker_id();
   v.num_blocks = e.reg.num_blocks();
   v.active_blocks = std::max(e.load.active_blocks(), e.pending_blocks);
   v.running = e.load.running();
@@ -264,8 +288,29 @@ WorkerLoadView WorkerRegistry::ViewOf(int slot) const {
   return v;
 }
 
+absl::StatusOr<RouteDecision> WorkerRegistry::Route(const SchedulerOptions& options,
+                                                    absl::Span<const uint64_t> prompt_hashes,
+                                                    int64_t prompt_tokens,
+                                                    absl::Span<const int> excluded) const {
+  // Per thread, so concurrent decisions under the reader lock reuse their own buffers.
+  thread_local OverlapResult overlaps;
+  absl::ReaderMutexLock l(&mu_);
+  if (!fleet_.SameBusyRule(options)) {
+    // The load order was built for another busy rule: decide over a copy of the fleet.
+    const FleetView v = ViewLocked(prompt_hashes);
+    return ChooseRoute(options, prompt_tokens, options_.block_size, v.overlaps, v.decode, v.prefill,
+                       excluded);
+  }
+  index_.Overlaps(prompt_hashes, &overlaps);
+  return ChooseRouteFast(options, prompt_tokens, options_.block_size, overlaps, fleet_, excluded);
+}
+
 FleetView WorkerRegistry::View(absl::Span<const uint64_t> prompt_hashes) const {
   absl::ReaderMutexLock l(&mu_);
+  return ViewLocked(prompt_hashes);
+}
+
+FleetView WorkerRegistry::ViewLocked(absl::Span<const uint64_t> prompt_hashes) const {
   FleetView v;
   v.overlaps.assign(slots_.size(), 0);
   index_.Overlaps(prompt_hashes, absl::MakeSpan(v.overlaps));
@@ -289,10 +334,12 @@ void WorkerRegistry::NoteChosen(int decode_slot, int prefill_slot, int64_t block
   if (decode_slot >= 0 && decode_slot < static_cast<int>(slots_.size())) {
     slots_[decode_slot].last_chosen = choices_;
     slots_[decode_slot].pending_blocks += blocks;
+    Reorder(decode_slot);
   }
   if (prefill_slot >= 0 && prefill_slot < static_cast<int>(slots_.size())) {
     slots_[prefill_slot].last_chosen = choices_;
     slots_[prefill_slot].pending_tokens += prefill_tokens;
+    Reorder(prefill_slot);
   }
 }
 
@@ -302,10 +349,12 @@ void WorkerRegistry::NoteDone(int decode_slot, int prefill_slot, int64_t blocks,
   if (decode_slot >= 0 && decode_slot < static_cast<int>(slots_.size())) {
     Entry& e = slots_[decode_slot];
     e.pending_blocks = std::max<int64_t>(0, e.pending_blocks - blocks);
+    Reorder(decode_slot);
   }
   if (prefill_slot >= 0 && prefill_slot < static_cast<int>(slots_.size())) {
     Entry& e = slots_[prefill_slot];
     e.pending_tokens = std::max<int64_t>(0, e.pending_tokens - prefill_tokens);
+    Reorder(prefill_slot);
   }
 }
 
@@ -319,9 +368,8 @@ std::optional<WorkerRef> WorkerRegistry::Worker(int slot) const {
 
 int WorkerRegistry::Alive(v1::WorkerRole role) const {
   absl::ReaderMutexLock l(&mu_);
-  int n = 0;
-  for (const Entry& e : slots_) n += e.alive && e.reg.role() == role ? 1 : 0;
-  return n;
+  if (role != v1::WORKER_ROLE_DECODE && role != v1::WORKER_ROLE_PREFILL) return 0;
+  return static_cast<int>(counts_[role == v1::WORKER_ROLE_DECODE ? 1 : 0][1]);
 }
 
 v1::ListWorkersResponse WorkerRegistry::List() const {
@@ -340,6 +388,16 @@ v1::ListWorkersResponse WorkerRegistry::List() const {
   }
   out.set_index_blocks(static_cast<int64_t>(index_.size()));
   return out;
+}
+
+size_t WorkerRegistry::IndexMemoryBytes() const {
+  absl::ReaderMutexLock l(&mu_);
+  return index_.MemoryBytes();
+}
+
+size_t WorkerRegistry::IndexBlocks() const {
+  absl::ReaderMutexLock l(&mu_);
+  return index_.size();
 }
 
 }  // namespace kvrelay::router

@@ -3,6 +3,12 @@
 // no gRPC: RegistryService calls it for each stream message, the generation service
 // reads it to route. Thread-safe.
 //
+// Built for fleets of thousands of workers: slots are allocated as workers arrive (up
+// to max_workers), and a routing decision (Route) costs the same at 10 workers as at
+// 10,000 -- the prefix index answers sparsely and the workers are kept in load order
+// (FleetOrder), so nothing is copied or scanned per worker. View() still copies the
+// whole fleet, for tests and diagnostics only.
+//
 // A worker's index entries are trusted only while its event stream is in step: events
 // are applied when they continue exactly where the last one left off (same
 // incarnation, next seq). A gap, an unknown incarnation or a new registration drops the
@@ -48,9 +54,16 @@ struct RegistryOptions {
   int block_size = 16;   // ... and of another block size
   absl::Duration heartbeat_interval = absl::Milliseconds(500);
   absl::Duration heartbeat_timeout = absl::Seconds(5);  // silent this long: dead
+  // Slots (live and dead workers remembered); registrations beyond are refused.
+  int max_workers = PrefixIndex::kDefaultMaxWorkers;
+  // The routing options Route() will be called with. Only the busy rule
+  // (decode_busy_threshold, decode_max_waiting) is used here: it is part of each decode
+  // worker's place in the load order. Route() with another busy rule still decides
+  // correctly, by copying the whole fleet (slow at scale).
+  SchedulerOptions scheduler;
 };
 
-// What routing needs, copied under the lock.
+// Every alive worker and the overlap of every slot, copied under the lock (O(workers)).
 struct FleetView {
   std::vector<int32_t> overlaps;  // by slot
   std::vector<WorkerLoadView> decode;
@@ -89,6 +102,14 @@ class WorkerRegistry {
   int ExpireSilent(absl::Time now);
 
   // --- routing ---
+  // ChooseRoute over the alive workers for a prompt of prompt_tokens tokens whose full
+  // blocks hash to prompt_hashes; errors as ChooseRoute's. Cost independent of the
+  // number of workers (ChooseRouteFast) when options has the registry's busy rule.
+  absl::StatusOr<RouteDecision> Route(const SchedulerOptions& options,
+                                      absl::Span<const uint64_t> prompt_hashes,
+                                      int64_t prompt_tokens,
+                                      absl::Span<const int> excluded_decode_slots) const;
+  // The whole fleet (tests, diagnostics): O(workers).
   FleetView View(absl::Span<const uint64_t> prompt_hashes) const;
   int32_t MaxOverlap(absl::Span<const uint64_t> prompt_hashes) const;
   // Records a routing decision: tie-break order, and the load this router has put on
@@ -101,6 +122,11 @@ class WorkerRegistry {
   int Alive(v1::WorkerRole role) const;
 
   v1::ListWorkersResponse List() const;
+
+  // Bytes held by the prefix index's containers (PrefixIndex::MemoryBytes; O(index)).
+  size_t IndexMemoryBytes() const;
+  // Distinct block hashes in the index.
+  size_t IndexBlocks() const;
 
  private:
   struct Entry {
@@ -133,12 +159,19 @@ class WorkerRegistry {
   // *revived is set and a snapshot must be asked for), or nullptr.
   Entry* ForConn(uint64_t conn, absl::Time now, bool* revived) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MarkDead(int slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The workers{role,state} gauges from the slots (after a registration or a death).
+  // Adds (+1) or removes (-1) a used entry from the per role/state counts.
+  void Count(const Entry& e, int delta) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The workers{role,state} gauges from the counts (after a registration or a death).
   void UpdateWorkerGauges() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The slot's place in the load order after its liveness or load changed.
+  void Reorder(int slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  FleetView ViewLocked(absl::Span<const uint64_t> prompt_hashes) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void UpdateIndexGauge() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     m_.index_blocks->Set(static_cast<double>(index_.size()));
   }
-  WorkerLoadView ViewOf(int slot) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The slot's load as routing sees it (id left empty unless with_id).
+  WorkerLoadView ViewOf(int slot, bool with_id = true) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
   const RegistryOptions options_;
   const std::shared_ptr<prometheus::Registry> metrics_registry_;  // owns what m_ points to
@@ -146,10 +179,12 @@ class WorkerRegistry {
   mutable absl::Mutex mu_;
   uint64_t next_conn_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t choices_ ABSL_GUARDED_BY(mu_) = 0;
-  std::vector<Entry> slots_ ABSL_GUARDED_BY(mu_);
+  std::vector<Entry> slots_ ABSL_GUARDED_BY(mu_);                 // grows to options_.max_workers
+  int64_t counts_[2][2] ABSL_GUARDED_BY(mu_) = {{0, 0}, {0, 0}};  // [decode?][alive?]
   absl::flat_hash_map<std::string, int> by_id_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<uint64_t, int> by_conn_ ABSL_GUARDED_BY(mu_);
   PrefixIndex index_ ABSL_GUARDED_BY(mu_);
+  FleetOrder fleet_ ABSL_GUARDED_BY(mu_);  // the alive workers
 };
 
 }  // namespace kvrelay::router

@@ -15,7 +15,8 @@ namespace {
 
 using ::testing::ElementsAre;
 
-constexpr int kMax = PrefixIndex::kMaxWorkers;
+// The tests' fleet size (an index of exactly this many slots where the bound matters).
+constexpr int kMax = 256;
 
 std::vector<int32_t> AllOverlaps(const PrefixIndex& idx, const std::vector<uint64_t>& prompt,
                                  size_t slots) {
@@ -69,7 +70,7 @@ TEST(PrefixIndexTest, OutputShorterThanSlotsIgnoresHigherSlots) {
   ASSERT_TRUE(idx.Store(5, {1, 2}).ok());
   EXPECT_THAT(AllOverlaps(idx, {1, 2}, 2), ElementsAre(1, 0));
   EXPECT_THAT(AllOverlaps(idx, {1, 2}, 0), ElementsAre());
-  // Longer than kMaxWorkers: the extra entries are zero.
+  // Longer than the slots in use: the extra entries are zero.
   std::vector<int32_t> out = AllOverlaps(idx, {1, 2}, kMax + 3);
   EXPECT_EQ(out[5], 2);
   EXPECT_EQ(out[kMax], 0);
@@ -138,7 +139,8 @@ TEST(PrefixIndexTest, ReplaceWorker) {
 }
 
 TEST(PrefixIndexTest, BadSlotsAreRejected) {
-  PrefixIndex idx;
+  PrefixIndex idx(kMax);
+  EXPECT_EQ(idx.max_workers(), kMax);
   for (int slot : {-1, kMax, kMax + 100}) {
     EXPECT_EQ(idx.Store(slot, {1}).code(), absl::StatusCode::kInvalidArgument) << slot;
     EXPECT_EQ(idx.Remove(slot, {1}).code(), absl::StatusCode::kInvalidArgument) << slot;
@@ -148,12 +150,21 @@ TEST(PrefixIndexTest, BadSlotsAreRejected) {
     EXPECT_EQ(idx.Overlap(slot, {1}), 0);
   }
   EXPECT_EQ(idx.size(), 0u);
+  // The default bound is far beyond 256 workers.
+  PrefixIndex big;
+  EXPECT_EQ(big.max_workers(), PrefixIndex::kDefaultMaxWorkers);
+  EXPECT_GE(PrefixIndex::kDefaultMaxWorkers, 10000);
+  ASSERT_TRUE(big.Store(PrefixIndex::kDefaultMaxWorkers - 1, {1}).ok());
+  EXPECT_EQ(big.Store(PrefixIndex::kDefaultMaxWorkers, {1}).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(big.Overlap(PrefixIndex::kDefaultMaxWorkers - 1, {1}), 1);
 }
 
 TEST(PrefixIndexTest, AllSlots) {
   PrefixIndex idx;
-  // Slot s holds the first s+1 blocks of the chain 1000, 1001, ...: every bit of every
-  // mask word is exercised, and each slot drops out at its own position.
+  // Slot s holds the first s+1 blocks of the chain 1000, 1001, ...: the leading blocks are
+  // held by every slot (bitmaps), the last ones by a few (arrays, inline), and each slot
+  // drops out at its own position.
   std::vector<uint64_t> chain(kMax + 10);
   for (size_t i = 0; i < chain.size(); ++i) chain[i] = 1000 + i;
   for (int s = 0; s < kMax; ++s) {
@@ -166,7 +177,7 @@ TEST(PrefixIndexTest, AllSlots) {
   }
   EXPECT_EQ(idx.MaxOverlap(chain), kMax);
   EXPECT_EQ(idx.size(), static_cast<size_t>(kMax));
-  // Drop the last slot of each mask word.
+  // Drop the last slot of each bitmap word.
   for (int s : {63, 127, 191, 255}) ASSERT_TRUE(idx.ClearWorker(s).ok());
   out = AllOverlaps(idx, chain, kMax);
   EXPECT_EQ(out[62], 63);
@@ -181,6 +192,7 @@ TEST(PrefixIndexTest, AllSlots) {
 // Naive reference: one std::set per worker.
 class Reference {
  public:
+  explicit Reference(int slots = kMax) : sets_(slots) {}
   void Store(int s, const std::vector<uint64_t>& h) { sets_[s].insert(h.begin(), h.end()); }
   void Remove(int s, const std::vector<uint64_t>& h) {
     for (uint64_t x : h) sets_[s].erase(x);
@@ -200,12 +212,12 @@ class Reference {
   }
 
  private:
-  std::array<std::set<uint64_t>, kMax> sets_;
+  std::vector<std::set<uint64_t>> sets_;
 };
 
 TEST(PrefixIndexTest, RandomizedAgainstReference) {
   std::mt19937_64 rng(20240611);
-  // Slots spread over all mask words, few enough that they collide often.
+  // Slots spread over several bitmap words, few enough that they collide often.
   const std::vector<int> slots = {0, 1, 2, 63, 64, 65, 130, 200, 254, 255};
   // Hashes come from a few chains over a small universe, so prompts share prefixes with
   // what workers hold and removals hit existing blocks.
@@ -279,6 +291,203 @@ TEST(PrefixIndexTest, RandomizedAgainstReference) {
   }
   for (int t : slots) EXPECT_EQ(idx.blocks(t), ref.Blocks(t));
   EXPECT_EQ(idx.size(), ref.Size());
+}
+
+TEST(PrefixIndexTest, HolderSetsGrowAndShrinkThroughEveryForm) {
+  // One block held by 0..1000 slots: inline (<= 3), a sorted array, then a bitmap once
+  // the array would be larger than the bitmap over the slots in use, and back.
+  constexpr int kSlots = 1000;
+  PrefixIndex idx;
+  ASSERT_TRUE(idx.Store(kSlots - 1, {7}).ok());  // the bitmap width covers every slot
+  std::vector<int> order(kSlots - 1);
+  for (int s = 0; s < kSlots - 1; ++s) order[s] = s;
+  std::mt19937_64 rng(5);
+  std::shuffle(order.begin(), order.end(), rng);
+  std::vector<bool> held(kSlots, false);
+  held[kSlots - 1] = true;
+  auto check = [&](int step) {
+    std::vector<int32_t> out(kSlots + 5, -1);
+    idx.Overlaps({7, 8}, absl::MakeSpan(out));
+    for (int s = 0; s < kSlots; ++s) ASSERT_EQ(out[s], held[s] ? 1 : 0) << step << " slot " << s;
+    OverlapResult r;
+    idx.Overlaps({7, 8}, &r);
+    int n = 0;
+    for (int s = 0; s < kSlots; ++s) {
+      ASSERT_EQ(r.Of(s), held[s] ? 1 : 0) << step << " slot " << s;
+      n += held[s];
+    }
+    EXPECT_EQ(r.max(), n > 0 ? 1 : 0);
+    EXPECT_EQ(idx.MaxOverlap({7, 8}), n > 0 ? 1 : 0);
+    EXPECT_EQ(idx.held(), n);
+  };
+  for (size_t i = 0; i < order.size(); ++i) {
+    ASSERT_TRUE(idx.Store(order[i], {7}).ok());
+    held[order[i]] = true;
+    if (i < 8 || i % 97 == 0) check(static_cast<int>(i));
+  }
+  check(-1);
+  EXPECT_EQ(idx.size(), 1u);
+  const size_t full = idx.MemoryBytes();
+  std::shuffle(order.begin(), order.end(), rng);
+  for (size_t i = 0; i < order.size(); ++i) {
+    ASSERT_TRUE(idx.Remove(order[i], {7}).ok());
+    held[order[i]] = false;
+    if (i % 89 == 0 || i + 8 > order.size()) check(static_cast<int>(-2 - i));
+  }
+  EXPECT_EQ(idx.size(), 1u);  // the first slot still holds it
+  EXPECT_LE(idx.MemoryBytes(), full);
+  ASSERT_TRUE(idx.Remove(kSlots - 1, {7}).ok());
+  EXPECT_EQ(idx.size(), 0u);
+  EXPECT_EQ(idx.held(), 0);
+}
+
+TEST(PrefixIndexTest, SparseResultListsFewHoldersAndLevelsForMany) {
+  // 2000 workers cache a system prompt S of 8 blocks; slots 7 and 9 evicted its last 4
+  // blocks; slot 5 also holds a conversation C continuing S.
+  constexpr int kSlots = 2000;
+  const std::vector<uint64_t> sys = {1, 2, 3, 4, 5, 6, 7, 8};
+  const std::vector<uint64_t> conv = {11, 12, 13, 14};
+  PrefixIndex idx;
+  for (int s = 0; s < kSlots; ++s) ASSERT_TRUE(idx.Store(s, sys).ok());
+  ASSERT_TRUE(idx.Remove(7, {5, 6, 7, 8}).ok());
+  ASSERT_TRUE(idx.Remove(9, {5, 6, 7, 8}).ok());
+  ASSERT_TRUE(idx.Store(5, conv).ok());
+  std::vector<uint64_t> prompt = sys;
+  prompt.insert(prompt.end(), conv.begin(), conv.end());
+  prompt.push_back(999);  // new
+  OverlapResult r;
+  idx.Overlaps(prompt, &r);
+  EXPECT_EQ(r.max(), 12);
+  // Only slot 5 goes past the shared prompt: it is followed on its own.
+  ASSERT_EQ(r.listed().size(), 1u);
+  EXPECT_EQ(r.listed()[0].slot, 5);
+  EXPECT_EQ(r.listed()[0].overlap, 12);
+  EXPECT_TRUE(r.IsListed(5));
+  EXPECT_FALSE(r.IsListed(6));
+  // Everyone else: the widely held blocks as nested levels (at 4, where 7 and 9 drop,
+  // and at 8, where all but slot 5 drop).
+  ASSERT_EQ(r.num_levels(), 2);
+  EXPECT_EQ(r.level_depth(0), 4);
+  EXPECT_EQ(r.level_depth(1), 8);
+  EXPECT_EQ(r.level_depth(), 8);
+  EXPECT_EQ(r.Of(5), 12);
+  EXPECT_EQ(r.Of(7), 4);
+  EXPECT_EQ(r.Of(9), 4);
+  EXPECT_EQ(r.Of(0), 8);
+  EXPECT_EQ(r.Of(kSlots - 1), 8);
+  EXPECT_EQ(r.Of(kSlots), 0);
+  EXPECT_EQ(r.Of(-1), 0);
+  std::vector<int32_t> dense(kSlots + 1, -1);
+  r.Fill(absl::MakeSpan(dense));
+  for (int s = 0; s < kSlots; ++s) EXPECT_EQ(dense[s], r.Of(s)) << s;
+  EXPECT_EQ(dense[kSlots], 0);
+
+  // A prompt only a few slots start with is listed from the first block.
+  r = OverlapResult();
+  idx.Overlaps({11, 12}, &r);  // conv's hashes without the prefix: slot 5 holds them
+  EXPECT_EQ(r.num_levels(), 0);
+  ASSERT_EQ(r.listed().size(), 1u);
+  EXPECT_EQ(r.Of(5), 2);
+  EXPECT_EQ(r.Of(6), 0);
+  // Nothing held: empty.
+  idx.Overlaps({12345}, &r);
+  EXPECT_EQ(r.max(), 0);
+  EXPECT_TRUE(r.listed().empty());
+  EXPECT_EQ(r.num_levels(), 0);
+}
+
+TEST(PrefixIndexTest, RandomizedManySlotsAgainstReference) {
+  // Hundreds of slots and blocks held by large random subsets, so lookups go through the
+  // bitmap levels, the switch to following candidates one by one, and back and forth
+  // between holder forms as blocks are stored and removed.
+  std::mt19937_64 rng(77);
+  constexpr int kSlots = 700;
+  constexpr int kChains = 12, kChainLen = 24;
+  std::vector<std::vector<uint64_t>> chains(kChains);
+  for (auto& c : chains) {
+    for (int i = 0; i < kChainLen; ++i) c.push_back(rng());
+  }
+  for (int c = 1; c < 4; ++c)
+    std::copy(chains[0].begin(), chains[0].begin() + 6, chains[c].begin());
+  auto pick = [&](int n) { return static_cast<int>(rng() % static_cast<uint64_t>(n)); };
+  PrefixIndex idx;
+  Reference ref(kSlots);
+  OverlapResult r;
+  std::vector<int32_t> dense;
+  for (int op = 0; op < 3000; ++op) {
+    const int kind = pick(100);
+    const auto& ch = chains[pick(kChains)];
+    if (kind < 50) {
+      // A random share of the fleet caches a chain prefix (hot chains: most of it).
+      const int len = 1 + pick(kChainLen);
+      const int share = pick(3) == 0 ? 95 : 5;
+      for (int s = 0; s < kSlots; ++s) {
+        if (pick(100) < share) {
+          std::vector<uint64_t> h(ch.begin(), ch.begin() + len);
+          ASSERT_TRUE(idx.Store(s, h).ok());
+          ref.Store(s, h);
+        }
+      }
+    } else if (kind < 85) {
+      // Tails evicted on some workers, a middle block on others.
+      const int a = pick(kChainLen);
+      for (int s = 0; s < kSlots; ++s) {
+        if (pick(100) < 10) {
+          std::vector<uint64_t> h(ch.begin() + a, ch.begin() + (pick(2) ? kChainLen : a + 1));
+          ASSERT_TRUE(idx.Remove(s, h).ok());
+          ref.Remove(s, h);
+        }
+      }
+    } else if (kind < 88) {
+      const int s = pick(kSlots);
+      ASSERT_TRUE(idx.ClearWorker(s).ok());
+      ref.Clear(s);
+    } else {
+      std::vector<uint64_t> prompt(ch.begin(), ch.begin() + pick(kChainLen + 1));
+      if (pick(3) == 0) prompt.push_back(rng());
+      idx.Overlaps(prompt, &r);
+      int32_t best = 0;
+      for (int s = 0; s < kSlots; ++s) {
+        const int32_t want = ref.Overlap(s, prompt);
+        best = std::max(best, want);
+        ASSERT_EQ(r.Of(s), want) << "op " << op << " slot " << s;
+        // Listed: exactly the slots deeper than every level.
+        ASSERT_EQ(r.IsListed(s), want > r.level_depth()) << "op " << op << " slot " << s;
+      }
+      ASSERT_EQ(r.max(), best) << "op " << op;
+      ASSERT_EQ(idx.MaxOverlap(prompt), best) << "op " << op;
+      for (size_t i = 1; i < r.listed().size(); ++i) {
+        ASSERT_LT(r.listed()[i - 1].slot, r.listed()[i].slot);
+      }
+      dense.assign(kSlots, -1);
+      idx.Overlaps(prompt, absl::MakeSpan(dense));
+      for (int s = 0; s < kSlots; ++s) ASSERT_EQ(dense[s], r.Of(s)) << "op " << op;
+    }
+    if (op % 300 == 0) {
+      int64_t held = 0;
+      for (int s = 0; s < kSlots; ++s) {
+        ASSERT_EQ(idx.blocks(s), ref.Blocks(s)) << "op " << op;
+        held += ref.Blocks(s);
+      }
+      ASSERT_EQ(idx.size(), ref.Size()) << "op " << op;
+      ASSERT_EQ(idx.held(), held);
+    }
+  }
+}
+
+TEST(PrefixIndexTest, MemoryBytesCountsTheContainers) {
+  PrefixIndex idx;
+  const size_t empty = idx.MemoryBytes();
+  std::vector<uint64_t> chain(10000);
+  for (size_t i = 0; i < chain.size(); ++i) chain[i] = 5000 + i;
+  ASSERT_TRUE(idx.Store(0, chain).ok());
+  const size_t one = idx.MemoryBytes();
+  // At least a table entry (8-byte hash + 16-byte holder set) and a per-slot entry per
+  // block; at most a few times that (tables are at most 7/8 full, grown by doubling).
+  EXPECT_GE(one - empty, chain.size() * (8 + 16 + 8));
+  EXPECT_LE(one - empty, chain.size() * (8 + 16 + 8 + 2) * 4);
+  ASSERT_TRUE(idx.ClearWorker(0).ok());
+  EXPECT_LT(idx.MemoryBytes(), one);
 }
 
 }  // namespace

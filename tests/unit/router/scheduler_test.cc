@@ -1,12 +1,15 @@
 #include "router/scheduler.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <random>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "router/prefix_index.h"
 
 namespace kvrelay::router {
 namespace {
@@ -272,6 +275,236 @@ TEST(SchedulerTest, ValidateNamesTheBadOption) {
   // Zero is allowed everywhere (e.g. weight 0 = load only, max_tokens 0 = never local).
   SchedulerOptions zero{0, 0, 0, 0, 0, 0};
   EXPECT_TRUE(Validate(zero).ok());
+}
+
+// ---- FleetOrder / ChooseRouteFast ----------------------------------------------------
+
+// The fast path over the same inputs as the dense one: an index where slot s holds the
+// first overlaps[s] blocks of `hashes`, and a fleet order of `d` and `p`.
+struct FastInputs {
+  PrefixIndex index;
+  OverlapResult overlaps;
+  FleetOrder fleet;
+  explicit FastInputs(const SchedulerOptions& o) : fleet(o) {}
+};
+
+std::unique_ptr<FastInputs> MakeFast(const SchedulerOptions& o, const std::vector<uint64_t>& hashes,
+                                     const std::vector<int32_t>& overlaps,
+                                     const std::vector<WorkerLoadView>& d,
+                                     const std::vector<WorkerLoadView>& p) {
+  auto f = std::make_unique<FastInputs>(o);
+  for (size_t s = 0; s < overlaps.size(); ++s) {
+    const size_t n = std::min<size_t>(std::max(overlaps[s], 0), hashes.size());
+    EXPECT_TRUE(f->index.Store(static_cast<int>(s), absl::MakeConstSpan(hashes).first(n)).ok());
+  }
+  f->index.Overlaps(hashes, &f->overlaps);
+  for (const auto& w : d) EXPECT_TRUE(f->fleet.Set(w, true).ok());
+  for (const auto& w : p) EXPECT_TRUE(f->fleet.Set(w, false).ok());
+  return f;
+}
+
+std::vector<uint64_t> Chain(size_t n) {
+  std::vector<uint64_t> h(n);
+  for (size_t i = 0; i < n; ++i) h[i] = 0x9e3779b97f4a7c15ull * (i + 1);
+  return h;
+}
+
+TEST(SchedulerTest, FastPathMatchesOnTheHandWrittenCases) {
+  const std::vector<uint64_t> h = Chain(64);
+  auto f = MakeFast({}, h, {0, 40, 0, 10}, {W(0), W(1)}, {P(2), P(3)});
+  auto r = ChooseRouteFast({}, 1024, kB, f->overlaps, f->fleet, {});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->decode_slot, 1);
+  EXPECT_EQ(r->decode_overlap_blocks, 40);
+  EXPECT_EQ(r->uncached_tokens, 384);
+  EXPECT_EQ(r->prefill_slot, 3);
+  EXPECT_EQ(r->prefill_overlap_blocks, 10);
+  EXPECT_EQ(r->max_overlap_blocks, 40);
+
+  // Busy workers are skipped while another is not busy; chosen when all are.
+  SchedulerOptions o;
+  o.overlap_weight = 100;
+  f = MakeFast(o, h, {0, 40}, {W(0), W(1, 960)}, {});
+  EXPECT_EQ(ChooseRouteFast(o, 1024, kB, f->overlaps, f->fleet, {})->decode_slot, 0);
+  f = MakeFast({}, h, {0, 40}, {W(0, 990), W(1, 999)}, {});
+  EXPECT_EQ(ChooseRouteFast({}, 1024, kB, f->overlaps, f->fleet, {})->decode_slot, 1);
+
+  // Ties: fewest running, then least recently chosen, then slot.
+  f = MakeFast({}, h, {}, {W(0, 0, 1, 5), W(1, 0, 1, 3), W(2, 0, 1, 9)}, {});
+  EXPECT_EQ(ChooseRouteFast({}, 1024, kB, f->overlaps, f->fleet, {})->decode_slot, 1);
+
+  // Exclusions, and nobody left.
+  f = MakeFast({}, h, {0, 40, 20}, {W(0), W(1), W(2)}, {});
+  EXPECT_EQ(ChooseRouteFast({}, 1024, kB, f->overlaps, f->fleet, std::vector<int>{1})->decode_slot,
+            2);
+  r = ChooseRouteFast({}, 1024, kB, f->overlaps, f->fleet, std::vector<int>{0, 1, 2});
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(r.status().message(), HasSubstr("all 3 decode workers are excluded"));
+  f = MakeFast({}, h, {}, {}, {P(0)});
+  r = ChooseRouteFast({}, 1024, kB, f->overlaps, f->fleet, {});
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(r.status().message(), HasSubstr("no decode worker is up"));
+
+  // Bad input, and a busy rule the order was not built with.
+  EXPECT_EQ(ChooseRouteFast({}, 0, kB, f->overlaps, f->fleet, {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ChooseRouteFast({}, 100, 0, f->overlaps, f->fleet, {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  SchedulerOptions other;
+  other.decode_busy_threshold = 0.5;
+  EXPECT_EQ(ChooseRouteFast(other, 100, kB, f->overlaps, f->fleet, {}).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(SchedulerTest, FleetOrderSetUpdatesAndErases) {
+  FleetOrder f;
+  EXPECT_TRUE(f.SameBusyRule(SchedulerOptions{}));
+  SchedulerOptions o;
+  o.decode_max_waiting = 3;
+  EXPECT_FALSE(f.SameBusyRule(o));
+  EXPECT_EQ(f.Set(W(-1), true).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(f.Set(W(3), true).ok());
+  ASSERT_TRUE(f.Set(W(9000), true).ok());  // slots far apart are fine
+  EXPECT_EQ(f.decode_size(), 2u);
+  ASSERT_TRUE(f.Set(W(3), false).ok());  // another role: moved, not duplicated
+  EXPECT_EQ(f.decode_size(), 1u);
+  EXPECT_EQ(f.prefill_size(), 1u);
+  EXPECT_TRUE(f.Contains(3));
+  f.Erase(3);
+  f.Erase(3);
+  f.Erase(-4);
+  f.Erase(123456);
+  EXPECT_FALSE(f.Contains(3));
+  EXPECT_EQ(f.prefill_size(), 0u);
+  EXPECT_EQ(f.decode_size(), 1u);
+  // Updated loads move the worker in the order: the lighter one wins.
+  ASSERT_TRUE(f.Set(W(1, 50), true).ok());
+  ASSERT_TRUE(f.Set(W(9000, 60), true).ok());
+  OverlapResult none;
+  EXPECT_EQ(ChooseRouteFast({}, 1024, kB, none, f, {})->decode_slot, 1);
+  ASSERT_TRUE(f.Set(W(1, 70), true).ok());
+  EXPECT_EQ(ChooseRouteFast({}, 1024, kB, none, f, {})->decode_slot, 9000);
+}
+
+// The fast path is ChooseRoute: random fleets (loads drawn from small ranges so ties are
+// common, busy and over-limit workers, exclusions), random indexes (blocks held by one,
+// a few or most workers, so the sparse result has listed slots and bitmap levels) and
+// random options; every decision and every error must be the same.
+TEST(SchedulerTest, FastPathEqualsChooseRouteOnRandomFleets) {
+  std::mt19937_64 rng(424242);
+  auto pick = [&](int64_t n) { return static_cast<int64_t>(rng() % static_cast<uint64_t>(n)); };
+  int decisions = 0, remote = 0, busy_chosen = 0, listed_won = 0, level_won = 0;
+  for (int round = 0; round < 400; ++round) {
+    SchedulerOptions o;
+    const double weights[] = {0, 0.5, 1, 1, 3, 100};
+    o.overlap_weight = weights[pick(6)];
+    o.decode_busy_threshold = pick(4) == 0 ? 0.5 : 0.95;
+    o.decode_max_waiting = pick(3) == 0 ? 1 : 64;
+    o.prefill_max_queued_tokens = pick(2) ? 65536 : 300;
+    o.local_prefill_max_tokens = pick(2) ? 256 : 0;
+    o.local_prefill_max_ratio = pick(3) == 0 ? 0.5 : 0;
+
+    // A fleet of up to ~600 slots (sometimes a handful), roles mixed, slots shuffled.
+    const int n_slots =
+        pick(4) == 0 ? 1 + static_cast<int>(pick(6)) : 50 + static_cast<int>(pick(550));
+    std::vector<int> slots(n_slots + 10);
+    for (size_t i = 0; i < slots.size(); ++i) slots[i] = static_cast<int>(i);
+    std::shuffle(slots.begin(), slots.end(), rng);
+    slots.resize(n_slots);  // some slot numbers are unused (dead or never registered)
+    const int64_t load_range = pick(2) ? 4 : 2000;
+    std::vector<WorkerLoadView> d, p;
+    for (int s : slots) {
+      WorkerLoadView w;
+      w.slot = s;
+      w.id = absl::StrCat("w", s);
+      w.num_blocks = pick(20) == 0 ? 0 : 1000;
+      w.active_blocks = pick(load_range) + (pick(10) == 0 ? 900 : 0);
+      w.running = pick(3);
+      w.waiting = pick(4);
+      w.queued_prefill_tokens = pick(load_range) * (pick(4) == 0 ? 200 : 1);
+      w.last_chosen = static_cast<uint64_t>(pick(4));
+      (pick(4) == 0 ? p : d).push_back(w);
+    }
+
+    // The index: a shared system prompt most workers hold, conversations on a few.
+    FastInputs f(o);
+    const int chain_len = 1 + static_cast<int>(pick(40));
+    std::vector<std::vector<uint64_t>> chains(4);
+    for (auto& c : chains) {
+      for (int i = 0; i < chain_len; ++i) c.push_back(rng());
+    }
+    for (size_t c = 1; c < chains.size(); ++c) {
+      const int shared = static_cast<int>(pick(chain_len + 1));
+      std::copy(chains[0].begin(), chains[0].begin() + shared, chains[c].begin());
+    }
+    for (int s : slots) {
+      for (size_t c = 0; c < chains.size(); ++c) {
+        const int share = c == 0 ? 80 : 3;
+        if (pick(100) >= share) continue;
+        const int len = static_cast<int>(pick(chain_len + 1));
+        ASSERT_TRUE(f.index.Store(s, absl::MakeConstSpan(chains[c]).first(len)).ok());
+      }
+    }
+    for (const auto& w : d) ASSERT_TRUE(f.fleet.Set(w, true).ok());
+    for (const auto& w : p) ASSERT_TRUE(f.fleet.Set(w, false).ok());
+
+    std::vector<int32_t> dense;
+    for (int q = 0; q < 30; ++q) {
+      std::vector<uint64_t> prompt = chains[pick(chains.size())];
+      prompt.resize(pick(chain_len + 1));
+      if (pick(2)) prompt.push_back(rng());
+      const int64_t blocks = static_cast<int64_t>(prompt.size()) + pick(3) - 1;
+      const int64_t tokens = std::max<int64_t>(1, blocks * kB + pick(kB)) * (pick(30) == 0 ? 0 : 1);
+      std::vector<int> excluded;
+      if (pick(3) == 0) {
+        for (int k = static_cast<int>(pick(4)); k > 0; --k)
+          excluded.push_back(slots[pick(n_slots)]);
+      }
+      if (pick(40) == 0) {
+        for (const auto& w : d) excluded.push_back(w.slot);  // everyone
+      }
+      f.index.Overlaps(prompt, &f.overlaps);
+      dense.assign(n_slots + 10, -1);
+      f.index.Overlaps(prompt, absl::MakeSpan(dense));
+      const auto want = ChooseRoute(o, tokens, kB, dense, d, p, excluded);
+      const auto got = ChooseRouteFast(o, tokens, kB, f.overlaps, f.fleet, excluded);
+      ASSERT_EQ(got.status().code(), want.status().code())
+          << "round " << round << " q " << q << ": " << got.status() << " vs " << want.status();
+      if (!want.ok()) {
+        EXPECT_EQ(got.status().message(), want.status().message());
+        continue;
+      }
+      SCOPED_TRACE(absl::StrCat("round ", round, " q ", q));
+      ASSERT_EQ(got->decode_slot, want->decode_slot);
+      ASSERT_EQ(got->prefill_slot, want->prefill_slot);
+      ASSERT_EQ(got->decode_overlap_blocks, want->decode_overlap_blocks);
+      ASSERT_EQ(got->prefill_overlap_blocks, want->prefill_overlap_blocks);
+      ASSERT_EQ(got->uncached_tokens, want->uncached_tokens);
+      ASSERT_EQ(got->max_overlap_blocks, want->max_overlap_blocks);
+      ++decisions;
+      remote += want->prefill_slot >= 0;
+      for (const auto& w : d) {
+        if (w.slot == want->decode_slot) {
+          WorkerLoadView copy = w;
+          busy_chosen += (copy.num_blocks <= 0 ||
+                          static_cast<double>(copy.active_blocks) / copy.num_blocks >
+                              o.decode_busy_threshold ||
+                          copy.waiting > o.decode_max_waiting);
+        }
+      }
+      if (f.overlaps.IsListed(want->decode_slot)) {
+        ++listed_won;
+      } else if (want->decode_overlap_blocks > 0) {
+        ++level_won;
+      }
+    }
+  }
+  // The cases the fast path distinguishes all happened.
+  EXPECT_GT(decisions, 5000);
+  EXPECT_GT(remote, 100);
+  EXPECT_GT(busy_chosen, 50);
+  EXPECT_GT(listed_won, 100);
+  EXPECT_GT(level_won, 100);
 }
 
 }  // namespace

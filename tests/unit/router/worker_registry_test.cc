@@ -1,8 +1,10 @@
 #include "router/worker_registry.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -163,7 +165,8 @@ TEST(WorkerRegistryTest, RegistrationValidation) {
   EXPECT_EQ(ref->id, "w");
   EXPECT_EQ(ref->address, "w.local:50051");
   EXPECT_FALSE(reg.Worker(-1).has_value());
-  EXPECT_FALSE(reg.Worker(PrefixIndex::kMaxWorkers).has_value());
+  EXPECT_FALSE(reg.Worker(slot + 1).has_value());  // never registered
+  EXPECT_FALSE(reg.Worker(1 << 20).has_value());
 }
 
 TEST(WorkerRegistryTest, EventsBeforeTheFirstSnapshotAreIgnored) {
@@ -562,8 +565,8 @@ TEST(WorkerRegistryTest, NoteChosenAddsLoadUntilNoteDone) {
   EXPECT_EQ(v.prefill[0].queued_prefill_tokens, 164);
 
   // Out-of-range slots are ignored.
-  reg.NoteChosen(-5, PrefixIndex::kMaxWorkers, 1000, 1000);
-  reg.NoteDone(-5, PrefixIndex::kMaxWorkers, 1000, 1000);
+  reg.NoteChosen(-5, 1 << 20, 1000, 1000);
+  reg.NoteDone(-5, 1 << 20, 1000, 1000);
   v = reg.View({});
   EXPECT_EQ(v.decode[0].active_blocks, 28);
   EXPECT_EQ(v.prefill[0].queued_prefill_tokens, 164);
@@ -600,22 +603,178 @@ TEST(WorkerRegistryTest, NoteChosenAddsLoadUntilNoteDone) {
 }
 
 TEST(WorkerRegistryTest, FullRegistryRefusesAndReusesDeadSlots) {
-  WorkerRegistry reg(Opts());
+  constexpr int kMax = 256;
+  RegistryOptions o = Opts();
+  o.max_workers = kMax;
+  WorkerRegistry reg(o);
   std::vector<uint64_t> conns;
-  for (int i = 0; i < PrefixIndex::kMaxWorkers; ++i) {
+  for (int i = 0; i < kMax; ++i) {
     conns.push_back(reg.NewConnection());
     ASSERT_TRUE(reg.OnRegister(conns.back(), Reg(absl::StrCat("w", i), i + 1), kT0).ok()) << i;
   }
   const uint64_t extra = reg.NewConnection();
   absl::Status s = reg.OnRegister(extra, Reg("late", 1), kT0);
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  EXPECT_THAT(s.message(), HasSubstr("256"));
 
   const int dead_slot = SlotOf(reg, "w7");
   reg.OnDisconnect(conns[7]);
   ASSERT_TRUE(reg.OnRegister(extra, Reg("late", 1), kT0).ok());
   EXPECT_EQ(SlotOf(reg, "late"), dead_slot);
-  EXPECT_EQ(reg.List().workers_size(), PrefixIndex::kMaxWorkers);
-  EXPECT_EQ(reg.Alive(v1::WORKER_ROLE_DECODE), PrefixIndex::kMaxWorkers);
+  EXPECT_EQ(reg.List().workers_size(), kMax);
+  EXPECT_EQ(reg.Alive(v1::WORKER_ROLE_DECODE), kMax);
+  // Full again.
+  EXPECT_EQ(reg.OnRegister(reg.NewConnection(), Reg("later", 1), kT0).code(),
+            absl::StatusCode::kResourceExhausted);
+}
+
+TEST(WorkerRegistryTest, DefaultRegistryTracksThousandsOfWorkers) {
+  WorkerRegistry reg(Opts());
+  EXPECT_GE(reg.options().max_workers, 10000);
+  constexpr int kWorkers = 3000;
+  for (int i = 0; i < kWorkers; ++i) {
+    const uint64_t c = reg.NewConnection();
+    ASSERT_TRUE(reg.OnRegister(c, Reg(absl::StrCat("w", i), i + 1), kT0).ok()) << i;
+    reg.OnSnapshot(c, Snap(i + 1, 0, {101, 102, static_cast<uint64_t>(1000 + i)}), kT0);
+  }
+  EXPECT_EQ(reg.Alive(v1::WORKER_ROLE_DECODE), kWorkers);
+  EXPECT_EQ(reg.IndexBlocks(), 2u + kWorkers);
+  EXPECT_GT(reg.IndexMemoryBytes(), 0u);
+  const int last = SlotOf(reg, absl::StrCat("w", kWorkers - 1));
+  EXPECT_EQ(last, kWorkers - 1);
+  EXPECT_EQ(OverlapOf(reg, last, {101, 102, 1000 + kWorkers - 1}), 3);
+  auto d = reg.Route(SchedulerOptions(), {101, 102, 1000 + kWorkers - 1}, 48, {});
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ(d->decode_slot, last);
+  EXPECT_EQ(d->decode_overlap_blocks, 3);
+}
+
+// Route() decides as ChooseRoute over View() -- through the load order kept up to date
+// by registrations, load reports, NoteChosen/NoteDone and deaths -- and, with another
+// busy rule than the registry's, over the copied view itself.
+TEST(WorkerRegistryTest, RouteEqualsChooseRouteOverTheView) {
+  std::mt19937_64 rng(99);
+  auto pick = [&](int64_t n) { return static_cast<int64_t>(rng() % static_cast<uint64_t>(n)); };
+  RegistryOptions o = Opts();
+  o.heartbeat_timeout = absl::Hours(1);
+  WorkerRegistry reg(o);
+  constexpr int kWorkers = 400;
+  std::vector<uint64_t> conns(kWorkers);
+  std::vector<std::vector<uint64_t>> chains(6);
+  for (auto& c : chains) {
+    for (int i = 0; i < 20; ++i) c.push_back(rng());
+  }
+  for (size_t c = 1; c < chains.size(); ++c) {
+    std::copy(chains[0].begin(), chains[0].begin() + 5, chains[c].begin());
+  }
+  auto connect = [&](int i) {
+    conns[i] = reg.NewConnection();
+    const auto role = i % 5 == 0 ? v1::WORKER_ROLE_PREFILL : v1::WORKER_ROLE_DECODE;
+    ASSERT_TRUE(reg.OnRegister(conns[i], Reg(absl::StrCat("w", i), 1, role), kT0).ok());
+    std::vector<uint64_t> held;
+    for (const auto& c : chains) {
+      if (pick(100) < (c == chains[0] ? 90 : 5)) {
+        held.insert(held.end(), c.begin(), c.begin() + pick(21));
+      }
+    }
+    reg.OnSnapshot(conns[i], Snap(1, 0, held), kT0);
+  };
+  for (int i = 0; i < kWorkers; ++i) connect(i);
+  SchedulerOptions other;  // a different busy rule: the slow path
+  other.decode_busy_threshold = 0.5;
+  int checked = 0;
+  for (int step = 0; step < 3000; ++step) {
+    const int i = static_cast<int>(pick(kWorkers));
+    const int kind = static_cast<int>(pick(100));
+    if (kind < 40) {
+      v1::LoadReport l;
+      l.set_active_blocks(pick(2) ? pick(5) : pick(100));
+      l.set_running(pick(3));
+      l.set_waiting(pick(70));
+      l.set_queued_prefill_tokens(pick(2) ? pick(3) : pick(70000));
+      reg.OnLoad(conns[i], l, kT0);
+    } else if (kind < 55) {
+      reg.NoteChosen(i, static_cast<int>(pick(kWorkers)), pick(30), pick(500));
+    } else if (kind < 65) {
+      reg.NoteDone(i, static_cast<int>(pick(kWorkers)), pick(30), pick(500));
+    } else if (kind < 67) {
+      reg.OnDisconnect(conns[i]);
+    } else if (kind < 69) {
+      connect(i);  // back, or registered again
+    } else {
+      std::vector<uint64_t> prompt = chains[pick(chains.size())];
+      prompt.resize(pick(21));
+      prompt.push_back(rng());
+      const int64_t tokens = static_cast<int64_t>(prompt.size()) * 16 + pick(16);
+      std::vector<int> excluded;
+      if (pick(4) == 0) excluded.push_back(static_cast<int>(pick(kWorkers)));
+      for (const SchedulerOptions& so : {SchedulerOptions(), other}) {
+        const FleetView v = reg.View(prompt);
+        const auto want = ChooseRoute(so, tokens, 16, v.overlaps, v.decode, v.prefill, excluded);
+        const auto got = reg.Route(so, prompt, tokens, excluded);
+        ASSERT_EQ(got.status().code(), want.status().code()) << "step " << step;
+        if (!want.ok()) continue;
+        ASSERT_EQ(got->decode_slot, want->decode_slot) << "step " << step;
+        ASSERT_EQ(got->prefill_slot, want->prefill_slot) << "step " << step;
+        ASSERT_EQ(got->decode_overlap_blocks, want->decode_overlap_blocks) << "step " << step;
+        ASSERT_EQ(got->prefill_overlap_blocks, want->prefill_overlap_blocks) << "step " << step;
+        ASSERT_EQ(got->uncached_tokens, want->uncached_tokens) << "step " << step;
+        ASSERT_EQ(got->max_overlap_blocks, want->max_overlap_blocks) << "step " << step;
+        ++checked;
+      }
+    }
+  }
+  EXPECT_GT(checked, 1000);
+}
+
+TEST(WorkerRegistryTest, RouteSkipsDeadWorkers) {
+  WorkerRegistry reg(Opts());
+  const uint64_t a = reg.NewConnection();
+  const uint64_t b = reg.NewConnection();
+  ASSERT_TRUE(reg.OnRegister(a, Reg("a", 1), kT0).ok());
+  ASSERT_TRUE(reg.OnRegister(b, Reg("b", 2), kT0).ok());
+  reg.OnSnapshot(a, Snap(1, 0, kChain), kT0);
+  auto d = reg.Route(SchedulerOptions(), kChain, 64, {});
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(d->decode_slot, SlotOf(reg, "a"));
+  const int sb = SlotOf(reg, "b");
+  reg.OnDisconnect(a);
+  d = reg.Route(SchedulerOptions(), kChain, 64, {});
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(d->decode_slot, sb);
+  EXPECT_EQ(d->max_overlap_blocks, 0);
+  EXPECT_EQ(reg.Route(SchedulerOptions(), kChain, 64, std::vector<int>{sb}).status().code(),
+            absl::StatusCode::kUnavailable);
+  reg.OnDisconnect(b);
+  d = reg.Route(SchedulerOptions(), kChain, 64, {});
+  EXPECT_EQ(d.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(d.status().message(), HasSubstr("no decode worker is up"));
+  // Expired workers leave the order too, and come back with their next message.
+  const uint64_t c = reg.NewConnection();
+  ASSERT_TRUE(reg.OnRegister(c, Reg("c", 3), kT0).ok());
+  EXPECT_TRUE(reg.Route(SchedulerOptions(), kChain, 64, {}).ok());
+  EXPECT_EQ(reg.ExpireSilent(kT0 + absl::Seconds(6)), 1);
+  EXPECT_EQ(reg.Route(SchedulerOptions(), kChain, 64, {}).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_FALSE(reg.OnLoad(c, v1::LoadReport(), kT0 + absl::Seconds(7)));
+  EXPECT_TRUE(reg.Route(SchedulerOptions(), kChain, 64, {}).ok());
+}
+
+TEST(WorkerRegistryTest, AliveCountsFollowRoleChanges) {
+  WorkerRegistry reg(Opts());
+  const uint64_t c = reg.NewConnection();
+  ASSERT_TRUE(reg.OnRegister(c, Reg("w", 1), kT0).ok());
+  EXPECT_EQ(reg.Alive(v1::WORKER_ROLE_DECODE), 1);
+  ASSERT_TRUE(reg.OnRegister(c, Reg("w", 2, v1::WORKER_ROLE_PREFILL), kT0).ok());
+  EXPECT_EQ(reg.Alive(v1::WORKER_ROLE_DECODE), 0);
+  EXPECT_EQ(reg.Alive(v1::WORKER_ROLE_PREFILL), 1);
+  EXPECT_EQ(reg.Alive(v1::WORKER_ROLE_UNSPECIFIED), 0);
+  FleetView v = reg.View({});
+  EXPECT_TRUE(v.decode.empty());
+  EXPECT_EQ(v.prefill.size(), 1u);
+  // A prefill worker is never D.
+  EXPECT_EQ(reg.Route(SchedulerOptions(), kChain, 64, {}).status().code(),
+            absl::StatusCode::kUnavailable);
 }
 
 TEST(WorkerRegistryTest, MetricsFollowWorkersAndTheIndex) {
