@@ -74,15 +74,16 @@ void FillUsage(const RequestSummary& s, v1::DecodeUsage* u) {
 class GenerateReactor final : public rpc::QueuedWriteReactor<v1::DecodeResponse> {
  public:
   GenerateReactor(DecodeService* service, Engine* engine, const v1::DecodeRequest& request,
-                  std::chrono::system_clock::time_point deadline)
+                  grpc::CallbackServerContext* context)
       : service_(service), engine_(engine) {
     service_->calls().Started();
     absl::StatusOr<EngineRequest> r = FromProto(request);
     if (!r.ok()) {
-      EndCall(rpc::ToGrpc(r.status()));
+      EndCall(rpc::RefusalStatus(*context, r.status()));
       return;
     }
     // The caller's deadline also bounds the call to the prefill worker.
+    const std::chrono::system_clock::time_point deadline = context->deadline();
     if (deadline != std::chrono::system_clock::time_point::max()) {
       r->deadline = absl::FromChrono(deadline);
     }
@@ -92,7 +93,7 @@ class GenerateReactor final : public rpc::QueuedWriteReactor<v1::DecodeResponse>
     cb.on_done = [this](const absl::Status& st, const RequestSummary& s) { OnEngineDone(st, s); };
     absl::StatusOr<uint64_t> h = engine_->Submit(*std::move(r), std::move(cb));
     if (!h.ok()) {
-      EndCall(rpc::ToGrpc(h.status()));
+      EndCall(rpc::RefusalStatus(*context, h.status()));
       return;
     }
     bool cancel = false;
@@ -175,7 +176,7 @@ void DecodeService::CountFinished(grpc::StatusCode code) {
 
 grpc::ServerWriteReactor<v1::DecodeResponse>* DecodeService::Generate(
     grpc::CallbackServerContext* context, const v1::DecodeRequest* request) {
-  return new GenerateReactor(this, engine_, *request, context->deadline());
+  return new GenerateReactor(this, engine_, *request, context);
 }
 
 }  // namespace kvrelay::decode

@@ -41,18 +41,18 @@ namespace {
 class PrefillReactor final : public grpc::ServerUnaryReactor {
  public:
   PrefillReactor(PrefillService* service, PrefillEngine* engine, const v1::PrefillRequest& request,
-                 v1::PrefillResponse* response)
+                 v1::PrefillResponse* response, grpc::CallbackServerContext* context)
       : service_(service), engine_(engine), response_(response) {
     service_->calls().Started();
     absl::StatusOr<PrefillJob> job = FromProto(request);
     if (!job.ok()) {
-      FinishCall(rpc::ToGrpc(job.status()));
+      FinishCall(rpc::RefusalStatus(*context, job.status()));
       return;
     }
     absl::StatusOr<uint64_t> h =
         engine_->Submit(*std::move(job), [this](absl::StatusOr<PrefillOutcome> r) { Done(r); });
     if (!h.ok()) {
-      FinishCall(rpc::ToGrpc(h.status()));
+      FinishCall(rpc::RefusalStatus(*context, h.status()));
       return;
     }
     bool cancel = false;
@@ -169,7 +169,7 @@ grpc::ServerUnaryReactor* PrefillService::Abort(grpc::CallbackServerContext* con
 grpc::ServerUnaryReactor* PrefillService::Prefill(grpc::CallbackServerContext* context,
                                                   const v1::PrefillRequest* request,
                                                   v1::PrefillResponse* response) {
-  return new PrefillReactor(this, engine_, *request, response);
+  return new PrefillReactor(this, engine_, *request, response, context);
 }
 
 }  // namespace kvrelay::prefill

@@ -270,8 +270,16 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
     grpc::CallbackServerContext* context, const grpc::ByteBuffer* raw) {
   auto* call = new Call(this, context);
   v1::GenerateRequest parsed;
+  // A call the client cancelled before its request message arrived comes with no message
+  // at all (an invalid buffer, not an empty one): it ends CANCELLED, not as the bad
+  // (empty) request it would parse into. The context may not know of the cancel yet.
+  if (!raw->Valid()) {
+    call->End(
+        grpc::Status(grpc::StatusCode::CANCELLED, "the call ended before its request arrived"));
+    return call;
+  }
   if (absl::Status st = ParseRequest(*raw, options_.max_request_bytes, &parsed); !st.ok()) {
-    call->End(rpc::ToGrpc(st));
+    call->End(rpc::RefusalStatus(*context, st));
     return call;
   }
   const v1::GenerateRequest* request = &parsed;
@@ -282,7 +290,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
   }
   absl::StatusOr<PreparedRequest> p = Prepare(*model_, *request, generated_id);
   if (!p.ok()) {
-    call->End(rpc::ToGrpc(p.status()));
+    call->End(rpc::RefusalStatus(*context, p.status()));
     return call;
   }
   call->request = *std::move(p);
@@ -582,13 +590,18 @@ grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContex
                                                       grpc::ByteBuffer* raw_response) {
   auto* reactor = context->DefaultReactor();
   v1::TokenizeRequest request;
+  if (!raw->Valid()) {  // no request message (see Generate)
+    reactor->Finish(
+        grpc::Status(grpc::StatusCode::CANCELLED, "the call ended before its request arrived"));
+    return reactor;
+  }
   if (absl::Status st = ParseRequest(*raw, options_.max_request_bytes, &request); !st.ok()) {
-    reactor->Finish(rpc::ToGrpc(st));
+    reactor->Finish(rpc::RefusalStatus(*context, st));
     return reactor;
   }
   absl::StatusOr<std::vector<int32_t>> ids = TokenizeInput(*model_, request);
   if (!ids.ok()) {
-    reactor->Finish(rpc::ToGrpc(ids.status()));
+    reactor->Finish(rpc::RefusalStatus(*context, ids.status()));
     return reactor;
   }
   v1::TokenizeResponse response;

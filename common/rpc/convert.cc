@@ -127,6 +127,13 @@ absl::Status FromGrpc(const grpc::Status& s) {
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
 }
 
+grpc::Status RefusalStatus(const grpc::ServerContextBase& context, const absl::Status& s) {
+  if (context.IsCancelled()) {
+    return grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the call");
+  }
+  return ToGrpc(s);
+}
+
 const char* PrefillModeName(v1::PrefillMode mode) {
   switch (mode) {
     case v1::PREFILL_MODE_LOCAL:

@@ -6,6 +6,7 @@
 #include "absl/status/statusor.h"
 #include "common/sampling/sampler.h"
 #include "common/transfer/kv_transport.h"
+#include "grpcpp/server_context.h"
 #include "grpcpp/support/status.h"
 #include "kvrelay/v1/common.pb.h"
 #include "kvrelay/v1/worker.pb.h"
@@ -34,6 +35,11 @@ const char* PrefillModeName(v1::PrefillMode mode);
 
 // The same code and message.
 grpc::Status ToGrpc(const absl::Status& s);
+// How a server ends a call whose request it refuses with `s`: as ToGrpc, except that a
+// call the client has already cancelled ends CANCELLED. A client that cancels right after
+// sending leaves the handler an empty or partial request; answering that with the
+// validation error would count an ordinary cancellation as a bad request.
+grpc::Status RefusalStatus(const grpc::ServerContextBase& context, const absl::Status& s);
 absl::Status FromGrpc(const grpc::Status& s);
 
 }  // namespace kvrelay::rpc

@@ -37,25 +37,6 @@ using testing::RandomPrompt;
 
 std::string ModelDir() { return testing::ModelDir(testing::TinyVariants()[0]); }
 
-// Sum of the samples of `name` (a whole series name, e.g. "x_total" or "x_count") whose
-// label set contains `label` (e.g. code="OK"; empty: any). -1 when there is none.
-double Sum(const std::string& text, const std::string& name, const std::string& label = "") {
-  double sum = 0;
-  bool found = false;
-  for (absl::string_view line : absl::StrSplit(text, '\n')) {
-    if (line.empty() || line[0] == '#') continue;
-    if (!absl::ConsumePrefix(&line, name)) continue;
-    if (line.empty() || (line[0] != ' ' && line[0] != '{')) continue;  // a longer name
-    if (!label.empty() && line.find(label) == absl::string_view::npos) continue;
-    const size_t space = line.rfind(' ');
-    double v = 0;
-    if (space == absl::string_view::npos || !absl::SimpleAtod(line.substr(space + 1), &v)) continue;
-    sum += v;
-    found = true;
-  }
-  return found ? sum : -1;
-}
-
 std::string Scrape(int port) {
   std::optional<std::string> text = testing::HttpGet(port, "/metrics");
   EXPECT_TRUE(text.has_value()) << "no /metrics on port " << port;
@@ -449,30 +430,32 @@ TEST(MetricsProcessTest, EveryProcessServesValidMetricsThatMove) {
     EXPECT_THAT(text[name], ::testing::HasSubstr("kvrelay_")) << name;
   }
   const std::string& r = text["router"];
-  EXPECT_EQ(Sum(r, "kvrelay_router_requests_total", "code=\"OK\""), 2);
-  EXPECT_EQ(Sum(r, "kvrelay_router_requests_total", "code=\"INVALID_ARGUMENT\""), 1);
-  EXPECT_EQ(Sum(r, "kvrelay_router_ttft_seconds_count"), 2);
-  EXPECT_EQ(Sum(r, "kvrelay_router_prompt_tokens_total"), 201);
-  EXPECT_EQ(Sum(r, "kvrelay_router_generated_tokens_total"), 12);
-  EXPECT_GE(Sum(r, "kvrelay_router_prefix_delivered_tokens_total"), 96);  // hit rate > 0
-  EXPECT_GE(Sum(r, "kvrelay_router_prefix_predicted_tokens_total"), 96);
-  EXPECT_GE(Sum(r, "kvrelay_router_prefix_available_tokens_total"), 96);
-  EXPECT_EQ(Sum(r, "kvrelay_router_prefill_total", "mode=\"remote\""), 1);
-  EXPECT_GE(Sum(r, "kvrelay_router_workers", "state=\"alive\""), 2);
+  EXPECT_EQ(testing::MetricSum(r, "kvrelay_router_requests_total", "code=\"OK\""), 2);
+  EXPECT_EQ(testing::MetricSum(r, "kvrelay_router_requests_total", "code=\"INVALID_ARGUMENT\""), 1);
+  EXPECT_EQ(testing::MetricSum(r, "kvrelay_router_ttft_seconds_count"), 2);
+  EXPECT_EQ(testing::MetricSum(r, "kvrelay_router_prompt_tokens_total"), 201);
+  EXPECT_EQ(testing::MetricSum(r, "kvrelay_router_generated_tokens_total"), 12);
+  EXPECT_GE(testing::MetricSum(r, "kvrelay_router_prefix_delivered_tokens_total"),
+            96);  // hit rate > 0
+  EXPECT_GE(testing::MetricSum(r, "kvrelay_router_prefix_predicted_tokens_total"), 96);
+  EXPECT_GE(testing::MetricSum(r, "kvrelay_router_prefix_available_tokens_total"), 96);
+  EXPECT_EQ(testing::MetricSum(r, "kvrelay_router_prefill_total", "mode=\"remote\""), 1);
+  EXPECT_GE(testing::MetricSum(r, "kvrelay_router_workers", "state=\"alive\""), 2);
 
   const std::string& d = text["decode"];
-  EXPECT_EQ(Sum(d, "kvrelay_decode_requests_total", "code=\"OK\""), 2);
-  EXPECT_EQ(Sum(d, "kvrelay_decode_generated_tokens_total"), 12);
-  EXPECT_GE(Sum(d, "kvrelay_decode_cached_tokens_total"), 96);
-  EXPECT_GT(Sum(d, "kvrelay_decode_steps_total"), 0);
-  EXPECT_GT(Sum(d, "kvrelay_kv_transfer_received_bytes_total"), 0);
-  EXPECT_EQ(Sum(d, "kvrelay_decode_remote_prefills_total", "result=\"ok\""), 1);
+  EXPECT_EQ(testing::MetricSum(d, "kvrelay_decode_requests_total", "code=\"OK\""), 2);
+  EXPECT_EQ(testing::MetricSum(d, "kvrelay_decode_generated_tokens_total"), 12);
+  EXPECT_GE(testing::MetricSum(d, "kvrelay_decode_cached_tokens_total"), 96);
+  EXPECT_GT(testing::MetricSum(d, "kvrelay_decode_steps_total"), 0);
+  EXPECT_GT(testing::MetricSum(d, "kvrelay_kv_transfer_received_bytes_total"), 0);
+  EXPECT_EQ(testing::MetricSum(d, "kvrelay_decode_remote_prefills_total", "result=\"ok\""), 1);
 
   const std::string& p = text["prefill"];
-  EXPECT_EQ(Sum(p, "kvrelay_prefill_requests_total", "code=\"OK\""), 1);
-  EXPECT_GT(Sum(p, "kvrelay_kv_transfer_bytes_total"), 0);  // labelled by the transport used
-  EXPECT_GT(Sum(p, "kvrelay_kv_transfer_seconds_count"), 0);
-  EXPECT_GT(Sum(p, "kvrelay_prefill_computed_tokens_total"), 0);
+  EXPECT_EQ(testing::MetricSum(p, "kvrelay_prefill_requests_total", "code=\"OK\""), 1);
+  EXPECT_GT(testing::MetricSum(p, "kvrelay_kv_transfer_bytes_total"),
+            0);  // labelled by the transport used
+  EXPECT_GT(testing::MetricSum(p, "kvrelay_kv_transfer_seconds_count"), 0);
+  EXPECT_GT(testing::MetricSum(p, "kvrelay_prefill_computed_tokens_total"), 0);
 
   // Every metric a dashboard or a rule names is a sample of these scrapes, under the name
   // PromQL uses (x_bucket, x_sum, x_count for histograms).

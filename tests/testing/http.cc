@@ -10,7 +10,10 @@
 #include <cstdlib>
 #include <fstream>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 
 namespace kvrelay::testing {
@@ -72,6 +75,23 @@ bool PromtoolCheckMetrics(const std::string& text, std::string* output) {
   ::unlink(path);
   if (output != nullptr) *output = out;
   return status == 0;
+}
+
+double MetricSum(const std::string& text, const std::string& name, const std::string& label) {
+  double sum = 0;
+  bool found = false;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (line.empty() || line[0] == '#') continue;
+    if (!absl::ConsumePrefix(&line, name)) continue;
+    if (line.empty() || (line[0] != ' ' && line[0] != '{')) continue;  // a longer name
+    if (!label.empty() && line.find(label) == absl::string_view::npos) continue;
+    const size_t space = line.rfind(' ');
+    double v = 0;
+    if (space == absl::string_view::npos || !absl::SimpleAtod(line.substr(space + 1), &v)) continue;
+    sum += v;
+    found = true;
+  }
+  return found ? sum : -1;
 }
 
 }  // namespace kvrelay::testing

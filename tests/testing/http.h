@@ -13,6 +13,11 @@ namespace kvrelay::testing {
 std::optional<std::string> HttpGet(int port, const std::string& path,
                                    absl::Duration timeout = absl::Seconds(30));
 
+// Sum of the samples of `name` (a whole series name, e.g. "x_total" or "x_count") in the
+// Prometheus text `text` whose label set contains `label` (e.g. code="OK"; empty: any).
+// -1 when there is none.
+double MetricSum(const std::string& text, const std::string& name, const std::string& label = "");
+
 // Runs `promtool check metrics` on `text`; its output, and whether it passed.
 bool PromtoolCheckMetrics(const std::string& text, std::string* output);
 

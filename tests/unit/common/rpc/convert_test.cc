@@ -85,6 +85,14 @@ TEST(ConvertTest, PrefillModeNames) {
   EXPECT_STREQ(PrefillModeName(v1::PREFILL_MODE_UNSPECIFIED), "");
 }
 
+TEST(ConvertTest, RefusalOfALiveCallKeepsItsCode) {
+  // (A cancelled call ends CANCELLED: that needs a real call, see the process tests.)
+  grpc::ServerContext live;
+  const grpc::Status s = RefusalStatus(live, absl::InvalidArgumentError("prompt: required"));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(s.error_message(), "prompt: required");
+}
+
 TEST(ConvertTest, TokenLogprobs) {
   sampling::SampleResult r;
   r.token = 5;
