@@ -50,6 +50,12 @@ struct Best {
   }
 };
 
+// The balance guard's limit on active_blocks (+inf when off): ratio x sum / n.
+double LoadLimit(const SchedulerOptions& o, int64_t load_sum, size_t n) {
+  if (o.decode_max_load_ratio <= 0 || n == 0) return std::numeric_limits<double>::infinity();
+  return o.decode_max_load_ratio * static_cast<double>(load_sum) / static_cast<double>(n);
+}
+
 bool DecodeBusy(const SchedulerOptions& o, const WorkerLoadView& w) {
   // A worker that reported no pool cannot take a request; treat it as full.
   if (w.num_blocks <= 0) return true;
@@ -82,6 +88,12 @@ absl::Status Validate(const SchedulerOptions& o) {
   s.Update(CheckNonNegative("prefill_max_queued_tokens", o.prefill_max_queued_tokens));
   s.Update(CheckNonNegative("local_prefill_max_tokens", o.local_prefill_max_tokens));
   s.Update(CheckNonNegative("local_prefill_max_ratio", o.local_prefill_max_ratio));
+  s.Update(CheckNonNegative("decode_max_load_ratio", o.decode_max_load_ratio));
+  if (s.ok() && o.decode_max_load_ratio > 0 && o.decode_max_load_ratio < 1) {
+    s = absl::InvalidArgumentError(
+        absl::StrCat("SchedulerOptions.decode_max_load_ratio must be 0 (off) or >= 1, got ",
+                     o.decode_max_load_ratio));
+  }
   return s;  // Update keeps the first error
 }
 
@@ -115,6 +127,9 @@ absl::StatusOr<RouteDecision> ChooseRoute(const SchedulerOptions& options, int64
   for (int32_t v : overlaps) d.max_overlap_blocks = std::max(d.max_overlap_blocks, clamp(v));
 
   // ---- Decode worker.
+  int64_t load_sum = 0;
+  for (const WorkerLoadView& w : decode_workers) load_sum += w.active_blocks;
+  const double load_limit = LoadLimit(options, load_sum, decode_workers.size());
   Best idle, busy;
   for (const WorkerLoadView& w : decode_workers) {
     if (IsExcluded(excluded_decode_slots, w.slot)) continue;
@@ -123,7 +138,8 @@ absl::StatusOr<RouteDecision> ChooseRoute(const SchedulerOptions& options, int64
     c.overlap = overlap_of(w.slot);
     c.cost = options.overlap_weight * static_cast<double>(prompt_blocks - c.overlap) +
              static_cast<double>(w.active_blocks);
-    (DecodeBusy(options, w) ? busy : idle).Offer(c);
+    const bool over = static_cast<double>(w.active_blocks) > load_limit;
+    (DecodeBusy(options, w) || over ? busy : idle).Offer(c);
   }
   if (!idle.found && !busy.found) {
     return absl::UnavailableError(
@@ -183,7 +199,10 @@ absl::Status FleetOrder::Set(const WorkerLoadView& w, bool decode) {
   }
   if (static_cast<size_t>(w.slot) >= by_slot_.size()) by_slot_.resize(w.slot + 1);
   Worker& e = by_slot_[w.slot];
-  if (e.present) (e.decode ? decode_ : prefill_).erase(e.key);
+  if (e.present) {
+    (e.decode ? decode_ : prefill_).erase(e.key);
+    if (e.decode) decode_load_sum_ -= e.key.load;
+  }
   SchedulerOptions rule;
   rule.decode_busy_threshold = busy_threshold_;
   rule.decode_max_waiting = max_waiting_;
@@ -195,6 +214,7 @@ absl::Status FleetOrder::Set(const WorkerLoadView& w, bool decode) {
   e.key.last_chosen = w.last_chosen;
   e.key.slot = w.slot;
   (decode ? decode_ : prefill_).insert(e.key);
+  if (decode) decode_load_sum_ += e.key.load;
   return absl::OkStatus();
 }
 
@@ -203,6 +223,7 @@ void FleetOrder::Erase(int slot) {
   Worker& e = by_slot_[slot];
   if (!e.present) return;
   (e.decode ? decode_ : prefill_).erase(e.key);
+  if (e.decode) decode_load_sum_ -= e.key.load;
   e.present = false;
 }
 
@@ -305,12 +326,17 @@ absl::StatusOr<RouteDecision> ChooseRouteFast(const SchedulerOptions& options,
   d.max_overlap_blocks = clamp(overlaps.max());
 
   // ---- Decode worker.
+  // Over the balance guard's limit counts as busy. Along the order the non-busy workers
+  // within the limit come first (loads ascend), then those over it, then the busy ones.
+  const double load_limit = LoadLimit(options, fleet.decode_load_sum_, fleet.decode_.size());
+  auto over = [&](const Key& k) { return static_cast<double>(k.load) > load_limit; };
   FastBest idle, busy;
   for (const OverlapResult::Listed& l : overlaps.listed()) {
     const FleetOrder::Worker* e = fleet.Get(l.slot);
     if (e == nullptr || !e->decode || IsExcluded(excluded_decode_slots, l.slot)) continue;
     const int32_t ov = clamp(l.overlap);
-    (e->key.busy ? busy : idle).Offer(candidate(e->key, ov, decode_cost(ov, e->key.load)));
+    (e->key.busy || over(e->key) ? busy : idle)
+        .Offer(candidate(e->key, ov, decode_cost(ov, e->key.load)));
   }
   {
     auto lower = [&](const Key& k) { return decode_cost(bound, k.load); };
@@ -320,8 +346,19 @@ absl::StatusOr<RouteDecision> ChooseRouteFast(const SchedulerOptions& options,
     const auto split = set.lower_bound(Key{true, std::numeric_limits<int64_t>::min(),
                                            std::numeric_limits<int64_t>::min(), 0,
                                            std::numeric_limits<int32_t>::min()});
-    walk(set, set.begin(), split, idle, lower, cost, never, excluded);
-    if (!idle.found) walk(set, split, set.end(), busy, lower, cost, never, excluded);
+    walk(set, set.begin(), split, idle, lower, cost, over, excluded);
+    if (!idle.found) {
+      // The fallback tier: the non-busy workers over the limit, then the busy ones (two
+      // walks: the lower bound only grows within each).
+      if (std::isfinite(load_limit)) {
+        // Loads are integers: over the limit <=> load >= floor(limit) + 1.
+        const auto first_over = set.lower_bound(
+            Key{false, static_cast<int64_t>(std::floor(load_limit)) + 1,
+                std::numeric_limits<int64_t>::min(), 0, std::numeric_limits<int32_t>::min()});
+        walk(set, first_over, split, busy, lower, cost, never, excluded);
+      }
+      walk(set, split, set.end(), busy, lower, cost, never, excluded);
+    }
   }
   if (!idle.found && !busy.found) {
     return absl::UnavailableError(

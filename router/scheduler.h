@@ -8,10 +8,11 @@
 // Decode worker D:
 //   cost(w) = overlap_weight x (prompt_blocks - overlap(w)) + active_blocks(w)
 // lowest cost wins. Workers over their busy threshold (active_blocks / num_blocks >
-// decode_busy_threshold, or waiting > decode_max_waiting) are skipped while any worker
-// is not busy; when EVERY candidate is busy the lowest-cost busy one is chosen anyway.
-// As in vLLM's and Dynamo's routers, the worker queues the request: load is bounded by
-// the router's own admission queue (RESOURCE_EXHAUSTED there), not by refusing to route
+// decode_busy_threshold, or waiting > decode_max_waiting, or active_blocks >
+// decode_max_load_ratio x the mean active_blocks of the decode workers when that guard is
+// on) are skipped while any worker is not busy; when EVERY candidate is busy the lowest-cost busy
+// one is chosen anyway. As in vLLM's and Dynamo's routers, the worker queues the request: load is
+// bounded by the router's own admission queue (RESOURCE_EXHAUSTED there), not by refusing to route
 // a request that was already admitted.
 //
 // Prefill worker P (only when the prefill is remote):
@@ -58,6 +59,11 @@ struct SchedulerOptions {
   // uncached / prompt < local_prefill_max_ratio (0: off), or when no P is usable.
   int64_t local_prefill_max_tokens = 256;
   double local_prefill_max_ratio = 0.0;
+  // Balance guard (0: off; else >= 1): D is also skipped like a busy worker when its
+  // active_blocks exceed this many times the mean over the decode workers, so prefix
+  // affinity (a high overlap_weight) cannot pile requests onto the workers that hold
+  // popular prefixes. router_sim measures the trade-off (docs/benchmarks.md).
+  double decode_max_load_ratio = 0;
 };
 
 // INVALID_ARGUMENT naming the first bad option: every number must be finite and >= 0.
@@ -140,6 +146,8 @@ class FleetOrder {
   void Erase(int slot);
   bool Contains(int slot) const;
   size_t decode_size() const { return decode_.size(); }
+  // Sum of the decode workers' loads (active_blocks), for the balance guard's mean.
+  int64_t decode_load_sum() const { return decode_load_sum_; }
   size_t prefill_size() const { return prefill_.size(); }
 
  private:
@@ -168,6 +176,7 @@ class FleetOrder {
   double busy_threshold_;
   int64_t max_waiting_;
   absl::btree_set<Key> decode_, prefill_;
+  int64_t decode_load_sum_ = 0;
   std::vector<Worker> by_slot_;
 };
 

@@ -78,8 +78,6 @@ absl::StatusOr<std::vector<std::string>> ResolveRouterAddresses(const std::strin
   return out;
 }
 
-namespace {
-
 v1::KvEventBatchMsg ToProto(const kvcache::KvEventBatch& batch) {
   v1::KvEventBatchMsg m;
   m.set_incarnation(batch.incarnation);
@@ -111,8 +109,6 @@ v1::KvSnapshotMsg ToProto(const kvcache::KvSnapshot& snapshot) {
   for (const kvcache::CachedBlockInfo& b : snapshot.blocks) m.add_hashes(b.hash);
   return m;
 }
-
-}  // namespace
 
 // One router: a thread that keeps a stream open (redialling with backoff) and writes
 // events, snapshots and load reports; per open stream, a reader thread that takes the

@@ -32,6 +32,11 @@
 
 namespace kvrelay::rpc {
 
+// A prefix cache's events and snapshot as the registry stream carries them (also used by
+// the router simulation, which feeds a WorkerRegistry without a stream).
+v1::KvEventBatchMsg ToProto(const kvcache::KvEventBatch& batch);
+v1::KvSnapshotMsg ToProto(const kvcache::KvSnapshot& snapshot);
+
 // host -> its addresses as "ip:port" / "[ipv6]:port"; NOT_FOUND or UNAVAILABLE when the
 // name does not resolve.
 using RouterResolver =

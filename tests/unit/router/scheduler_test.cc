@@ -99,6 +99,50 @@ TEST(SchedulerTest, LoadOutweighsSmallOverlaps) {
   EXPECT_EQ(Route(o, 1024, ov, d, {}).decode_slot, 1);
 }
 
+TEST(SchedulerTest, BalanceGuardSkipsWorkersFarAboveTheMeanLoad) {
+  // 64 blocks, weight 8: slot 2 holds 60 blocks of the prompt but carries 300 active
+  // blocks; mean load (0 + 100 + 300) / 3 = 133.3.
+  SchedulerOptions o;
+  o.overlap_weight = 8;
+  const std::vector<WorkerLoadView> d = {W(0, 0), W(1, 100), W(2, 300)};
+  const std::vector<int32_t> ov = {0, 0, 60};
+  // Off: slot 2 = 8*4 + 300 = 332 beats slot 0 = 8*64 = 512.
+  EXPECT_EQ(Route(o, 1024, ov, d, {}).decode_slot, 2);
+  // Ratio 2: 300 > 266.7, skipped: slot 0.
+  o.decode_max_load_ratio = 2;
+  EXPECT_EQ(Route(o, 1024, ov, d, {}).decode_slot, 0);
+  // Ratio 2.5: 300 <= 333.3, allowed again.
+  o.decode_max_load_ratio = 2.5;
+  EXPECT_EQ(Route(o, 1024, ov, d, {}).decode_slot, 2);
+  // Like busy workers, those over the limit are still chosen when nobody else is left.
+  // Ratio 1 (limit 133.3): slot 1 (100) is within it, slot 2 is not.
+  o.decode_max_load_ratio = 1;
+  EXPECT_EQ(Route(o, 1024, ov, d, {}).decode_slot, 0);
+  EXPECT_EQ(Route(o, 1024, ov, d, {}, {0}).decode_slot, 1);
+  EXPECT_EQ(Route(o, 1024, ov, d, {}, {0, 1}).decode_slot, 2);
+  // The fast path agrees.
+  FleetOrder fleet(o);
+  for (const auto& w : d) ASSERT_TRUE(fleet.Set(w, true).ok());
+  EXPECT_EQ(fleet.decode_load_sum(), 400);
+  PrefixIndex index;
+  std::vector<uint64_t> prompt(64);
+  for (int i = 0; i < 64; ++i) prompt[i] = 500 + i;
+  ASSERT_TRUE(index.Store(2, absl::MakeConstSpan(prompt).first(60)).ok());
+  OverlapResult r;
+  index.Overlaps(prompt, &r);
+  for (double ratio : {0.0, 2.0, 2.5, 1.0}) {
+    o.decode_max_load_ratio = ratio;
+    for (const std::vector<int>& ex :
+         {std::vector<int>{}, std::vector<int>{0}, std::vector<int>{0, 1}}) {
+      auto fast = ChooseRouteFast(o, 1024, kB, r, fleet, ex);
+      ASSERT_TRUE(fast.ok()) << fast.status();
+      EXPECT_EQ(fast->decode_slot, Route(o, 1024, ov, d, {}, ex).decode_slot) << ratio;
+    }
+  }
+  fleet.Erase(2);
+  EXPECT_EQ(fleet.decode_load_sum(), 100);
+}
+
 TEST(SchedulerTest, TiesBreakOnRunningThenLastChosenThenSlot) {
   // Equal cost everywhere.
   EXPECT_EQ(Route({}, 1024, {}, {W(0, 0, 3), W(1, 0, 1), W(2, 0, 2)}, {}).decode_slot, 1);
@@ -264,6 +308,8 @@ TEST(SchedulerTest, ValidateNamesTheBadOption) {
       {"local_prefill_max_tokens", [](SchedulerOptions* o) { o->local_prefill_max_tokens = -1; }},
       {"local_prefill_max_ratio",
        [](SchedulerOptions* o) { o->local_prefill_max_ratio = std::nan(""); }},
+      {"decode_max_load_ratio", [](SchedulerOptions* o) { o->decode_max_load_ratio = -1; }},
+      {"decode_max_load_ratio", [](SchedulerOptions* o) { o->decode_max_load_ratio = 0.5; }},
   };
   for (const Case& c : cases) {
     SchedulerOptions o;
@@ -393,7 +439,7 @@ TEST(SchedulerTest, FleetOrderSetUpdatesAndErases) {
 TEST(SchedulerTest, FastPathEqualsChooseRouteOnRandomFleets) {
   std::mt19937_64 rng(424242);
   auto pick = [&](int64_t n) { return static_cast<int64_t>(rng() % static_cast<uint64_t>(n)); };
-  int decisions = 0, remote = 0, busy_chosen = 0, listed_won = 0, level_won = 0;
+  int decisions = 0, remote = 0, busy_chosen = 0, listed_won = 0, level_won = 0, guarded = 0;
   for (int round = 0; round < 400; ++round) {
     SchedulerOptions o;
     const double weights[] = {0, 0.5, 1, 1, 3, 100};
@@ -403,6 +449,8 @@ TEST(SchedulerTest, FastPathEqualsChooseRouteOnRandomFleets) {
     o.prefill_max_queued_tokens = pick(2) ? 65536 : 300;
     o.local_prefill_max_tokens = pick(2) ? 256 : 0;
     o.local_prefill_max_ratio = pick(3) == 0 ? 0.5 : 0;
+    const double ratios[] = {0, 0, 1, 1.25, 2};
+    o.decode_max_load_ratio = ratios[pick(5)];
 
     // A fleet of up to ~600 slots (sometimes a handful), roles mixed, slots shuffled.
     const int n_slots =
@@ -492,6 +540,17 @@ TEST(SchedulerTest, FastPathEqualsChooseRouteOnRandomFleets) {
                           copy.waiting > o.decode_max_waiting);
         }
       }
+      if (o.decode_max_load_ratio > 0) {
+        int64_t sum = 0;
+        for (const auto& w : d) sum += w.active_blocks;
+        for (const auto& w : d) {
+          // The guard passed over a less loaded worker that held more of the prompt.
+          const bool over = static_cast<double>(w.active_blocks) >
+                            o.decode_max_load_ratio * static_cast<double>(sum) / d.size();
+          guarded +=
+              over && w.slot != want->decode_slot && dense[w.slot] > want->decode_overlap_blocks;
+        }
+      }
       if (f.overlaps.IsListed(want->decode_slot)) {
         ++listed_won;
       } else if (want->decode_overlap_blocks > 0) {
@@ -505,6 +564,7 @@ TEST(SchedulerTest, FastPathEqualsChooseRouteOnRandomFleets) {
   EXPECT_GT(busy_chosen, 50);
   EXPECT_GT(listed_won, 100);
   EXPECT_GT(level_won, 100);
+  EXPECT_GT(guarded, 100);
 }
 
 }  // namespace
