@@ -49,9 +49,12 @@ absl::Status ParseRequest(const grpc::ByteBuffer& buffer, size_t max_bytes, T* o
     }
   }
   if (!out->ParseFromString(bytes)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "the request is not a valid ", out->GetTypeName(),
-        ": malformed, or a text field (prompt, chat content, stop, ...) is not valid UTF-8"));
+    if (std::optional<std::string> bad = rpc::FindInvalidUtf8(bytes, out->GetDescriptor())) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("the request is not a valid ", out->GetTypeName(), ": ", *bad));
+    }
+    return absl::InvalidArgumentError(
+        absl::StrCat("the request is not a valid ", out->GetTypeName(), ": malformed bytes"));
   }
   return absl::OkStatus();
 }
@@ -66,7 +69,10 @@ absl::Status ParseRequest(const grpc::ByteBuffer& buffer, size_t max_bytes, T* o
 class GenerationService::Call final : public rpc::QueuedWriteReactor<grpc::ByteBuffer> {
  public:
   Call(GenerationService* service, grpc::CallbackServerContext* context)
-      : service_(service), deadline_(context->deadline()), accepted_(absl::Now()) {
+      : service_(service),
+        context_(context),
+        deadline_(context->deadline()),
+        accepted_(absl::Now()) {
     service_->calls_.Started();
   }
 
@@ -97,9 +103,21 @@ class GenerationService::Call final : public rpc::QueuedWriteReactor<grpc::ByteB
     QueuedWriteReactor::End(std::move(status));  // `this` may be gone after it
   }
 
+  // Load shedding: ends the call RESOURCE_EXHAUSTED with `message`, telling the client
+  // when to retry (grpc-retry-pushback-ms). Only by the thread that owns ending the call
+  // (it took the call off the queue, or never queued it): trailing metadata must precede
+  // the Finish that End starts.
+  void Refuse(const std::string& message, absl::Duration pushback) {
+    context_->AddTrailingMetadata(
+        "grpc-retry-pushback-ms",
+        absl::StrCat(std::max<int64_t>(0, absl::ToInt64Milliseconds(pushback))));
+    End(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, message));
+  }
+
   // Set (under the service's mu_) when the call enters the queue; read by whoever ends
   // it, which took it off the queue under mu_ (or is the thread that set it).
   bool admitted = false;
+  absl::Time queued_at;  // likewise
 
   // The decode worker call now in progress; false (nothing attached) if the client
   // has already cancelled.
@@ -138,6 +156,7 @@ class GenerationService::Call final : public rpc::QueuedWriteReactor<grpc::ByteB
 
  private:
   GenerationService* service_;
+  grpc::CallbackServerContext* const context_;  // valid until OnDone
   const std::chrono::system_clock::time_point deadline_;
   const absl::Time accepted_;
   std::atomic<bool> ended_{false};
@@ -212,6 +231,15 @@ GenerationService::Metrics::Metrics(prometheus::Registry& r) {
                      .Help("Admitted Generate calls waiting for a runner")
                      .Register(r)
                      .Add({});
+  auto& shed = prometheus::BuildCounter()
+                   .Name("kvrelay_router_shed_total")
+                   .Help(
+                       "Generate calls refused RESOURCE_EXHAUSTED by admission control: the "
+                       "queue was full (--max_queued), or the call waited longer than "
+                       "--max_queue_seconds")
+                   .Register(r);
+  shed_queue_full = &shed.Add({{"reason", "queue_full"}});
+  shed_queue_timeout = &shed.Add({{"reason", "queue_timeout"}});
 }
 
 GenerationService::GenerationService(const ModelContext* model, WorkerRegistry* registry,
@@ -229,6 +257,12 @@ GenerationService::GenerationService(const ModelContext* model, WorkerRegistry* 
       RunLoop();
     });
   }
+  if (options_.max_queue_time > absl::ZeroDuration()) {
+    shedder_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "kvr-shed");
+      ShedLoop();
+    });
+  }
 }
 
 GenerationService::~GenerationService() {
@@ -238,6 +272,51 @@ GenerationService::~GenerationService() {
     stop_ = true;
   }
   for (std::thread& t : runners_) t.join();
+  if (shedder_.joinable()) shedder_.join();
+}
+
+void GenerationService::ShedLoop() {
+  absl::MutexLock l(&mu_);
+  while (!stop_) {
+    // The queue is FIFO: its front waited longest.
+    std::vector<Call*> expired;
+    const absl::Time now = absl::Now();
+    while (!queue_.empty() && now - queue_.front()->queued_at >= options_.max_queue_time) {
+      expired.push_back(queue_.front());
+      queue_.pop_front();
+    }
+    if (!expired.empty()) {
+      m_.queue_depth->Set(static_cast<double>(queue_.size()));
+      const absl::Duration pushback = RetryPushback(queue_.size());
+      mu_.Unlock();
+      // Taken off the queue here: this thread owns ending them.
+      for (Call* call : expired) {
+        m_.shed_queue_timeout->Increment();
+        call->Refuse(absl::StrCat("waited ", absl::FormatDuration(now - call->queued_at),
+                                  " in the router's queue, longer than --max_queue_seconds (",
+                                  absl::ToDoubleSeconds(options_.max_queue_time), " s)"),
+                     pushback);
+      }
+      mu_.Lock();
+      continue;
+    }
+    if (queue_.empty()) {
+      auto wake = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !queue_.empty(); };
+      mu_.Await(absl::Condition(&wake));
+    } else {
+      // Until the front expires (a later front, after a cancel, expires later still).
+      mu_.AwaitWithDeadline(absl::Condition(&stop_),
+                            queue_.front()->queued_at + options_.max_queue_time);
+    }
+  }
+}
+
+absl::Duration GenerationService::RetryPushback(size_t queued) const {
+  const int64_t us = recent_call_us_.load(std::memory_order_relaxed);
+  if (us <= 0) return absl::Seconds(1);  // nothing served yet
+  const absl::Duration drain = absl::Microseconds(us) * static_cast<double>(queued + 1) /
+                               static_cast<double>(std::max(1, options_.max_running));
+  return std::clamp(drain, absl::Milliseconds(100), absl::Seconds(30));
 }
 
 void GenerationService::StopAccepting() {
@@ -295,21 +374,29 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
   }
   call->request = *std::move(p);
   std::optional<grpc::Status> refused;
+  std::optional<absl::Duration> queue_full;  // its retry pushback
   {
     absl::MutexLock l(&mu_);
     if (!accepting_) {
       refused = grpc::Status(grpc::StatusCode::UNAVAILABLE, "the router is shutting down");
     } else if (queue_.size() >= options_.max_queued) {
-      refused = grpc::Status(
-          grpc::StatusCode::RESOURCE_EXHAUSTED,
-          absl::StrCat("the router's queue is full (", options_.max_queued, " requests waiting)"));
+      queue_full = RetryPushback(queue_.size());
     } else {
       call->admitted = true;
+      call->queued_at = absl::Now();
       queue_.push_back(call);
       m_.queue_depth->Set(static_cast<double>(queue_.size()));
     }
   }
-  if (refused) call->End(*refused);
+  if (refused) {
+    call->End(*refused);
+  } else if (queue_full) {
+    m_.shed_queue_full->Increment();
+    call->Refuse(absl::StrCat("the router's queue is full (", options_.max_queued,
+                              " requests waiting, --max_queued; ", options_.max_running,
+                              " running, --max_running)"),
+                 *queue_full);
+  }
   return call;
 }
 
@@ -326,7 +413,17 @@ void GenerationService::RecordEnd(const Call& call, grpc::StatusCode code, bool 
   const size_t c = static_cast<size_t>(code);
   m_.requests[c < m_.requests.size() ? c : static_cast<size_t>(grpc::StatusCode::UNKNOWN)]
       ->Increment();
-  if (admitted) m_.duration->Observe(absl::ToDoubleSeconds(absl::Now() - call.accepted()));
+  if (admitted) {
+    const absl::Duration d = absl::Now() - call.accepted();
+    m_.duration->Observe(absl::ToDoubleSeconds(d));
+    if (code == grpc::StatusCode::OK) {
+      // The pace RetryPushback assumes: a moving average over ~16 calls (racy
+      // read-modify-write: an estimate, a lost update does not matter).
+      const int64_t us = absl::ToInt64Microseconds(d);
+      const int64_t old = recent_call_us_.load(std::memory_order_relaxed);
+      recent_call_us_.store(old <= 0 ? us : old + (us - old) / 16, std::memory_order_relaxed);
+    }
+  }
 }
 
 std::shared_ptr<grpc::Channel> GenerationService::ChannelTo(const std::string& address) {

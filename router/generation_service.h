@@ -22,6 +22,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -32,6 +33,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "common/rpc/call_tracker.h"
 #include "grpcpp/channel.h"
 #include "kvrelay/v1/kvrelay.grpc.pb.h"
@@ -49,7 +51,11 @@ namespace kvrelay::router {
 struct GenerationOptions {
   int max_running = 64;      // requests being served at once (each holds a runner thread)
   size_t max_queued = 1024;  // admitted requests waiting for a runner; beyond: RESOURCE_EXHAUSTED
-  int migration_limit = 2;   // times a request may move to another decode worker
+  // A request that waited this long for a runner is refused RESOURCE_EXHAUSTED (load
+  // shedding: the client or its load balancer retries elsewhere). Zero: wait forever.
+  // Both refusals carry grpc-retry-pushback-ms trailing metadata.
+  absl::Duration max_queue_time = absl::ZeroDuration();
+  int migration_limit = 2;             // times a request may move to another decode worker
   size_t max_request_bytes = 4 << 20;  // larger Generate/Tokenize requests: RESOURCE_EXHAUSTED
   SchedulerOptions scheduler;
 };
@@ -101,9 +107,16 @@ class GenerationService final
     prometheus::Counter* migrations;
     prometheus::Gauge* running;
     prometheus::Gauge* queue_depth;
+    prometheus::Counter* shed_queue_full;  // kvrelay_router_shed_total{reason}
+    prometheus::Counter* shed_queue_timeout;
   };
 
   void RunLoop();
+  // Sheds the calls that waited longer than max_queue_time (a thread, when it is set).
+  void ShedLoop();
+  // How long a refused client should wait before retrying: the time the queue ahead of it
+  // takes to drain at the recent pace (clamped to [100 ms, 30 s]).
+  absl::Duration RetryPushback(size_t queued) const;
   // A Generate call ends with `code` (counted once per call; `admitted`: it was queued).
   void RecordEnd(const Call& call, grpc::StatusCode code, bool admitted);
   // Takes a call off the queue; false if a runner already has it (or it never queued).
@@ -125,6 +138,9 @@ class GenerationService final
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   std::vector<std::thread> runners_;
+  std::thread shedder_;
+  // Recent duration of a served call (exponential moving average, microseconds; 0: none yet).
+  std::atomic<int64_t> recent_call_us_{0};
 
   absl::Mutex channels_mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<grpc::Channel>> channels_

@@ -1,5 +1,6 @@
 // kvrelay-router: the router. Prints "READY <port>" once it serves; SIGTERM or SIGINT
 // lets running requests finish (up to --drain_seconds) and exits.
+#include <cmath>
 #include <cstdio>
 #include <string>
 
@@ -19,6 +20,8 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:0", "host:port to serve on (port 0: an
 ABSL_FLAG(std::string, router_id, "", "this router's id (default: random)");
 ABSL_FLAG(int, max_running, 64, "requests served at once");
 ABSL_FLAG(int, max_queued, 1024, "requests waiting beyond this get RESOURCE_EXHAUSTED");
+ABSL_FLAG(double, max_queue_seconds, 0,
+          "requests waiting longer than this for a runner get RESOURCE_EXHAUSTED (0: no limit)");
 ABSL_FLAG(int, migration_limit, 2, "times a request may move to another decode worker");
 ABSL_FLAG(int, max_request_bytes, 4 << 20, "largest request message accepted");
 ABSL_FLAG(int, heartbeat_interval_ms, 500, "workers report load at least this often");
@@ -28,6 +31,9 @@ ABSL_FLAG(int, max_workers, kvrelay::router::PrefixIndex::kDefaultMaxWorkers,
 ABSL_FLAG(double, overlap_weight, 1.0, "routing cost of each prompt block a worker lacks");
 ABSL_FLAG(double, decode_busy_threshold, 0.95, "decode workers above this KV use are avoided");
 ABSL_FLAG(int64_t, decode_max_waiting, 64, "decode workers with more waiting are avoided");
+ABSL_FLAG(double, decode_max_load_ratio, 0,
+          "decode workers with more active KV blocks than this times the fleet mean are "
+          "avoided (0: off; else >= 1)");
 ABSL_FLAG(int64_t, prefill_max_queued_tokens, 65536, "prefill workers above this are avoided");
 ABSL_FLAG(int64_t, local_prefill_max_tokens, 256,
           "prefill on the decode worker when fewer prompt tokens are uncached");
@@ -60,11 +66,19 @@ int main(int argc, char** argv) {
   o.max_workers = absl::GetFlag(FLAGS_max_workers);
   o.generation.max_running = absl::GetFlag(FLAGS_max_running);
   o.generation.max_queued = static_cast<size_t>(std::max(0, absl::GetFlag(FLAGS_max_queued)));
+  const double max_queue_seconds = absl::GetFlag(FLAGS_max_queue_seconds);
+  if (!std::isfinite(max_queue_seconds) || max_queue_seconds < 0) {
+    std::fprintf(stderr, "kvrelay-router: --max_queue_seconds must be >= 0, got %g\n",
+                 max_queue_seconds);
+    return 2;
+  }
+  o.generation.max_queue_time = absl::Seconds(max_queue_seconds);
   o.generation.migration_limit = absl::GetFlag(FLAGS_migration_limit);
   auto& s = o.generation.scheduler;
   s.overlap_weight = absl::GetFlag(FLAGS_overlap_weight);
   s.decode_busy_threshold = absl::GetFlag(FLAGS_decode_busy_threshold);
   s.decode_max_waiting = absl::GetFlag(FLAGS_decode_max_waiting);
+  s.decode_max_load_ratio = absl::GetFlag(FLAGS_decode_max_load_ratio);
   s.prefill_max_queued_tokens = absl::GetFlag(FLAGS_prefill_max_queued_tokens);
   s.local_prefill_max_tokens = absl::GetFlag(FLAGS_local_prefill_max_tokens);
   s.local_prefill_max_ratio = absl::GetFlag(FLAGS_local_prefill_max_ratio);

@@ -25,6 +25,9 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Start(const RouterOptions& optio
   if (options.generation.max_queued < 1) {
     return absl::InvalidArgumentError("--max_queued must be >= 1");
   }
+  if (options.generation.max_queue_time < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--max_queue_seconds must be >= 0");
+  }
   if (options.generation.migration_limit < 0) {
     return absl::InvalidArgumentError("--migration_limit must be >= 0");
   }

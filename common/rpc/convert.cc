@@ -3,7 +3,10 @@
 #include <limits>
 #include <string>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/wire_format_lite.h"
 
 namespace kvrelay::rpc {
 
@@ -143,6 +146,88 @@ const char* PrefillModeName(v1::PrefillMode mode) {
     default:
       return "";
   }
+}
+
+int64_t FirstInvalidUtf8(absl::string_view s) {
+  const auto* b = reinterpret_cast<const unsigned char*>(s.data());
+  const size_t n = s.size();
+  size_t i = 0;
+  while (i < n) {
+    const unsigned char c = b[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t len = 0;
+    uint32_t cp = 0, min = 0;
+    if ((c & 0xE0) == 0xC0) {
+      len = 2, cp = c & 0x1F, min = 0x80;
+    } else if ((c & 0xF0) == 0xE0) {
+      len = 3, cp = c & 0x0F, min = 0x800;
+    } else if ((c & 0xF8) == 0xF0) {
+      len = 4, cp = c & 0x07, min = 0x10000;
+    } else {
+      return static_cast<int64_t>(i);  // a continuation byte or 0xF8..0xFF
+    }
+    if (i + len > n) return static_cast<int64_t>(i);
+    for (size_t k = 1; k < len; ++k) {
+      if ((b[i + k] & 0xC0) != 0x80) return static_cast<int64_t>(i);
+      cp = (cp << 6) | (b[i + k] & 0x3F);
+    }
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
+      return static_cast<int64_t>(i);
+    }
+    i += len;
+  }
+  return -1;
+}
+
+namespace {
+
+std::optional<std::string> FindInvalidUtf8In(absl::string_view bytes,
+                                             const google::protobuf::Descriptor* type,
+                                             const std::string& prefix, int depth) {
+  using google::protobuf::FieldDescriptor;
+  using google::protobuf::internal::WireFormatLite;
+  google::protobuf::io::CodedInputStream in(reinterpret_cast<const uint8_t*>(bytes.data()),
+                                            static_cast<int>(bytes.size()));
+  absl::flat_hash_map<int, int> seen;  // field number -> elements so far (repeated fields)
+  while (true) {
+    const uint32_t tag = in.ReadTag();
+    if (tag == 0) return std::nullopt;
+    const int number = WireFormatLite::GetTagFieldNumber(tag);
+    const FieldDescriptor* f = type->FindFieldByNumber(number);
+    if (WireFormatLite::GetTagWireType(tag) != WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
+      if (!WireFormatLite::SkipField(&in, tag)) return std::nullopt;
+      continue;
+    }
+    uint32_t len = 0;
+    std::string value;
+    if (!in.ReadVarint32(&len) || !in.ReadString(&value, static_cast<int>(len))) {
+      return std::nullopt;
+    }
+    if (f == nullptr) continue;
+    std::string name = prefix + f->name();
+    if (f->is_repeated()) name += absl::StrCat("[", seen[number]++, "]");
+    if (f->type() == FieldDescriptor::TYPE_STRING) {
+      if (const int64_t at = FirstInvalidUtf8(value); at >= 0) {
+        return absl::StrCat("field '", name, "' is not valid UTF-8 (byte offset ", at,
+                            " of its value)");
+      }
+    } else if (f->type() == FieldDescriptor::TYPE_MESSAGE && depth < 32) {
+      if (auto found = FindInvalidUtf8In(value, f->message_type(), name + ".", depth + 1)) {
+        return found;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+std::optional<std::string> FindInvalidUtf8(absl::string_view bytes,
+                                           const google::protobuf::Descriptor* type) {
+  if (type == nullptr) return std::nullopt;
+  return FindInvalidUtf8In(bytes, type, "", 0);
 }
 
 }  // namespace kvrelay::rpc

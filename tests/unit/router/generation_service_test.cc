@@ -1300,13 +1300,28 @@ TEST_F(GenerationServiceTest, TextThatIsNotUtf8IsInvalidArgument) {
   tokenize_wire += bad;
   grpc::Status st = RawServerStreaming(channel_, "/kvrelay.v1.Generation/Generate", generate_wire);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
-  EXPECT_THAT(st.error_message(), HasSubstr("UTF-8"));
+  EXPECT_THAT(st.error_message(),
+              HasSubstr("field 'prompt' is not valid UTF-8 (byte offset 0 of its value)"));
   st = RawUnary(channel_, "/kvrelay.v1.Generation/Tokenize", tokenize_wire);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
-  EXPECT_THAT(st.error_message(), HasSubstr("UTF-8"));
+  EXPECT_THAT(st.error_message(), HasSubstr("field 'prompt' is not valid UTF-8"));
+  // Chat content: the field's path and the offset inside it.
+  v1::GenerateRequest chat;
+  chat.mutable_chat()->add_messages()->set_role("user");
+  chat.mutable_chat()->mutable_messages(0)->set_content("fine");
+  chat.mutable_chat()->add_messages()->set_role("assistant");
+  chat.mutable_chat()->mutable_messages(1)->set_content("ok \xc3\xa9 then \xc3(");
+  std::string chat_wire;
+  ASSERT_TRUE(chat.SerializePartialToString(&chat_wire));  // no UTF-8 check on output
+  st = RawServerStreaming(channel_, "/kvrelay.v1.Generation/Generate", chat_wire);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+  EXPECT_THAT(st.error_message(),
+              HasSubstr("field 'chat.messages[1].content' is not valid UTF-8 (byte offset 11 "
+                        "of its value)"));
   // Malformed bytes too.
   st = RawUnary(channel_, "/kvrelay.v1.Generation/Tokenize", std::string("\x12\x7f", 2));
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+  EXPECT_THAT(st.error_message(), HasSubstr("malformed"));
   EXPECT_EQ(a->calls(), 0);
   // The same text as valid UTF-8 goes through.
   std::string good_wire = {0x1a, 2, 'h', 'i'};

@@ -152,4 +152,37 @@ TEST(ConvertTest, StatusKeepsCodeAndMessage) {
 }
 
 }  // namespace
+TEST(ConvertTest, FirstInvalidUtf8) {
+  EXPECT_EQ(FirstInvalidUtf8(""), -1);
+  EXPECT_EQ(FirstInvalidUtf8("plain ascii"), -1);
+  EXPECT_EQ(FirstInvalidUtf8("\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80"), -1);  // é € 😀
+  EXPECT_EQ(FirstInvalidUtf8("ab\xff"), 2);
+  EXPECT_EQ(FirstInvalidUtf8("a\x80"), 1);              // a lone continuation byte
+  EXPECT_EQ(FirstInvalidUtf8("ab\xc3"), 2);             // truncated
+  EXPECT_EQ(FirstInvalidUtf8("\xc3("), 0);              // bad continuation
+  EXPECT_EQ(FirstInvalidUtf8("x\xc0\xaf"), 1);          // overlong '/'
+  EXPECT_EQ(FirstInvalidUtf8("\xe0\x80\xaf"), 0);       // overlong, 3 bytes
+  EXPECT_EQ(FirstInvalidUtf8("\xed\xa0\x80"), 0);       // surrogate U+D800
+  EXPECT_EQ(FirstInvalidUtf8("\xf4\x90\x80\x80"), 0);   // above U+10FFFF
+  EXPECT_EQ(FirstInvalidUtf8("\xf4\x8f\xbf\xbf"), -1);  // U+10FFFF
+  EXPECT_EQ(FirstInvalidUtf8(std::string("a\0b", 3)), -1);
+}
+
+TEST(ConvertTest, FindInvalidUtf8NamesTheField) {
+  const auto* type = v1::SamplingParams::descriptor();
+  v1::SamplingParams p;
+  p.add_stop("fine");
+  p.add_stop("bad\xff");
+  std::string wire;
+  ASSERT_TRUE(p.SerializePartialToString(&wire));
+  EXPECT_EQ(FindInvalidUtf8(wire, type),
+            "field 'stop[1]' is not valid UTF-8 (byte offset 3 of its value)");
+  // Valid text, malformed bytes, no type: nothing found.
+  p.set_stop(1, "good");
+  ASSERT_TRUE(p.SerializePartialToString(&wire));
+  EXPECT_EQ(FindInvalidUtf8(wire, type), std::nullopt);
+  EXPECT_EQ(FindInvalidUtf8(std::string("\x12\x7f", 2), type), std::nullopt);
+  EXPECT_EQ(FindInvalidUtf8(wire, nullptr), std::nullopt);
+}
+
 }  // namespace kvrelay::rpc
