@@ -125,21 +125,21 @@ struct Config {
 struct Result {
   int workers = 0;
   int64_t decisions = 0;
-  double route_seconds = 0;       // in Route() only
-  double router_seconds = 0;      // every registry call: Route, Note*, events, loads
-  std::vector<double> route_ns;   // per decision
+  double route_seconds = 0;      // in Route() only
+  double router_seconds = 0;     // every registry call: Route, Note*, events, loads
+  std::vector<double> route_ns;  // per decision
   int64_t full_checks = 0, full_mismatches = 0;
-  double full_seconds = 0;        // View + ChooseRoute on the checked decisions
+  double full_seconds = 0;                         // View + ChooseRoute on the checked decisions
   int64_t prompt_tokens = 0, achieved_tokens = 0;  // every measured decision
-  int64_t predicted_tokens = 0;   // what the index said the chosen worker holds
+  int64_t predicted_tokens = 0;                    // what the index said the chosen worker holds
   // The decisions the oracle was asked about (every oracle_every-th).
   int64_t sample_prompt_tokens = 0, sample_achieved_tokens = 0, sample_oracle_tokens = 0;
   double blocks_imbalance_sum = 0;  // max/mean active blocks, summed over samples
   int64_t load_reports = 0, oracle_samples = 0;
-  double imbalance_sum = 0;       // sum over samples of max/mean
+  double imbalance_sum = 0;  // sum over samples of max/mean
   double imbalance_max = 0;
   int64_t imbalance_samples = 0;
-  double mean_active = 0;         // mean requests per worker over the samples
+  double mean_active = 0;  // mean requests per worker over the samples
   size_t index_bytes = 0, index_blocks = 0;
   int64_t evicted = 0;
   double sim_seconds = 0, wall_seconds = 0;
@@ -431,11 +431,11 @@ class Simulation {
       q.blocks.insert(q.blocks.end(), fresh->begin(), fresh->end());
       const int64_t full = static_cast<int64_t>(q.hashes.size());
       if (full > hit) {
-        w.cache->Store(hit > 0 ? std::optional<uint64_t>(q.hashes[hit - 1]) : std::nullopt,
-                       absl::MakeSpan(q.blocks).subspan(hit, full - hit),
-                       absl::MakeSpan(q.hashes).subspan(hit, full - hit),
-                       absl::MakeSpan(q.tokens).subspan(hit * c_.block_size,
-                                                        (full - hit) * c_.block_size));
+        w.cache->Store(
+            hit > 0 ? std::optional<uint64_t>(q.hashes[hit - 1]) : std::nullopt,
+            absl::MakeSpan(q.blocks).subspan(hit, full - hit),
+            absl::MakeSpan(q.hashes).subspan(hit, full - hit),
+            absl::MakeSpan(q.tokens).subspan(hit * c_.block_size, (full - hit) * c_.block_size));
       }
       ++w.running;
       w.active_blocks += static_cast<int64_t>(q.blocks.size());
@@ -458,10 +458,11 @@ class Simulation {
     const int64_t to = std::min<int64_t>(static_cast<int64_t>(hashes.size()),
                                          static_cast<int64_t>(q.blocks.size()));
     if (to > from) {
-      w.cache->Store(from > 0 ? std::optional<uint64_t>(hashes[from - 1]) : std::nullopt,
-                     absl::MakeSpan(q.blocks).subspan(from, to - from),
-                     absl::MakeSpan(hashes).subspan(from, to - from),
-                     absl::MakeSpan(all).subspan(from * c_.block_size, (to - from) * c_.block_size));
+      w.cache->Store(
+          from > 0 ? std::optional<uint64_t>(hashes[from - 1]) : std::nullopt,
+          absl::MakeSpan(q.blocks).subspan(from, to - from),
+          absl::MakeSpan(hashes).subspan(from, to - from),
+          absl::MakeSpan(all).subspan(from * c_.block_size, (to - from) * c_.block_size));
     }
     w.cache->Release(q.blocks);
     w.active_blocks -= static_cast<int64_t>(q.blocks.size());
@@ -574,7 +575,8 @@ int Main() {
   if (c.requests_per_worker < 1 || c.load <= 0 || c.blocks_per_worker < 1 || c.block_size < 1 ||
       c.max_running < 1 || c.report_s <= 0 || c.warmup < 0 || c.warmup >= 1 ||
       c.prefill_s_per_token < 0 || c.decode_s_per_token <= 0) {
-    Die("--requests_per_worker, --load, --blocks_per_worker, --block_size, --max_running, --report_ms and "
+    Die("--requests_per_worker, --load, --blocks_per_worker, --block_size, --max_running, "
+        "--report_ms and "
         "--decode_ms_per_token must be > 0, --prefill_us_per_token >= 0, --warmup in [0, 1)");
   }
   if (c.dataset.turns > 255) Die("--turns must be <= 255");
@@ -586,7 +588,8 @@ int Main() {
     bench::DatasetOptions d = c.dataset;
     d.seed = c.seed;
     const int turns = d.kind == bench::DatasetKind::kMultiTurn ? std::max(1, d.turns) : 1;
-    d.num_prompts = std::max(1, static_cast<int>(static_cast<int64_t>(c.requests_per_worker) * n / turns));
+    d.num_prompts =
+        std::max(1, static_cast<int>(static_cast<int64_t>(c.requests_per_worker) * n / turns));
     d.prefix_groups = absl::GetFlag(FLAGS_prefix_groups) > 0 ? absl::GetFlag(FLAGS_prefix_groups)
                                                              : std::max(1, n / 4);
     absl::StatusOr<std::vector<bench::Conversation>> convs = bench::MakeDataset(d);
@@ -619,8 +622,7 @@ int Main() {
     const double predicted =
         r.prompt_tokens > 0 ? static_cast<double>(r.predicted_tokens) / r.prompt_tokens : 0;
     const double imbalance = r.imbalance_samples > 0 ? r.imbalance_sum / r.imbalance_samples : 0;
-    const double mean_active =
-        r.imbalance_samples > 0 ? r.mean_active / r.imbalance_samples : 0;
+    const double mean_active = r.imbalance_samples > 0 ? r.mean_active / r.imbalance_samples : 0;
     const double bytes_per_block =
         r.index_blocks > 0 ? static_cast<double>(r.index_bytes) / r.index_blocks : 0;
     std::printf(
@@ -634,13 +636,12 @@ int Main() {
         "worst %.2f), max/mean active blocks %.2f\n"
         "  index: %zu blocks, %.1f bytes per block (%.1f MiB); %lld evictions\n",
         n, absl::GetFlag(FLAGS_dataset).c_str(), static_cast<long long>(r.decisions),
-        static_cast<long long>(r.route_ns.size()), r.sim_seconds, r.wall_seconds, per_s, p50,
-        p99, static_cast<long long>(r.load_reports), router_per_s, full_per_s,
+        static_cast<long long>(r.route_ns.size()), r.sim_seconds, r.wall_seconds, per_s, p50, p99,
+        static_cast<long long>(r.load_reports), router_per_s, full_per_s,
         static_cast<long long>(r.full_checks), static_cast<long long>(r.full_mismatches), hit,
-        predicted, static_cast<long long>(r.oracle_samples), sample_hit, oracle,
-        100 * of_oracle, mean_active, imbalance, r.imbalance_max, blocks_imbalance,
-        r.index_blocks, bytes_per_block, static_cast<double>(r.index_bytes) / (1 << 20),
-        static_cast<long long>(r.evicted));
+        predicted, static_cast<long long>(r.oracle_samples), sample_hit, oracle, 100 * of_oracle,
+        mean_active, imbalance, r.imbalance_max, blocks_imbalance, r.index_blocks, bytes_per_block,
+        static_cast<double>(r.index_bytes) / (1 << 20), static_cast<long long>(r.evicted));
     std::fflush(stdout);
     rows.push_back(absl::StrFormat(
         "| %d | %s | %.0fk | %.2f | %.0fk | %.1fk | %.3f | %.3f | %.1f %% | %.2f | %.2f | %.0f |",
