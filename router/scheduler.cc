@@ -74,6 +74,19 @@ absl::Status CheckPrompt(int64_t prompt_tokens, int block_size) {
   return absl::OkStatus();
 }
 
+// Records D's part of the decision; true when D prefills locally because few of the
+// prompt's tokens are uncached there (the rule in scheduler.h).
+bool SetDecodeAndPrefillLocally(const SchedulerOptions& o, int slot, int32_t overlap,
+                                int64_t prompt_tokens, int block_size, RouteDecision* d) {
+  d->decode_slot = slot;
+  d->decode_overlap_blocks = overlap;
+  d->uncached_tokens =
+      std::max<int64_t>(1, prompt_tokens - static_cast<int64_t>(overlap) * block_size);
+  return d->uncached_tokens < o.local_prefill_max_tokens ||
+         static_cast<double>(d->uncached_tokens) / static_cast<double>(prompt_tokens) <
+             o.local_prefill_max_ratio;
+}
+
 bool IsExcluded(absl::Span<const int> excluded, int slot) {
   return std::find(excluded.begin(), excluded.end(), slot) != excluded.end();
 }
@@ -148,17 +161,11 @@ absl::StatusOr<RouteDecision> ChooseRoute(const SchedulerOptions& options, int64
             : absl::StrCat("all ", decode_workers.size(), " decode workers are excluded"));
   }
   const Candidate& dc = idle.found ? idle.c : busy.c;
-  d.decode_slot = dc.worker->slot;
-  d.decode_overlap_blocks = dc.overlap;
-  d.uncached_tokens =
-      std::max<int64_t>(1, prompt_tokens - static_cast<int64_t>(dc.overlap) * block_size);
-
   // ---- Local or remote prefill.
-  const bool few_uncached =
-      d.uncached_tokens < options.local_prefill_max_tokens ||
-      static_cast<double>(d.uncached_tokens) / static_cast<double>(prompt_tokens) <
-          options.local_prefill_max_ratio;
-  if (few_uncached) return d;
+  if (SetDecodeAndPrefillLocally(options, dc.worker->slot, dc.overlap, prompt_tokens, block_size,
+                                 &d)) {
+    return d;
+  }
 
   Best p;
   for (const WorkerLoadView& w : prefill_workers) {
@@ -367,17 +374,10 @@ absl::StatusOr<RouteDecision> ChooseRouteFast(const SchedulerOptions& options,
             : absl::StrCat("all ", fleet.decode_.size(), " decode workers are excluded"));
   }
   const FastCandidate& dc = idle.found ? idle.c : busy.c;
-  d.decode_slot = dc.slot;
-  d.decode_overlap_blocks = dc.overlap;
-  d.uncached_tokens =
-      std::max<int64_t>(1, prompt_tokens - static_cast<int64_t>(dc.overlap) * block_size);
-
   // ---- Local or remote prefill (the same rule as ChooseRoute's).
-  const bool few_uncached =
-      d.uncached_tokens < options.local_prefill_max_tokens ||
-      static_cast<double>(d.uncached_tokens) / static_cast<double>(prompt_tokens) <
-          options.local_prefill_max_ratio;
-  if (few_uncached) return d;
+  if (SetDecodeAndPrefillLocally(options, dc.slot, dc.overlap, prompt_tokens, block_size, &d)) {
+    return d;
+  }
 
   FastBest p;
   for (const OverlapResult::Listed& l : overlaps.listed()) {

@@ -38,11 +38,7 @@ using testing::RandomPrompt;
 
 std::string ModelDir() { return testing::ModelDir(testing::TinyVariants()[0]); }
 
-std::string Scrape(int port) {
-  std::optional<std::string> text = testing::HttpGet(port, "/metrics");
-  EXPECT_TRUE(text.has_value()) << "no /metrics on port " << port;
-  return text.value_or("");
-}
+std::string Scrape(int port) { return testing::ScrapeMetrics(port); }
 
 // A router + 1 prefill + 1 decode worker, all with /metrics.
 struct Cluster {

@@ -37,11 +37,7 @@ using testing::RandomPrompt;
 
 std::string ModelDir() { return testing::ModelDir(testing::TinyVariants()[0]); }
 
-std::string Scrape(int port) {
-  std::optional<std::string> text = testing::HttpGet(port, "/metrics");
-  EXPECT_TRUE(text.has_value()) << "no /metrics on port " << port;
-  return text.value_or("");
-}
+std::string Scrape(int port) { return testing::ScrapeMetrics(port); }
 
 bool Generate(v1::Generation::Stub& stub, const v1::GenerateRequest& req, v1::Final* final,
               grpc::Status* status = nullptr) {

@@ -77,6 +77,8 @@ bool PromtoolCheckMetrics(const std::string& text, std::string* output) {
   return status == 0;
 }
 
+std::string ScrapeMetrics(int port) { return HttpGet(port, "/metrics").value_or(""); }
+
 double MetricSum(const std::string& text, const std::string& name, const std::string& label) {
   double sum = 0;
   bool found = false;

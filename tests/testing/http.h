@@ -13,6 +13,9 @@ namespace kvrelay::testing {
 std::optional<std::string> HttpGet(int port, const std::string& path,
                                    absl::Duration timeout = absl::Seconds(30));
 
+// The /metrics text of 127.0.0.1:<port> ("" when it does not answer).
+std::string ScrapeMetrics(int port);
+
 // Sum of the samples of `name` (a whole series name, e.g. "x_total" or "x_count") in the
 // Prometheus text `text` whose label set contains `label` (e.g. code="OK"; empty: any).
 // -1 when there is none.
