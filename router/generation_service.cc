@@ -59,6 +59,20 @@ absl::Status ParseRequest(const grpc::ByteBuffer& buffer, size_t max_bytes, T* o
   return absl::OkStatus();
 }
 
+// UNAUTHENTICATED unless the call's "authorization" metadata carries one of `keys`
+// (always OK without keys).
+std::optional<grpc::Status> CheckKey(const ApiKeys& keys, const grpc::ServerContextBase& context) {
+  if (keys.empty()) return std::nullopt;
+  const auto& md = context.client_metadata();
+  auto it = md.find("authorization");
+  if (it != md.end() && keys.Allows(absl::string_view(it->second.data(), it->second.size()))) {
+    return std::nullopt;
+  }
+  return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                      it == md.end() ? "missing API key: send metadata 'authorization: Bearer KEY'"
+                                     : "incorrect API key provided");
+}
+
 }  // namespace
 
 // One Generate stream. The runner serving it queues messages with Send and ends it
@@ -352,6 +366,10 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
   // A call the client cancelled before its request message arrived comes with no message
   // at all (an invalid buffer, not an empty one): it ends CANCELLED, not as the bad
   // (empty) request it would parse into. The context may not know of the cancel yet.
+  if (std::optional<grpc::Status> denied = CheckKey(options_.api_keys, *context)) {
+    call->End(*denied);
+    return call;
+  }
   if (!raw->Valid()) {
     call->End(
         grpc::Status(grpc::StatusCode::CANCELLED, "the call ended before its request arrived"));
@@ -687,6 +705,10 @@ grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContex
                                                       grpc::ByteBuffer* raw_response) {
   auto* reactor = context->DefaultReactor();
   v1::TokenizeRequest request;
+  if (std::optional<grpc::Status> denied = CheckKey(options_.api_keys, *context)) {
+    reactor->Finish(*denied);
+    return reactor;
+  }
   if (!raw->Valid()) {  // no request message (see Generate)
     reactor->Finish(
         grpc::Status(grpc::StatusCode::CANCELLED, "the call ended before its request arrived"));
@@ -712,6 +734,11 @@ grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* GenerationService::ListModels(grpc::CallbackServerContext* context,
                                                         const v1::ListModelsRequest* request,
                                                         v1::ListModelsResponse* response) {
+  auto* reactor = context->DefaultReactor();
+  if (std::optional<grpc::Status> denied = CheckKey(options_.api_keys, *context)) {
+    reactor->Finish(*denied);
+    return reactor;
+  }
   v1::ModelInfo* m = response->add_models();
   m->set_id(model_->model_id);
   m->set_max_context(model_->config.max_position_embeddings);
@@ -720,7 +747,6 @@ grpc::ServerUnaryReactor* GenerationService::ListModels(grpc::CallbackServerCont
   m->set_prefill_workers(registry_->Alive(v1::WORKER_ROLE_PREFILL));
   m->set_decode_workers(registry_->Alive(v1::WORKER_ROLE_DECODE));
   m->set_chat_template(tokenizer::ChatFormatName(model_->chat_format));
-  auto* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }

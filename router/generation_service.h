@@ -42,6 +42,7 @@
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
+#include "router/api_keys.h"
 #include "router/model_context.h"
 #include "router/scheduler.h"
 #include "router/worker_registry.h"
@@ -58,6 +59,8 @@ struct GenerationOptions {
   int migration_limit = 2;             // times a request may move to another decode worker
   size_t max_request_bytes = 4 << 20;  // larger Generate/Tokenize requests: RESOURCE_EXHAUSTED
   SchedulerOptions scheduler;
+  // Keys the public API requires (metadata "authorization: Bearer KEY"); none: open.
+  ApiKeys api_keys;
 };
 
 // Generate and Tokenize take their requests as raw bytes and parse them here: text

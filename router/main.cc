@@ -17,6 +17,13 @@ ABSL_FLAG(std::string, chat_format, "",
           "chat template: chatml | llama3 | llama2 | mistral | gemma | plain (default: detected)");
 ABSL_FLAG(int, block_size, 16, "tokens per KV block (must match the workers)");
 ABSL_FLAG(std::string, listen, "127.0.0.1:0", "host:port to serve on (port 0: any free port)");
+ABSL_FLAG(std::string, http_listen, "",
+          "serve the OpenAI HTTP API on host:port (port 0: any free port; prints HTTP <port> "
+          "before READY); empty: none");
+ABSL_FLAG(int, http_threads, 128, "HTTP connections served at once (a stream holds one)");
+ABSL_FLAG(std::string, api_keys_file, "",
+          "API keys, one per line, required on the public API (gRPC metadata and HTTP "
+          "'authorization: Bearer KEY'); empty: open");
 ABSL_FLAG(std::string, router_id, "", "this router's id (default: random)");
 ABSL_FLAG(int, max_running, 64, "requests served at once");
 ABSL_FLAG(int, max_queued, 1024, "requests waiting beyond this get RESOURCE_EXHAUSTED");
@@ -60,6 +67,22 @@ int main(int argc, char** argv) {
   o.block_size = absl::GetFlag(FLAGS_block_size);
   o.listen = absl::GetFlag(FLAGS_listen);
   o.router_id = absl::GetFlag(FLAGS_router_id);
+  o.http_listen = absl::GetFlag(FLAGS_http_listen);
+  o.http_threads = absl::GetFlag(FLAGS_http_threads);
+  if (const std::string keys = absl::GetFlag(FLAGS_api_keys_file); !keys.empty()) {
+    absl::StatusOr<kvrelay::router::ApiKeys> k = kvrelay::router::ApiKeys::Load(keys);
+    if (!k.ok()) {
+      std::fprintf(stderr, "kvrelay-router: %s\n", k.status().ToString().c_str());
+      return 2;
+    }
+    o.api_keys = *std::move(k);
+    std::fprintf(stderr, "kvrelay-router: %zu API keys required on the public API\n",
+                 o.api_keys.size());
+  } else {
+    std::fprintf(stderr,
+                 "kvrelay-router: warning: no --api_keys_file: the public API is open to anyone "
+                 "who can reach it\n");
+  }
   o.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
   o.heartbeat_interval = absl::Milliseconds(absl::GetFlag(FLAGS_heartbeat_interval_ms));
   o.heartbeat_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_heartbeat_timeout_ms));
@@ -95,6 +118,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "kvrelay-router: %s\n", router.status().ToString().c_str());
     return 1;
   }
+  if ((*router)->http_port() > 0) std::printf("HTTP %d\n", (*router)->http_port());
   std::printf("READY %d\n", (*router)->port());
   std::fflush(stdout);
   const int sig = kvrelay::WaitForStopSignal();

@@ -59,8 +59,9 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Start(const RouterOptions& optio
   r->registry_ = std::make_unique<WorkerRegistry>(ro, metrics);
   GenerationOptions generation = options.generation;
   generation.max_request_bytes = static_cast<size_t>(options.max_request_bytes);
-  r->generation_ = std::make_unique<GenerationService>(r->model_.get(), r->registry_.get(),
-                                                       generation, std::move(metrics));
+  generation.api_keys = options.api_keys;
+  r->generation_ =
+      std::make_unique<GenerationService>(r->model_.get(), r->registry_.get(), generation, metrics);
   Router* self = r.get();
   r->registry_service_ =
       std::make_unique<RegistryService>(r->registry_.get(), [self] { self->UpdateHealth(); });
@@ -84,6 +85,17 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Start(const RouterOptions& optio
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
   }
   r->UpdateHealth();
+  if (!options.http_listen.empty()) {
+    OpenAIServerOptions ho;
+    ho.listen = options.http_listen;
+    ho.threads = options.http_threads;
+    ho.max_body_bytes = static_cast<size_t>(options.max_request_bytes);
+    ho.keys = options.api_keys;
+    // The HTTP layer is a client of this very server's Generation service.
+    KVR_ASSIGN_OR_RETURN(
+        r->http_, OpenAIServer::Start(ho, r->server_->InProcessChannel(grpc::ChannelArguments()),
+                                      r->model_.get(), metrics));
+  }
   return r;
 }
 
@@ -107,9 +119,12 @@ void Router::Shutdown(absl::Duration grace, absl::Duration linger) {
   }
   if (auto* health = server_->GetHealthCheckService(); health != nullptr) health->Shutdown();
   generation_->StopAccepting();
+  // HTTP requests are gRPC calls of the in-process channel: the drain below waits for
+  // them too; the HTTP server stops after the gRPC one has cancelled what is left.
   if (generation_->calls().WaitIdle(grace)) absl::SleepFor(linger);
   server_->Shutdown(std::chrono::system_clock::now());  // cancels what is left (and streams)
   server_->Wait();
+  http_.reset();
 }
 
 Router::~Router() {

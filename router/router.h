@@ -12,8 +12,10 @@
 #include "absl/time/time.h"
 #include "grpcpp/server.h"
 #include "prometheus/registry.h"
+#include "router/api_keys.h"
 #include "router/generation_service.h"
 #include "router/model_context.h"
+#include "router/openai_server.h"
 #include "router/registry_service.h"
 #include "router/worker_registry.h"
 
@@ -31,6 +33,11 @@ struct RouterOptions {
   absl::Duration heartbeat_timeout = absl::Seconds(5);
   int max_workers = PrefixIndex::kDefaultMaxWorkers;  // registrations beyond: RESOURCE_EXHAUSTED
   GenerationOptions generation;
+  // The OpenAI HTTP API (router/openai_server.h) on this HOST:PORT; empty: none.
+  std::string http_listen;
+  int http_threads = 128;
+  // API keys of the public API, gRPC and HTTP alike (none: open).
+  ApiKeys api_keys;
   // Where the router's metrics (kvrelay_router_*) go, e.g. the registry main.cc serves
   // on /metrics; nullptr: a private registry.
   std::shared_ptr<prometheus::Registry> metrics;
@@ -44,6 +51,7 @@ class Router {
   ~Router();
 
   int port() const { return port_; }
+  int http_port() const { return http_ != nullptr ? http_->port() : 0; }
   WorkerRegistry& registry() { return *registry_; }
   const ModelContext& model() const { return *model_; }
 
@@ -60,6 +68,7 @@ class Router {
   std::unique_ptr<GenerationService> generation_;
   std::unique_ptr<RegistryService> registry_service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<OpenAIServer> http_;  // stopped before server_
   absl::Mutex health_mu_;
   bool serving_known_ ABSL_GUARDED_BY(health_mu_) = false;
   bool serving_ ABSL_GUARDED_BY(health_mu_) = false;

@@ -9,7 +9,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libucx-dev ucx-utils
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  prometheus-cpp-dev prometheus
+  prometheus-cpp-dev prometheus libcivetweb-dev
   gnuplot-nox libpng-dev
   golang-go golang-github-masterminds-sprig-dev golang-k8s-sigs-yaml-dev
   golang-gopkg-yaml.v2-dev golang-github-burntsushi-toml-dev nodejs

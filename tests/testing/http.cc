@@ -18,40 +18,115 @@
 
 namespace kvrelay::testing {
 
-std::optional<std::string> HttpGet(int port, const std::string& path, absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
+namespace {
+
+// A TCP connection to 127.0.0.1:port (-1 on failure).
+int Connect(int port) {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return std::nullopt;
+  if (fd < 0) return -1;
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_port = htons(static_cast<uint16_t>(port));
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  std::optional<std::string> out;
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    const std::string req = absl::StrCat("GET ", path, " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    if (::write(fd, req.data(), req.size()) == static_cast<ssize_t>(req.size())) {
-      std::string resp;
-      char buf[16384];
-      while (true) {
-        const int ms = static_cast<int>(absl::ToInt64Milliseconds(deadline - absl::Now()));
-        if (ms <= 0) break;
-        pollfd p{fd, POLLIN, 0};
-        if (::poll(&p, 1, ms) <= 0) break;
-        const ssize_t n = ::read(fd, buf, sizeof(buf));
-        if (n < 0) break;
-        if (n == 0) {  // HTTP/1.0: the server closes after the body
-          const size_t head = resp.find("\r\n\r\n");
-          if (resp.rfind("HTTP/1.1 200", 0) == 0 || resp.rfind("HTTP/1.0 200", 0) == 0) {
-            if (head != std::string::npos) out = resp.substr(head + 4);
-          }
-          break;
-        }
-        resp.append(buf, static_cast<size_t>(n));
-      }
-    }
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    ::close(fd);
+    return -1;
   }
+  return fd;
+}
+
+std::string RequestText(const std::string& method, const std::string& path, const std::string& body,
+                        const std::vector<std::string>& headers) {
+  std::string req =
+      absl::StrCat(method, " ", path, " HTTP/1.0\r\nHost: 127.0.0.1\r\n", "Connection: close\r\n");
+  for (const std::string& h : headers) absl::StrAppend(&req, h, "\r\n");
+  if (!body.empty() || method == "POST") {
+    absl::StrAppend(&req, "Content-Type: application/json\r\nContent-Length: ", body.size(),
+                    "\r\n");
+  }
+  absl::StrAppend(&req, "\r\n", body);
+  return req;
+}
+
+bool WriteAll(int fd, const std::string& s) {
+  size_t done = 0;
+  while (done < s.size()) {
+    const ssize_t n = ::send(fd, s.data() + done, s.size() - done, MSG_NOSIGNAL);
+    if (n <= 0) return false;
+    done += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+// Appends what arrives on fd to *out until `done(*out)`, EOF or the deadline; false on
+// a timeout or an error.
+template <typename Done>
+bool ReadUntil(int fd, absl::Time deadline, std::string* out, Done done) {
+  char buf[16384];
+  while (!done(*out)) {
+    const int ms = static_cast<int>(absl::ToInt64Milliseconds(deadline - absl::Now()));
+    if (ms <= 0) return false;
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, ms) <= 0) return false;
+    const ssize_t n = ::read(fd, buf, sizeof(buf));
+    if (n < 0) return false;
+    if (n == 0) return true;  // EOF
+    out->append(buf, static_cast<size_t>(n));
+  }
+  return true;
+}
+
+}  // namespace
+
+HttpResponse HttpRequest(int port, const std::string& method, const std::string& path,
+                         const std::string& body, const std::vector<std::string>& headers,
+                         absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  HttpResponse r;
+  const int fd = Connect(port);
+  if (fd < 0) return r;
+  std::string resp;
+  // A server may answer (413) before it has read a large body: send what it takes.
+  WriteAll(fd, RequestText(method, path, body, headers));
+  const bool ok = ReadUntil(fd, deadline, &resp, [](const std::string&) { return false; });
   ::close(fd);
-  return out;
+  const size_t head = resp.find("\r\n\r\n");
+  if (!ok || head == std::string::npos || resp.size() < 12 || resp.rfind("HTTP/1.", 0) != 0) {
+    return r;
+  }
+  int status = 0;
+  if (!absl::SimpleAtoi(resp.substr(9, 3), &status)) return r;
+  r.status = status;
+  r.headers = resp.substr(0, head);
+  r.body = resp.substr(head + 4);
+  return r;
+}
+
+std::optional<std::string> HttpGet(int port, const std::string& path, absl::Duration timeout) {
+  HttpResponse r = HttpRequest(port, "GET", path, "", {}, timeout);
+  if (r.status != 200) return std::nullopt;
+  return r.body;
+}
+
+HttpStream::HttpStream(int port, const std::string& method, const std::string& path,
+                       const std::string& body, const std::vector<std::string>& headers)
+    : fd_(Connect(port)) {
+  if (fd_ >= 0 && !WriteAll(fd_, RequestText(method, path, body, headers))) Close();
+}
+
+HttpStream::~HttpStream() { Close(); }
+
+bool HttpStream::ReadUntil(const std::string& needle, absl::Duration timeout) {
+  if (fd_ < 0) return false;
+  return testing::ReadUntil(
+             fd_, absl::Now() + timeout, &received_,
+             [&](const std::string& s) { return s.find(needle) != std::string::npos; }) &&
+         received_.find(needle) != std::string::npos;
+}
+
+void HttpStream::Close() {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
 }
 
 bool PromtoolCheckMetrics(const std::string& text, std::string* output) {

@@ -3,10 +3,42 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/time/time.h"
 
 namespace kvrelay::testing {
+
+struct HttpResponse {
+  int status = 0;       // 0: no complete answer
+  std::string headers;  // the status line and headers
+  std::string body;
+};
+
+// One HTTP/1.0 request to 127.0.0.1:<port> (the server closes after answering), `headers` as "Name:
+// value"; a POST gets Content-Type: application/json and its Content-Length.
+HttpResponse HttpRequest(int port, const std::string& method, const std::string& path,
+                         const std::string& body = "", const std::vector<std::string>& headers = {},
+                         absl::Duration timeout = absl::Seconds(120));
+
+// A request whose answer is read as it comes (Server-Sent Events), and that can hang up
+// in the middle.
+class HttpStream {
+ public:
+  HttpStream(int port, const std::string& method, const std::string& path, const std::string& body,
+             const std::vector<std::string>& headers = {});
+  ~HttpStream();
+  HttpStream(const HttpStream&) = delete;
+  HttpStream& operator=(const HttpStream&) = delete;
+  // Reads until `needle` has arrived (true) or the timeout / end of the answer (false).
+  bool ReadUntil(const std::string& needle, absl::Duration timeout = absl::Seconds(120));
+  const std::string& received() const { return received_; }
+  void Close();  // hangs up
+
+ private:
+  int fd_;
+  std::string received_;
+};
 
 // The body of http://127.0.0.1:<port><path> if the status is 200; nullopt otherwise or
 // when no complete answer arrives within `timeout`.

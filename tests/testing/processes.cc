@@ -53,6 +53,10 @@ WorkerProcess StartWorker(const std::string& binary, const std::vector<std::stri
     EXPECT_TRUE(absl::SimpleAtoi(ready->substr(8), &w.metrics_port)) << *ready;
     ready = p->ReadLine(kProcessTimeout);
   }
+  if (ready && ready->rfind("HTTP ", 0) == 0) {  // the router's OpenAI API, before READY
+    EXPECT_TRUE(absl::SimpleAtoi(ready->substr(5), &w.http_port)) << *ready;
+    ready = p->ReadLine(kProcessTimeout);
+  }
   const bool ok =
       ready && ready->rfind("READY ", 0) == 0 && absl::SimpleAtoi(ready->substr(6), &w.port);
   EXPECT_TRUE(ok) << binary << " did not start: " << (ready ? *ready : "no output");

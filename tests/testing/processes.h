@@ -28,6 +28,7 @@ struct WorkerProcess {
   std::optional<Subprocess> process;
   int port = 0;
   int metrics_port = 0;  // with --metrics_listen: from its "METRICS <port>" line
+  int http_port = 0;     // kvrelay-router --http_listen: from its "HTTP <port>" line
   std::string address() const { return "127.0.0.1:" + std::to_string(port); }
 };
 // Empty `process` (and a test failure) if it does not start.

@@ -1,0 +1,72 @@
+// The OpenAI-compatible HTTP API of the router (issue 16), served with civetweb (the HTTP
+// server prometheus-cpp already brings): POST /v1/completions, POST /v1/chat/completions,
+// GET /v1/models, GET /health. A thin layer: each request becomes GenerateRequests sent
+// through the router's own kvrelay.v1.Generation service over an in-process channel, so
+// validation, routing, prefix reuse, migration, stop strings, cancellation and metrics
+// are the gRPC path's. `stream: true` answers with Server-Sent Events, one event per
+// token message, flushed as they come, then `data: [DONE]`; a client that disconnects
+// cancels its request (the gRPC cancel path, down to the prefill worker).
+//
+// Metrics: kvrelay_http_requests_total{endpoint,status}, kvrelay_http_requests_in_flight.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "grpcpp/channel.h"
+#include "prometheus/counter.h"
+#include "prometheus/family.h"
+#include "prometheus/gauge.h"
+#include "prometheus/registry.h"
+#include "router/api_keys.h"
+#include "router/model_context.h"
+#include "router/openai_api.h"
+
+struct mg_context;
+struct mg_connection;
+
+namespace kvrelay::router {
+
+struct OpenAIServerOptions {
+  std::string listen = "127.0.0.1:0";  // host:port (port 0: any free port)
+  size_t max_body_bytes = 4 << 20;     // larger bodies: 413
+  int threads = 128;                   // connections served at once (a stream holds one)
+  ApiKeys keys;                        // none: open
+};
+
+class OpenAIServer {
+ public:
+  // `generation`: a channel to this router's kvrelay.v1.Generation (in-process).
+  // INVALID_ARGUMENT for a bad listen address, UNAVAILABLE when it cannot listen.
+  static absl::StatusOr<std::unique_ptr<OpenAIServer>> Start(
+      const OpenAIServerOptions& options, std::shared_ptr<grpc::Channel> generation,
+      const ModelContext* model, std::shared_ptr<prometheus::Registry> metrics);
+  ~OpenAIServer();  // stops listening; waits for the requests in flight
+
+  int port() const { return port_; }
+
+ private:
+  OpenAIServer() = default;
+  static int Handle(mg_connection* conn, void* self);
+  int Serve(mg_connection* conn);
+  void Reply(mg_connection* conn, int status, const std::string& body, const std::string& endpoint);
+  void ReplyError(mg_connection* conn, const openai::Error& e, const std::string& endpoint);
+  void Generate(mg_connection* conn, openai::Kind kind, const std::string& body,
+                const std::string& authorization, const std::string& endpoint);
+  void Count(const std::string& endpoint, int status);
+
+  OpenAIServerOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  const ModelContext* model_ = nullptr;
+  std::shared_ptr<prometheus::Registry> metrics_;
+  prometheus::Family<prometheus::Counter>* requests_ = nullptr;
+  prometheus::Gauge* in_flight_ = nullptr;
+  mg_context* ctx_ = nullptr;
+  int port_ = 0;
+  int64_t created_ = 0;  // the model's "created" (server start, unix seconds)
+};
+
+}  // namespace kvrelay::router
