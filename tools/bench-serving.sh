@@ -7,6 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-build/bench-serving}
+# Which parts to run (all by default), e.g. SECTIONS=shed tools/bench-serving.sh
+SECTIONS=${SECTIONS:-"disagg agg rate shed"}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 BIN=build/bin
 mkdir -p "$OUT"
 NUM=${NUM:-64}
@@ -47,6 +50,7 @@ bench() {  # $1: name; rest: bench flags
 
 # Disaggregated: 1 prefill + 1 decode worker, 1 CPU thread each (2 cores in all); every
 # prompt of >= 64 uncached tokens is prefilled remotely and its KV sent over UCX.
+if want disagg; then
 start_local disagg --prefill 1 --decode 1 --threads 1 --router-flag=--local_prefill_max_tokens=64
 bench disagg-sweep --dataset random --num-prompts "$NUM" --input-len "$IN" --output-len "$OUTLEN" \
   --sweep-concurrency 1,2,4,8,16 --slo "$SLO" --plot "$OUT/disagg-sweep"
@@ -57,17 +61,39 @@ bench disagg-prefix --dataset prefix --num-prompts "$NUM" --prefix-groups 4 --pr
 bench disagg-multiturn --dataset multi-turn --num-prompts 16 --turns 4 --input-len 128 \
   --output-len "$OUTLEN" --max-concurrency 4 --seed 1
 stop_local
+fi
 
 # Aggregated: one decode worker that prefills locally, 2 CPU threads (the same 2 cores).
+if want agg; then
 start_local agg --prefill 0 --decode 1 --threads 2
 bench agg-sweep --dataset random --num-prompts "$NUM" --input-len "$IN" --output-len "$OUTLEN" \
   --sweep-concurrency 1,2,4,8,16 --slo "$SLO" --plot "$OUT/agg-sweep"
 stop_local
+fi
 
-# Overload: Poisson arrivals at rising rates against the aggregated worker.
+# Poisson arrivals at rising rates against the aggregated worker.
+if want rate; then
 start_local agg-rate --prefill 0 --decode 1 --threads 2
 bench agg-rate-sweep --dataset random --num-prompts "$NUM" --input-len "$IN" \
   --output-len "$OUTLEN" --sweep-rate 2,4,8,16 --slo "$SLO" --plot "$OUT/agg-rate-sweep"
 stop_local
+fi
+
+# Overload (issue 22): Poisson arrivals at 100 req/s, far above what the aggregated worker
+# serves, once with the router's defaults (64 running, 1024 queued: everything admitted)
+# and once shedding (4 running, 8 queued, 0.5 s in the queue at most).
+if want shed; then
+for mode in unbounded shedding; do
+  flags=()
+  if [[ $mode == shedding ]]; then
+    flags=(--router-flag=--max_running=4 --router-flag=--max_queued=8
+           --router-flag=--max_queue_seconds=0.5)
+  fi
+  start_local "overload-$mode" --prefill 0 --decode 1 --threads 2 "${flags[@]}"
+  bench "overload-$mode" --dataset random --num-prompts 600 --input-len "$IN" \
+    --output-len "$OUTLEN" --request-rate 100 --seed 3 --request-timeout 120
+  stop_local
+done
+fi
 trap - EXIT
 echo "reports in $OUT" >&2

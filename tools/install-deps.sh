@@ -37,3 +37,10 @@ if ! command -v npm >/dev/null 2>&1; then
   if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends npm
 fi
+
+# The official openai npm client for the HTTP API's client test (pinned by its lock file).
+OPENAI_CLIENT_DIR="$(cd "$(dirname "$0")/.." && pwd)/tests/openai_client"
+if [[ ! -d "$OPENAI_CLIENT_DIR/node_modules/openai" ]]; then
+  echo "kvrelay: npm ci in tests/openai_client" >&2
+  npm ci --prefix "$OPENAI_CLIENT_DIR" --no-audit --no-fund >&2
+fi

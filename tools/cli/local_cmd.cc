@@ -44,6 +44,7 @@ void DeclareFlags(Args& args) {
       .IntFlag("prefill", 0, 64, "prefill workers (default 1; 0: decode workers prefill locally)")
       .IntFlag("decode", 1, 64, "decode workers (default 1)")
       .IntFlag("port", 0, 65535, "router port on 127.0.0.1 (default 50051; 0: any free port)")
+      .IntFlag("http-port", 1, 65535, "also serve the OpenAI HTTP API on 127.0.0.1:PORT")
       .IntFlag("threads", 0, 1024,
                "CPU threads per worker (default: the usable cores divided by the number of "
                "workers, at least 1; 0: every worker uses all cores)")
@@ -76,6 +77,7 @@ struct Plan {
   absl::Duration ready_timeout = absl::Seconds(120), grace = absl::Seconds(30);
   std::string bin_dir;
   std::vector<std::string> router_flags, prefill_flags, decode_flags;
+  int http_port = 0;  // 0: no HTTP API
 };
 
 int UsableCores() {
@@ -102,6 +104,7 @@ absl::StatusOr<Plan> ReadPlan(const Args& args) {
   p.prefill = static_cast<int>(args.GetInt("prefill", 1));
   p.decode = static_cast<int>(args.GetInt("decode", 1));
   p.port = static_cast<int>(args.GetInt("port", 50051));
+  p.http_port = static_cast<int>(args.GetInt("http-port", 0));
   p.threads =
       static_cast<int>(args.GetInt("threads", std::max(1, UsableCores() / (p.prefill + p.decode))));
   p.model_id = args.GetString("model-id", "");
@@ -138,6 +141,7 @@ ChildCommand RouterCommand(const Plan& p) {
                  {JoinPath(p.bin_dir, "kvrelay-router"), "--model", p.model_dir, "--listen",
                   absl::StrCat("127.0.0.1:", p.port)}};
   if (!p.model_id.empty()) c.argv.insert(c.argv.end(), {"--model_id", p.model_id});
+  if (p.http_port > 0) c.argv.push_back(absl::StrCat("--http_listen=127.0.0.1:", p.http_port));
   c.argv.insert(c.argv.end(), p.router_flags.begin(), p.router_flags.end());
   return c;
 }
@@ -197,9 +201,11 @@ class LocalRun {
     std::string model_id = plan_.model_id.empty() ? BaseName(plan_.model_dir) : plan_.model_id;
     if (Outcome o = AwaitRegistered(port, names, &model_id); o != Outcome::kOk) return Finish(o);
     out_ << "kvrelay local: serving " << model_id << " on 127.0.0.1:" << port << " ("
-         << plan_.prefill << " prefill, " << Plural(plan_.decode, "decode worker") << ")\n"
-         << "READY " << port << "\n"
-         << std::flush;
+         << plan_.prefill << " prefill, " << Plural(plan_.decode, "decode worker") << ")\n";
+    if (plan_.http_port > 0) {
+      out_ << "kvrelay local: OpenAI API on http://127.0.0.1:" << plan_.http_port << "/v1\n";
+    }
+    out_ << "READY " << port << "\n" << std::flush;
     // 4. Serve until a stop signal or a child's death.
     for (;;) {
       Supervisor::Event e = sup_->Next(absl::InfiniteFuture());

@@ -17,8 +17,8 @@
 namespace kvrelay::router {
 namespace {
 
-using ::testing::HasSubstr;
 using nlohmann::json;
+using ::testing::HasSubstr;
 
 class OpenAIServerTest : public ::testing::Test {
  protected:
@@ -82,9 +82,8 @@ TEST_F(OpenAIServerTest, BodyLimitAndKeys) {
   EXPECT_EQ(testing::HttpRequest(s->port(), "GET", "/v1/models").status, 401);
   EXPECT_EQ(testing::HttpRequest(s->port(), "GET", "/v1/models", "", auth).status, 200);
   EXPECT_EQ(testing::HttpRequest(s->port(), "GET", "/health").status, 200);
-  const testing::HttpResponse r =
-      testing::HttpRequest(s->port(), "POST", "/v1/completions",
-                           json{{"prompt", std::string(2000, 'a')}}.dump(), auth);
+  const testing::HttpResponse r = testing::HttpRequest(
+      s->port(), "POST", "/v1/completions", json{{"prompt", std::string(2000, 'a')}}.dump(), auth);
   EXPECT_EQ(r.status, 413) << r.body;
   // A bad key is checked before the body is read.
   EXPECT_EQ(testing::HttpRequest(s->port(), "POST", "/v1/completions", "{}",

@@ -116,6 +116,17 @@ TEST(LocalCmdTest, DryRunShowsTheCommands) {
               "--threads 3 --model_id m1 --kv_blocks=64 --max_running=4"));
 }
 
+TEST(LocalCmdTest, HttpPortServesTheOpenAIApiOnTheRouter) {
+  std::string out, err;
+  ASSERT_EQ(RunCmd({"--model", ModelDir(), "--prefill", "0", "--port", "0", "--http-port", "8000",
+                    "--bin-dir", "/b", "--dry-run"},
+                   &out, &err),
+            0)
+      << err;
+  EXPECT_THAT(Lines(out)[0], ::testing::HasSubstr(" --http_listen=127.0.0.1:8000"));
+  EXPECT_NE(RunCmd({"--model", ModelDir(), "--http-port", "0", "--dry-run"}, &out, &err), 0);
+}
+
 TEST(LocalCmdTest, DefaultsSplitTheCoresAmongTheWorkers) {
   cpu_set_t set;
   CPU_ZERO(&set);
