@@ -357,11 +357,13 @@ std::set<std::string> SampleNames(const std::string& text) {
 TEST(MetricsProcessTest, EveryProcessServesValidMetricsThatMove) {
   const std::vector<std::string> metrics = {"--metrics_listen", "127.0.0.1:0"};
   std::vector<std::string> args = {
-      "--model", ModelDir(), "--local_prefill_max_tokens", "40", "--exit_linger_seconds", "0"};
+      "--model", ModelDir(), "--local_prefill_max_tokens", "40", "--exit_linger_seconds", "0",
+      "--http_listen", "127.0.0.1:0"};  // the HTTP API's metrics too
   args.insert(args.end(), metrics.begin(), metrics.end());
   testing::WorkerProcess router = testing::StartWorker("kvrelay-router", args);
   ASSERT_TRUE(router.process);
   ASSERT_GT(router.metrics_port, 0);
+  ASSERT_GT(router.http_port, 0);
   std::vector<std::string> worker = {"--model",  ModelDir(),       "--threads",
                                      "1",        "--kv_blocks",    "256",
                                      "--router", router.address(), "--exit_linger_seconds",
@@ -412,6 +414,7 @@ TEST(MetricsProcessTest, EveryProcessServesValidMetricsThatMove) {
   grpc::Status bad;
   EXPECT_FALSE(Generate(*gen, Greedy({}, 4), &unused, &bad));
   EXPECT_EQ(bad.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(testing::HttpRequest(router.http_port, "GET", "/v1/models").status, 200);
 
   // Counters of finished requests are updated before the stream ends; gauges fed by load
   // reports may lag, so only counters and histograms are checked.
@@ -437,6 +440,10 @@ TEST(MetricsProcessTest, EveryProcessServesValidMetricsThatMove) {
   EXPECT_GE(testing::MetricSum(r, "kvrelay_router_prefix_available_tokens_total"), 96);
   EXPECT_EQ(testing::MetricSum(r, "kvrelay_router_prefill_total", "mode=\"remote\""), 1);
   EXPECT_GE(testing::MetricSum(r, "kvrelay_router_workers", "state=\"alive\""), 2);
+  EXPECT_EQ(testing::MetricSum(r, "kvrelay_http_requests_total",
+                               "endpoint=\"/v1/models\",status=\"200\""),
+            1);
+  EXPECT_EQ(testing::MetricSum(r, "kvrelay_router_shed_total"), 0);
 
   const std::string& d = text["decode"];
   EXPECT_EQ(testing::MetricSum(d, "kvrelay_decode_requests_total", "code=\"OK\""), 2);
