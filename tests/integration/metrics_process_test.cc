@@ -356,9 +356,14 @@ std::set<std::string> SampleNames(const std::string& text) {
 
 TEST(MetricsProcessTest, EveryProcessServesValidMetricsThatMove) {
   const std::vector<std::string> metrics = {"--metrics_listen", "127.0.0.1:0"};
-  std::vector<std::string> args = {
-      "--model", ModelDir(), "--local_prefill_max_tokens", "40", "--exit_linger_seconds", "0",
-      "--http_listen", "127.0.0.1:0"};  // the HTTP API's metrics too
+  std::vector<std::string> args = {"--model",
+                                   ModelDir(),
+                                   "--local_prefill_max_tokens",
+                                   "40",
+                                   "--exit_linger_seconds",
+                                   "0",
+                                   "--http_listen",
+                                   "127.0.0.1:0"};  // the HTTP API's metrics too
   args.insert(args.end(), metrics.begin(), metrics.end());
   testing::WorkerProcess router = testing::StartWorker("kvrelay-router", args);
   ASSERT_TRUE(router.process);
