@@ -20,6 +20,8 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:0", "host:port to serve on (port 0: an
 ABSL_FLAG(std::string, http_listen, "",
           "serve the OpenAI HTTP API on host:port (port 0: any free port; prints HTTP <port> "
           "before READY); empty: none");
+ABSL_FLAG(double, http_request_timeout_seconds, 0,
+          "deadline of each HTTP API request; past it: 504 (0: none)");
 ABSL_FLAG(int, http_threads, 128, "HTTP connections served at once (a stream holds one)");
 ABSL_FLAG(std::string, api_keys_file, "",
           "API keys, one per line, required on the public API (gRPC metadata and HTTP "
@@ -69,6 +71,14 @@ int main(int argc, char** argv) {
   o.router_id = absl::GetFlag(FLAGS_router_id);
   o.http_listen = absl::GetFlag(FLAGS_http_listen);
   o.http_threads = absl::GetFlag(FLAGS_http_threads);
+  if (const double t = absl::GetFlag(FLAGS_http_request_timeout_seconds);
+      !std::isfinite(t) || t < 0) {
+    std::fprintf(stderr, "kvrelay-router: --http_request_timeout_seconds must be >= 0, got %g\n",
+                 t);
+    return 2;
+  } else {
+    o.http_request_timeout = absl::Seconds(t);
+  }
   if (const std::string keys = absl::GetFlag(FLAGS_api_keys_file); !keys.empty()) {
     absl::StatusOr<kvrelay::router::ApiKeys> k = kvrelay::router::ApiKeys::Load(keys);
     if (!k.ok()) {

@@ -226,6 +226,14 @@ void OpenAIServer::Generate(mg_connection* conn, openai::Kind kind, const std::s
     return model_->tokenizer->Decode({t}, /*skip_special_tokens=*/false);
   };
   auto stub = v1::Generation::NewStub(channel_);
+  const std::optional<absl::Time> deadline =
+      options_.request_timeout > absl::ZeroDuration()
+          ? std::optional<absl::Time>(absl::Now() + options_.request_timeout)
+          : std::nullopt;
+  auto prepare = [&](grpc::ClientContext* ctx) {
+    if (!authorization.empty()) ctx->AddMetadata("authorization", authorization);
+    if (deadline) ctx->set_deadline(absl::ToChronoTime(*deadline));
+  };
   openai::Usage usage;
   auto add_usage = [&usage](const v1::Final& f) {
     usage.prompt_tokens += f.usage().prompt_tokens();
@@ -237,7 +245,7 @@ void OpenAIServer::Generate(mg_connection* conn, openai::Kind kind, const std::s
     std::vector<openai::Choice> choices;
     for (size_t i = 0; i < r.prompts.size(); ++i) {
       grpc::ClientContext ctx;
-      if (!authorization.empty()) ctx.AddMetadata("authorization", authorization);
+      prepare(&ctx);
       std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
           stub->Generate(&ctx, r.prompts[i]);
       openai::Choice c;
@@ -280,7 +288,7 @@ void OpenAIServer::Generate(mg_connection* conn, openai::Kind kind, const std::s
   };
   for (size_t i = 0; i < r.prompts.size(); ++i) {
     grpc::ClientContext ctx;
-    if (!authorization.empty()) ctx.AddMetadata("authorization", authorization);
+    prepare(&ctx);
     std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
         stub->Generate(&ctx, r.prompts[i]);
     v1::GenerateResponse m;

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "grpcpp/channel.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
@@ -35,6 +36,9 @@ struct OpenAIServerOptions {
   size_t max_body_bytes = 4 << 20;     // larger bodies: 413
   int threads = 128;                   // connections served at once (a stream holds one)
   ApiKeys keys;                        // none: open
+  // Each request's deadline (its gRPC calls'); past it: 504. Zero: none (OpenAI's API
+  // has no deadline of its own).
+  absl::Duration request_timeout = absl::ZeroDuration();
 };
 
 class OpenAIServer {

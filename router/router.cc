@@ -91,6 +91,7 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Start(const RouterOptions& optio
     ho.threads = options.http_threads;
     ho.max_body_bytes = static_cast<size_t>(options.max_request_bytes);
     ho.keys = options.api_keys;
+    ho.request_timeout = options.http_request_timeout;
     // The HTTP layer is a client of this very server's Generation service.
     KVR_ASSIGN_OR_RETURN(
         r->http_, OpenAIServer::Start(ho, r->server_->InProcessChannel(grpc::ChannelArguments()),

@@ -36,6 +36,7 @@ struct RouterOptions {
   // The OpenAI HTTP API (router/openai_server.h) on this HOST:PORT; empty: none.
   std::string http_listen;
   int http_threads = 128;
+  absl::Duration http_request_timeout = absl::ZeroDuration();  // past it: 504 (zero: none)
   // API keys of the public API, gRPC and HTTP alike (none: open).
   ApiKeys api_keys;
   // Where the router's metrics (kvrelay_router_*) go, e.g. the registry main.cc serves

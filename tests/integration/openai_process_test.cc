@@ -219,6 +219,36 @@ TEST(OpenAIProcessTest, CompletionsAndChatEqualTheGrpcPath) {
   }
   EXPECT_EQ(text, want_chat.text);
 
+  // Logprobs: per token, with the top entries asked for (completions and chat forms).
+  r = HttpRequest(c.http(), "POST", "/v1/completions",
+                  json{{"prompt", prompt_ids},
+                       {"max_tokens", 5},
+                       {"temperature", 0},
+                       {"ignore_eos", true},
+                       {"logprobs", 2}}
+                      .dump());
+  ASSERT_EQ(r.status, 200) << r.body;
+  j = Body(r)["choices"][0]["logprobs"];
+  ASSERT_EQ(j["tokens"].size(), 5u) << r.body;
+  EXPECT_EQ(j["token_logprobs"].size(), 5u);
+  EXPECT_EQ(j["text_offset"][0], 0);
+  EXPECT_LE(j["token_logprobs"][0].get<double>(), 0.0);
+  EXPECT_GE(j["top_logprobs"][0].size(), 1u);
+  EXPECT_LE(j["top_logprobs"][0].size(), 2u);
+  r = HttpRequest(c.http(), "POST", "/v1/chat/completions",
+                  json{{"messages", messages},
+                       {"max_tokens", 3},
+                       {"temperature", 0},
+                       {"ignore_eos", true},
+                       {"logprobs", true},
+                       {"top_logprobs", 2}}
+                      .dump());
+  ASSERT_EQ(r.status, 200) << r.body;
+  j = Body(r)["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(j.size(), 3u) << r.body;
+  EXPECT_EQ(j[0]["top_logprobs"].size(), 2u);
+  EXPECT_TRUE(j[0]["token"].is_string());
+
   // Models and health.
   r = HttpRequest(c.http(), "GET", "/v1/models");
   ASSERT_EQ(r.status, 200);
@@ -232,7 +262,7 @@ TEST(OpenAIProcessTest, CompletionsAndChatEqualTheGrpcPath) {
   const std::string metrics = testing::ScrapeMetrics(c.router->metrics_port);
   EXPECT_EQ(MetricSum(metrics, "kvrelay_http_requests_total",
                       "endpoint=\"/v1/completions\",status=\"200\""),
-            3)
+            4)
       << metrics;
   EXPECT_EQ(MetricSum(metrics, "kvrelay_http_requests_in_flight"), 0);
 }
@@ -317,6 +347,33 @@ TEST(OpenAIProcessTest, NoWorkerIs503AndAFullQueueIs429) {
   ASSERT_EQ(kill(c.decode->process->pid(), SIGCONT), 0);
   EXPECT_TRUE(held1.ReadUntil("data: [DONE]")) << held1.received();
   EXPECT_TRUE(held2.ReadUntil("data: [DONE]")) << held2.received();
+}
+
+TEST(OpenAIProcessTest, PastTheRequestTimeoutIs504) {
+  Cluster c({"--http_request_timeout_seconds", "0.5", "--heartbeat_timeout_ms", "60000"});
+  ASSERT_TRUE(c.ok());
+  ASSERT_TRUE(c.WaitForWorker());
+  // The decode worker stopped: the request cannot finish within its 0.5 s.
+  ASSERT_EQ(kill(c.decode->process->pid(), SIGSTOP), 0);
+  const absl::Time start = absl::Now();
+  const testing::HttpResponse r =
+      HttpRequest(c.http(), "POST", "/v1/completions", R"({"prompt": [1, 2, 3], "max_tokens": 4})");
+  EXPECT_EQ(r.status, 504) << r.body;
+  EXPECT_EQ(Body(r)["error"]["type"], "timeout");
+  EXPECT_GE(absl::Now() - start, absl::Milliseconds(450));
+  ASSERT_EQ(kill(c.decode->process->pid(), SIGCONT), 0);
+  // Nothing stays behind on the worker once it runs again.
+  const absl::Time deadline = absl::Now() + testing::kProcessTimeout;
+  std::string d;
+  while (absl::Now() < deadline) {
+    d = testing::ScrapeMetrics(c.decode->metrics_port);
+    if (MetricSum(d, "kvrelay_decode_running_sequences") == 0 &&
+        MetricSum(d, "kvrelay_kv_blocks", "state=\"in_use\"") == 0) {
+      break;
+    }
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  EXPECT_EQ(MetricSum(d, "kvrelay_kv_blocks", "state=\"in_use\""), 0) << d;
 }
 
 TEST(OpenAIProcessTest, ApiKeysGuardHttpAndGrpc) {
