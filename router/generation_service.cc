@@ -37,6 +37,10 @@ grpc::ByteBuffer ToByteBuffer(const google::protobuf::Message& m) {
 // not UTF-8).
 template <typename T>
 absl::Status ParseRequest(const grpc::ByteBuffer& buffer, size_t max_bytes, T* out) {
+  // A call the client cancelled before its request message arrived comes with no message
+  // at all (an invalid buffer, not an empty one): CANCELLED, not the bad (empty) request
+  // it would parse into. The call's context may not know of the cancel yet.
+  if (!buffer.Valid()) return absl::CancelledError("the call ended before its request arrived");
   if (buffer.Length() > max_bytes) {
     return absl::ResourceExhaustedError(
         absl::StrCat("the request has ", buffer.Length(), " bytes; the limit is ", max_bytes));
@@ -363,16 +367,8 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
     grpc::CallbackServerContext* context, const grpc::ByteBuffer* raw) {
   auto* call = new Call(this, context);
   v1::GenerateRequest parsed;
-  // A call the client cancelled before its request message arrived comes with no message
-  // at all (an invalid buffer, not an empty one): it ends CANCELLED, not as the bad
-  // (empty) request it would parse into. The context may not know of the cancel yet.
   if (std::optional<grpc::Status> denied = CheckKey(options_.api_keys, *context)) {
     call->End(*denied);
-    return call;
-  }
-  if (!raw->Valid()) {
-    call->End(
-        grpc::Status(grpc::StatusCode::CANCELLED, "the call ended before its request arrived"));
     return call;
   }
   if (absl::Status st = ParseRequest(*raw, options_.max_request_bytes, &parsed); !st.ok()) {
@@ -707,11 +703,6 @@ grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContex
   v1::TokenizeRequest request;
   if (std::optional<grpc::Status> denied = CheckKey(options_.api_keys, *context)) {
     reactor->Finish(*denied);
-    return reactor;
-  }
-  if (!raw->Valid()) {  // no request message (see Generate)
-    reactor->Finish(
-        grpc::Status(grpc::StatusCode::CANCELLED, "the call ended before its request arrived"));
     return reactor;
   }
   if (absl::Status st = ParseRequest(*raw, options_.max_request_bytes, &request); !st.ok()) {

@@ -8,7 +8,6 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "grpcpp/client_context.h"
 #include "kvrelay/v1/kvrelay.grpc.pb.h"
@@ -69,10 +68,10 @@ std::string EndpointOf(const std::string& uri) {
 absl::StatusOr<std::unique_ptr<OpenAIServer>> OpenAIServer::Start(
     const OpenAIServerOptions& options, std::shared_ptr<grpc::Channel> generation,
     const ModelContext* model, std::shared_ptr<prometheus::Registry> metrics) {
-  const std::vector<std::string> hp = absl::StrSplit(options.listen, absl::MaxSplits(':', 1));
+  const size_t colon = options.listen.rfind(':');
   int port = -1;
-  if (options.listen.find(':') == std::string::npos || hp.size() != 2 || hp[0].empty() ||
-      !absl::SimpleAtoi(hp[1], &port) || port < 0 || port > 65535) {
+  if (colon == std::string::npos || colon == 0 ||
+      !absl::SimpleAtoi(options.listen.substr(colon + 1), &port) || port < 0 || port > 65535) {
     return absl::InvalidArgumentError(
         absl::StrCat("--http_listen must be HOST:PORT, got '", options.listen, "'"));
   }
@@ -230,35 +229,34 @@ void OpenAIServer::Generate(mg_connection* conn, openai::Kind kind, const std::s
       options_.request_timeout > absl::ZeroDuration()
           ? std::optional<absl::Time>(absl::Now() + options_.request_timeout)
           : std::nullopt;
-  auto prepare = [&](grpc::ClientContext* ctx) {
+  // Prompt i's gRPC call, with the client's key and the request's deadline.
+  auto call = [&](size_t i, grpc::ClientContext* ctx) {
     if (!authorization.empty()) ctx->AddMetadata("authorization", authorization);
     if (deadline) ctx->set_deadline(absl::ToChronoTime(*deadline));
+    return stub->Generate(ctx, r.prompts[i]);
   };
+  // Adds one response message to choice `c` (and its final's usage to the total).
   openai::Usage usage;
-  auto add_usage = [&usage](const v1::Final& f) {
-    usage.prompt_tokens += f.usage().prompt_tokens();
-    usage.completion_tokens += f.usage().completion_tokens();
-    usage.cached_tokens += f.usage().cached_tokens();
+  auto absorb = [&usage](const v1::GenerateResponse& m, openai::Choice* c) {
+    c->text += m.text();
+    c->logprobs.insert(c->logprobs.end(), m.logprobs().begin(), m.logprobs().end());
+    if (m.has_final()) {
+      c->finish_reason = m.final().finish_reason();
+      usage.prompt_tokens += m.final().usage().prompt_tokens();
+      usage.completion_tokens += m.final().usage().completion_tokens();
+      usage.cached_tokens += m.final().usage().cached_tokens();
+    }
   };
 
   if (!r.stream) {
     std::vector<openai::Choice> choices;
     for (size_t i = 0; i < r.prompts.size(); ++i) {
       grpc::ClientContext ctx;
-      prepare(&ctx);
-      std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
-          stub->Generate(&ctx, r.prompts[i]);
+      std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader = call(i, &ctx);
       openai::Choice c;
       c.index = static_cast<int>(i);
       v1::GenerateResponse m;
-      while (reader->Read(&m)) {
-        c.text += m.text();
-        c.logprobs.insert(c.logprobs.end(), m.logprobs().begin(), m.logprobs().end());
-        if (m.has_final()) {
-          c.finish_reason = m.final().finish_reason();
-          add_usage(m.final());
-        }
-      }
+      while (reader->Read(&m)) absorb(m, &c);
       const grpc::Status st = reader->Finish();
       if (!st.ok()) return ReplyError(conn, openai::FromGrpc(st), endpoint);
       choices.push_back(std::move(c));
@@ -288,21 +286,14 @@ void OpenAIServer::Generate(mg_connection* conn, openai::Kind kind, const std::s
   };
   for (size_t i = 0; i < r.prompts.size(); ++i) {
     grpc::ClientContext ctx;
-    prepare(&ctx);
-    std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
-        stub->Generate(&ctx, r.prompts[i]);
+    std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader = call(i, &ctx);
     v1::GenerateResponse m;
     bool first = true, gone = false;
     size_t offset = 0;
     while (reader->Read(&m)) {
-      openai::Choice c;
+      openai::Choice c;  // this message's delta
       c.index = static_cast<int>(i);
-      c.text = m.text();
-      c.logprobs.assign(m.logprobs().begin(), m.logprobs().end());
-      if (m.has_final()) {
-        c.finish_reason = m.final().finish_reason();
-        add_usage(m.final());
-      }
+      absorb(m, &c);
       const bool role = first && kind == openai::Kind::kChat;
       if (role || !c.text.empty() || !c.logprobs.empty() || !c.finish_reason.empty()) {
         if (!start() || !send(openai::Chunk(r, id, created, model, c, role, token_text, offset))) {

@@ -119,6 +119,7 @@ struct Config {
   double warmup = 0;
   double overlap_weight = 1;
   double max_load_ratio = 0;
+  int64_t oracle_every = 1;  // ask the oracle about every N-th measured decision
   uint64_t seed = 0;
 };
 
@@ -148,7 +149,11 @@ struct Result {
 class Simulation {
  public:
   Simulation(const Config& c, int n, std::vector<bench::Conversation> convs)
-      : c_(c), n_(n), convs_(std::move(convs)), rng_(c.seed ^ (0x9e3779b97f4a7c15ull * n)) {
+      : c_(c),
+        n_(n),
+        convs_(std::move(convs)),
+        history_(convs_.size()),
+        rng_(c.seed ^ (0x9e3779b97f4a7c15ull * n)) {
     RegistryOptions ro;
     ro.model_id = "sim";
     ro.block_size = c.block_size;
@@ -239,7 +244,8 @@ class Simulation {
     std::vector<int32_t> tokens;  // the prompt (history + this turn)
     std::vector<uint64_t> hashes;
     int output = 0;
-    int worker = -1;
+    int slot = -1;    // the registry's
+    int worker = -1;  // workers_[worker]
     int64_t load_blocks = 0;
     std::vector<int32_t> blocks;
     bool measured = false;
@@ -387,7 +393,8 @@ class Simulation {
       registry_->NoteChosen(d->decode_slot, -1, q.load_blocks, 0);
       r_.router_seconds += Seconds(Clock::now() - n0);
     }
-    q.worker = slot_to_worker_[d->decode_slot];
+    q.slot = d->decode_slot;
+    q.worker = slot_to_worker_[q.slot];
 
     if (q.measured) {
       const int64_t achieved = workers_[q.worker].cache->Lookup(q.hashes, q.tokens);
@@ -395,7 +402,7 @@ class Simulation {
       r_.achieved_tokens += std::min(prompt, achieved * c_.block_size);
       r_.predicted_tokens +=
           std::min(prompt, static_cast<int64_t>(d->decode_overlap_blocks) * c_.block_size);
-      if (++sampled_ % oracle_every_ == 0) {  // the oracle looks at every worker's cache
+      if (++sampled_ % c_.oracle_every == 0) {  // the oracle looks at every worker's cache
         int64_t oracle = 0;
         for (const Worker& w : workers_) {
           oracle = std::max(oracle, w.cache->Lookup(q.hashes, q.tokens));
@@ -470,7 +477,7 @@ class Simulation {
     w.dirty = true;
     {
       const auto t0 = Clock::now();
-      registry_->NoteDone(SlotOf(q.worker), -1, q.load_blocks, 0);
+      registry_->NoteDone(q.slot, -1, q.load_blocks, 0);
       r_.router_seconds += Seconds(Clock::now() - t0);
     }
     const bench::Conversation& cv = convs_[q.conv];
@@ -491,38 +498,22 @@ class Simulation {
     Admit(q.worker);
   }
 
-  int SlotOf(int worker) {
-    if (worker_to_slot_.empty()) {
-      worker_to_slot_.assign(n_, -1);
-      for (int s = 0; s < n_; ++s) worker_to_slot_[slot_to_worker_[s]] = s;
-    }
-    return worker_to_slot_[worker];
-  }
-
- public:
-  void SetOracleEvery(int64_t every) {
-    oracle_every_ = std::max<int64_t>(1, every);
-    history_.assign(convs_.size(), {});
-  }
-
- private:
   const Config c_;
   const int n_;
   std::vector<bench::Conversation> convs_;
+  std::vector<std::vector<int32_t>> history_;  // by conversation: the turns so far
   std::mt19937_64 rng_;
   SchedulerOptions opt_;
   std::unique_ptr<WorkerRegistry> registry_;
   uint64_t root_ = 0;
   std::vector<Worker> workers_;
-  std::vector<int> slot_to_worker_, worker_to_slot_;
+  std::vector<int> slot_to_worker_;
   std::deque<Request> requests_;
-  std::vector<std::vector<int32_t>> history_;
   std::priority_queue<Event, std::vector<Event>, std::greater<Event>> events_;
   uint64_t order_ = 0;
   double now_ = 0;
   double start_ = 0, end_ = 0;
   int64_t sampled_ = 0;
-  int64_t oracle_every_ = 1;
   Result r_;
 };
 
@@ -594,10 +585,10 @@ int Main() {
                                                              : std::max(1, n / 4);
     absl::StatusOr<std::vector<bench::Conversation>> convs = bench::MakeDataset(d);
     Check(convs.status(), "dataset");
-    Simulation sim(c, n, *std::move(convs));
     const int oracle_every = absl::GetFlag(FLAGS_oracle_every);
-    sim.SetOracleEvery(oracle_every > 0 ? oracle_every : n / 500);
-    const Result r = sim.Run();
+    Config cn = c;
+    cn.oracle_every = std::max(1, oracle_every > 0 ? oracle_every : n / 500);
+    const Result r = Simulation(cn, n, *std::move(convs)).Run();
 
     const double measured = static_cast<double>(r.route_ns.size());
     const double per_s = r.route_seconds > 0 ? measured / r.route_seconds : 0;

@@ -212,7 +212,9 @@ TEST(OpenAIProcessTest, CompletionsAndChatEqualTheGrpcPath) {
   for (size_t i = 0; i + 1 < events.size(); ++i) {
     const json e = json::parse(events[i]);
     EXPECT_EQ(e["object"], "chat.completion.chunk");
-    if (i == 0) EXPECT_EQ(e["choices"][0]["delta"]["role"], "assistant");
+    if (i == 0) {
+      EXPECT_EQ(e["choices"][0]["delta"]["role"], "assistant");
+    }
     if (e["choices"][0]["delta"].contains("content")) {
       text += e["choices"][0]["delta"]["content"].get<std::string>();
     }
