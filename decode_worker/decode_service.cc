@@ -77,6 +77,10 @@ class GenerateReactor final : public rpc::QueuedWriteReactor<v1::DecodeResponse>
                   grpc::CallbackServerContext* context)
       : service_(service), engine_(engine) {
     service_->calls().Started();
+    if (std::optional<grpc::Status> denied = service_->security().CheckInternalCaller(*context)) {
+      EndCall(*std::move(denied));
+      return;
+    }
     absl::StatusOr<EngineRequest> r = FromProto(request);
     if (!r.ok()) {
       EndCall(rpc::RefusalStatus(*context, r.status()));
@@ -158,7 +162,8 @@ class GenerateReactor final : public rpc::QueuedWriteReactor<v1::DecodeResponse>
 
 }  // namespace
 
-DecodeService::DecodeService(Engine* engine) : engine_(engine), registry_(engine->metrics()) {
+DecodeService::DecodeService(Engine* engine, rpc::Security security)
+    : engine_(engine), security_(std::move(security)), registry_(engine->metrics()) {
   auto& family = prometheus::BuildCounter()
                      .Name("kvrelay_decode_requests_total")
                      .Help("Finished Generate calls on this decode worker by gRPC status code")

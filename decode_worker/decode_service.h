@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "common/rpc/call_tracker.h"
+#include "common/rpc/security.h"
 #include "decode_worker/engine.h"
 #include "kvrelay/v1/worker.grpc.pb.h"
 #include "prometheus/counter.h"
@@ -21,11 +22,13 @@ class DecodeService final : public v1::DecodeWorker::CallbackService {
  public:
   // Adds kvrelay_decode_requests_total{code} (finished Generate calls by gRPC code name:
   // OK, CANCELLED, INVALID_ARGUMENT, ...) to the engine's metrics registry.
-  explicit DecodeService(Engine* engine);
+  // `security`: who may call (rpc::Security::CheckInternalCaller; default: anyone).
+  explicit DecodeService(Engine* engine, rpc::Security security = rpc::Security());
 
   grpc::ServerWriteReactor<v1::DecodeResponse>* Generate(grpc::CallbackServerContext* context,
                                                          const v1::DecodeRequest* request) override;
 
+  const rpc::Security& security() const { return security_; }
   // Calls in progress (graceful shutdown waits for none).
   rpc::CallTracker& calls() { return calls_; }
 
@@ -34,6 +37,7 @@ class DecodeService final : public v1::DecodeWorker::CallbackService {
 
  private:
   Engine* engine_;
+  const rpc::Security security_;
   rpc::CallTracker calls_;
   std::shared_ptr<prometheus::Registry> registry_;   // keeps requests_ alive
   std::array<prometheus::Counter*, 17> requests_{};  // by code, OK (0) .. UNAUTHENTICATED (16)

@@ -6,12 +6,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/metrics/metrics.h"
-#include "common/rpc/keepalive.h"
+#include "common/rpc/server.h"
 #include "common/transfer/ucx/ucx_transport.h"
 #include "common/util/file.h"
 #include "common/util/status.h"
 #include "grpcpp/health_check_service_interface.h"
-#include "grpcpp/server_builder.h"
 
 namespace kvrelay::decode {
 
@@ -31,38 +30,36 @@ absl::StatusOr<std::unique_ptr<DecodeWorker>> DecodeWorker::Start(
   if (!engine_options.metrics) engine_options.metrics = std::make_shared<prometheus::Registry>();
   w->metrics_ = engine_options.metrics;
   EngineRemote remote;
-  remote.client = &w->prefill_client_;
+  w->prefill_client_ = std::make_unique<PrefillClient>(options.security);
+  remote.client = w->prefill_client_.get();
   remote.memory = w->kv_.memory.get();
   remote.prefill_timeout = options.prefill_timeout;
   KVR_ASSIGN_OR_RETURN(
       w->engine_, Engine::Create(w->runtime_.model.get(), w->kv_.pool.get(), w->kv_.cache.get(),
                                  model_id, engine_options, remote));
-  w->service_ = std::make_unique<DecodeService>(w->engine_.get());
-
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::ServerBuilder builder;
-  rpc::AllowInternalKeepalive(builder);
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &w->port_);
-  builder.RegisterService(w->service_.get());
-  w->server_ = builder.BuildAndStart();
-  if (w->server_ == nullptr || w->port_ == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
-  }
+  w->service_ = std::make_unique<DecodeService>(w->engine_.get(), options.security);
+  rpc::ServerSpec spec;
+  spec.listen = options.listen;
+  spec.security = options.security;
+  spec.services = {w->service_.get()};
+  KVR_ASSIGN_OR_RETURN(w->server_, rpc::StartServer(spec, &w->port_));
   DecodeWorker* self = w.get();
-  KVR_ASSIGN_OR_RETURN(
-      w->registry_,
-      rpc::StartRegistryClient(options.registry, v1::WORKER_ROLE_DECODE, w->port_, model_id,
-                               w->kv_.cache.get(), options.kv.kv_dtype, [self] {
-                                 self->engine_->UpdateKvBlockGauges();
-                                 const EngineStats s = self->engine_->stats();
-                                 const kvcache::PrefixCacheCounts c = self->kv_.cache->counts();
-                                 v1::LoadReport r;
-                                 r.set_running(s.running);
-                                 r.set_waiting(s.waiting);
-                                 r.set_active_blocks(c.in_use);
-                                 r.set_free_blocks(c.free + c.cached_free);
-                                 return r;
-                               }));
+  KVR_ASSIGN_OR_RETURN(w->registry_, rpc::StartRegistryClient(
+                                         options.registry, v1::WORKER_ROLE_DECODE, w->port_,
+                                         model_id, w->kv_.cache.get(), options.kv.kv_dtype,
+                                         [self] {
+                                           self->engine_->UpdateKvBlockGauges();
+                                           const EngineStats s = self->engine_->stats();
+                                           const kvcache::PrefixCacheCounts c =
+                                               self->kv_.cache->counts();
+                                           v1::LoadReport r;
+                                           r.set_running(s.running);
+                                           r.set_waiting(s.waiting);
+                                           r.set_active_blocks(c.in_use);
+                                           r.set_free_blocks(c.free + c.cached_free);
+                                           return r;
+                                         },
+                                         options.security));
   return w;
 }
 

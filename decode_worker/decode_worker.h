@@ -12,6 +12,7 @@
 #include "common/transfer/kv_transport.h"
 #include "common/worker/kv_store.h"
 #include "common/worker/model_runtime.h"
+#include "common/worker/worker_options.h"
 #include "decode_worker/decode_service.h"
 #include "decode_worker/engine.h"
 #include "decode_worker/prefill_client.h"
@@ -19,21 +20,11 @@
 
 namespace kvrelay::decode {
 
-struct DecodeWorkerOptions {
-  std::string model_dir;  // a Hugging Face model folder
-  std::string model_id;   // names the model in block hashes; default: the folder's name
-  std::string listen = "127.0.0.1:0";  // host:port; port 0 picks a free one
-  worker::KvStoreOptions kv;
-  std::string device = "auto";      // auto | cpu | cuda (kernels::ResolveDevice)
-  kernels::BackendOptions backend;  // e.g. --cuda_split_k_decode
-  int threads = 0;                  // CPU threads for the forward pass (CPU backend); 0: all cores
+// The shared part (model, pool, listen address, registry, security, metrics) comes
+// from worker::WorkerOptions.
+struct DecodeWorkerOptions : worker::WorkerOptions {
   EngineOptions engine;
   absl::Duration prefill_timeout = absl::Seconds(60);  // one remote prefill call
-  rpc::RegistrySettings registry;                      // routers to register with
-  // The process's Prometheus registry (served on /metrics by the caller); the engine's
-  // and the service's series go there. Null: a registry of the worker's own. Takes
-  // precedence over engine.metrics.
-  std::shared_ptr<prometheus::Registry> metrics = nullptr;
 };
 
 class DecodeWorker {
@@ -67,7 +58,7 @@ class DecodeWorker {
   worker::ModelRuntime runtime_;  // the model on its backend
   std::unique_ptr<transfer::KvTransport> transport_;
   worker::KvStore kv_;  // destroyed before the transport
-  PrefillClient prefill_client_;
+  std::unique_ptr<PrefillClient> prefill_client_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<DecodeService> service_;
   std::unique_ptr<grpc::Server> server_;

@@ -1,108 +1,39 @@
 // kvrelay-decode: a decode worker. Prints "READY <port>" once it serves; SIGTERM or
-// SIGINT drains running requests (up to --drain-seconds) and exits.
+// SIGINT drains running requests (up to --drain_seconds) and exits. The flags every
+// worker has are in common/process/worker_flags.cc and process_flags.cc.
+#include <algorithm>
 #include <cstdio>
-#include <string>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
-#include "common/metrics/metrics.h"
-#include "common/util/stop_signal.h"
+#include "common/process/worker_flags.h"
 #include "decode_worker/decode_worker.h"
 
-ABSL_FLAG(std::string, model, "", "Hugging Face model folder (required)");
-ABSL_FLAG(std::string, model_id, "", "model id in block hashes (default: the folder's name)");
-ABSL_FLAG(std::string, listen, "127.0.0.1:0", "host:port to serve on (port 0: any free port)");
-ABSL_FLAG(int64_t, kv_blocks, 0, "KV pool size in blocks (0: use --kv_bytes)");
-ABSL_FLAG(uint64_t, kv_bytes, 0, "KV pool size in bytes (0 with --kv_blocks 0: 4 contexts)");
-ABSL_FLAG(int, block_size, 16, "tokens per KV block");
-ABSL_FLAG(std::string, kv_dtype, "f32", "KV dtype: f32 | f16 | bf16 | int8");
-ABSL_FLAG(std::string, device, "auto",
-          "where the forward pass runs: cpu | cuda | auto (cuda when built with CUDA and a GPU is "
-          "found, else cpu)");
-ABSL_FLAG(bool, cuda_split_k_decode, false,
-          "cuda: decode steps through the split-K flash-decoding kernel (faster at long contexts; "
-          "a token's last bits may then differ between a decode step and a prefill chunk)");
-ABSL_FLAG(int, threads, 0, "CPU threads for the forward pass on the cpu device (0: all cores)");
 ABSL_FLAG(int, max_batch_tokens, 512, "tokens per forward pass (decode tokens + prefill)");
 ABSL_FLAG(int, max_running, 64, "sequences in the running batch");
 ABSL_FLAG(int, prefill_chunk, 256, "most prefill tokens of one sequence per step");
 ABSL_FLAG(int, max_waiting, 1024, "queued requests beyond this get RESOURCE_EXHAUSTED");
 ABSL_FLAG(double, prefill_timeout_seconds, 60,
           "remote plan: how long one prefill worker call may take before falling back");
-ABSL_FLAG(std::string, router, "",
-          "routers to register with: host:port[,...]; dns:///host:port means every address the "
-          "name resolves to, e.g. a headless Service (empty: none)");
-ABSL_FLAG(double, router_resolve_seconds, 10,
-          "how often dns:///host:port --router entries are resolved again");
-ABSL_FLAG(std::string, worker_id, "",
-          "this worker's id in the registry (default: decode-HOST:PORT)");
-ABSL_FLAG(std::string, advertise_host, "127.0.0.1",
-          "host routers and prefill workers use to reach this worker");
-ABSL_FLAG(std::string, metrics_listen, "",
-          "host:port serving Prometheus /metrics (port 0: any free port; empty: off)");
-ABSL_FLAG(double, drain_seconds, 30, "on SIGTERM, how long running requests may finish");
-ABSL_FLAG(double, exit_linger_seconds, 1,
-          "after draining, how long connections stay open before the server closes them: "
-          "closing at once resets connections whose clients have not read the last messages");
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("kvrelay-decode --model DIR [--listen HOST:PORT] ...");
-  absl::ParseCommandLine(argc, argv);
-  if (absl::Status s = kvrelay::InstallStopSignals(); !s.ok()) {
-    std::fprintf(stderr, "kvrelay-decode: %s\n", s.ToString().c_str());
-    return 1;
-  }
+  namespace process = kvrelay::process;
+  absl::StatusOr<process::Process> p = process::SetUp(
+      "kvrelay-decode", "kvrelay-decode --model DIR [--listen HOST:PORT] ...", argc, argv);
+  if (!p.ok()) return process::Failed("kvrelay-decode", p.status());
 
   kvrelay::decode::DecodeWorkerOptions o;
-  o.model_dir = absl::GetFlag(FLAGS_model);
-  o.model_id = absl::GetFlag(FLAGS_model_id);
-  o.listen = absl::GetFlag(FLAGS_listen);
-  o.kv.kv_blocks = absl::GetFlag(FLAGS_kv_blocks);
-  o.kv.kv_bytes = absl::GetFlag(FLAGS_kv_bytes);
-  o.kv.block_size = absl::GetFlag(FLAGS_block_size);
-  o.kv.kv_dtype = absl::GetFlag(FLAGS_kv_dtype);
-  o.device = absl::GetFlag(FLAGS_device);
-  o.backend.cuda_split_k_decode = absl::GetFlag(FLAGS_cuda_split_k_decode);
-  o.threads = absl::GetFlag(FLAGS_threads);
+  if (absl::Status s = process::ApplyWorkerFlags(*p, o); !s.ok()) return p->Fail(s);
   o.engine.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   o.engine.max_running = absl::GetFlag(FLAGS_max_running);
   o.engine.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
-  o.prefill_timeout = absl::Seconds(absl::GetFlag(FLAGS_prefill_timeout_seconds));
   o.engine.max_waiting = static_cast<size_t>(std::max(1, absl::GetFlag(FLAGS_max_waiting)));
-  auto routers = kvrelay::rpc::ParseRouterList(absl::GetFlag(FLAGS_router), "--router");
-  if (!routers.ok()) {
-    std::fprintf(stderr, "kvrelay-decode: %s\n", routers.status().ToString().c_str());
-    return 2;
-  }
-  o.registry.routers = *routers;
-  o.registry.worker_id = absl::GetFlag(FLAGS_worker_id);
-  if (!(absl::GetFlag(FLAGS_router_resolve_seconds) > 0)) {
-    std::fprintf(stderr, "kvrelay-decode: --router_resolve_seconds must be > 0\n");
-    return 2;
-  }
-  o.registry.resolve_interval = absl::Seconds(absl::GetFlag(FLAGS_router_resolve_seconds));
-  o.registry.advertise_host = absl::GetFlag(FLAGS_advertise_host);
-  auto registry = std::make_shared<prometheus::Registry>();
-  o.metrics = registry;
-  auto metrics =
-      kvrelay::metrics::MetricsServer::StartFromFlag(absl::GetFlag(FLAGS_metrics_listen), registry);
-  if (!metrics.ok()) {
-    std::fprintf(stderr, "kvrelay-decode: %s\n", metrics.status().ToString().c_str());
-    return 2;
-  }
+  o.prefill_timeout = absl::Seconds(absl::GetFlag(FLAGS_prefill_timeout_seconds));
   auto worker = kvrelay::decode::DecodeWorker::Start(o);
-  if (!worker.ok()) {
-    std::fprintf(stderr, "kvrelay-decode: %s\n", worker.status().ToString().c_str());
-    return 1;
-  }
+  if (!worker.ok()) return p->Fail(worker.status());
   std::fprintf(stderr, "kvrelay-decode: %s\n", (*worker)->device_note().c_str());
-  std::printf("READY %d\n", (*worker)->port());
-  std::fflush(stdout);
-  const int sig = kvrelay::WaitForStopSignal();
-  std::fprintf(stderr, "kvrelay-decode: signal %d, draining\n", sig);
-  (*worker)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)),
-                      absl::Seconds(absl::GetFlag(FLAGS_exit_linger_seconds)));
+  const int code = p->ServeUntilStopped(
+      (*worker)->port(),
+      [&](absl::Duration grace, absl::Duration linger) { (*worker)->Shutdown(grace, linger); });
   worker->reset();
-  return 0;
+  return code;
 }

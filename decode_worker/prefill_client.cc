@@ -21,7 +21,7 @@ v1::PrefillWorker::Stub* PrefillClient::Stub(const std::string& address) {
   absl::MutexLock l(&mu_);
   auto& stub = stubs_[address];
   if (stub == nullptr) {
-    stub = v1::PrefillWorker::NewStub(rpc::CreateInternalChannel(address));
+    stub = v1::PrefillWorker::NewStub(rpc::CreateInternalChannel(address, security_));
   }
   return stub.get();
 }

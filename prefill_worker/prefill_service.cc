@@ -44,6 +44,10 @@ class PrefillReactor final : public grpc::ServerUnaryReactor {
                  v1::PrefillResponse* response, grpc::CallbackServerContext* context)
       : service_(service), engine_(engine), response_(response) {
     service_->calls().Started();
+    if (std::optional<grpc::Status> denied = service_->security().CheckInternalCaller(*context)) {
+      FinishCall(*denied);
+      return;
+    }
     absl::StatusOr<PrefillJob> job = FromProto(request);
     if (!job.ok()) {
       FinishCall(rpc::RefusalStatus(*context, job.status()));
@@ -119,9 +123,13 @@ class PrefillReactor final : public grpc::ServerUnaryReactor {
 class AbortReactor final : public grpc::ServerUnaryReactor {
  public:
   AbortReactor(PrefillService* service, PrefillEngine* engine, const v1::AbortRequest& request,
-               v1::AbortResponse* response)
+               v1::AbortResponse* response, grpc::CallbackServerContext* context)
       : service_(service) {
     service_->calls().Started();
+    if (std::optional<grpc::Status> denied = service_->security().CheckInternalCaller(*context)) {
+      Finish(*denied);
+      return;
+    }
     if (request.request_id().empty()) {
       Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "request_id is required"));
       return;
@@ -143,8 +151,8 @@ class AbortReactor final : public grpc::ServerUnaryReactor {
 
 }  // namespace
 
-PrefillService::PrefillService(PrefillEngine* engine)
-    : engine_(engine), registry_(engine->metrics()) {
+PrefillService::PrefillService(PrefillEngine* engine, rpc::Security security)
+    : engine_(engine), security_(std::move(security)), registry_(engine->metrics()) {
   auto& family = prometheus::BuildCounter()
                      .Name("kvrelay_prefill_requests_total")
                      .Help("Finished Prefill calls on this prefill worker by gRPC status code")
@@ -163,7 +171,7 @@ void PrefillService::CountFinished(grpc::StatusCode code) {
 grpc::ServerUnaryReactor* PrefillService::Abort(grpc::CallbackServerContext* context,
                                                 const v1::AbortRequest* request,
                                                 v1::AbortResponse* response) {
-  return new AbortReactor(this, engine_, *request, response);
+  return new AbortReactor(this, engine_, *request, response, context);
 }
 
 grpc::ServerUnaryReactor* PrefillService::Prefill(grpc::CallbackServerContext* context,

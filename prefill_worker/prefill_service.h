@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "common/rpc/call_tracker.h"
+#include "common/rpc/security.h"
 #include "kvrelay/v1/worker.grpc.pb.h"
 #include "prefill_worker/prefill_engine.h"
 #include "prometheus/counter.h"
@@ -20,7 +21,8 @@ class PrefillService final : public v1::PrefillWorker::CallbackService {
  public:
   // Adds kvrelay_prefill_requests_total{code} (finished Prefill calls by gRPC code name:
   // OK, CANCELLED, INVALID_ARGUMENT, ...) to the engine's metrics registry.
-  explicit PrefillService(PrefillEngine* engine);
+  // `security`: who may call (rpc::Security::CheckInternalCaller; default: anyone).
+  explicit PrefillService(PrefillEngine* engine, rpc::Security security = rpc::Security());
 
   grpc::ServerUnaryReactor* Prefill(grpc::CallbackServerContext* context,
                                     const v1::PrefillRequest* request,
@@ -29,6 +31,7 @@ class PrefillService final : public v1::PrefillWorker::CallbackService {
                                   const v1::AbortRequest* request,
                                   v1::AbortResponse* response) override;
 
+  const rpc::Security& security() const { return security_; }
   // Calls in progress (graceful shutdown waits for none).
   rpc::CallTracker& calls() { return calls_; }
 
@@ -37,6 +40,7 @@ class PrefillService final : public v1::PrefillWorker::CallbackService {
 
  private:
   PrefillEngine* engine_;
+  const rpc::Security security_;
   rpc::CallTracker calls_;
   std::shared_ptr<prometheus::Registry> registry_;   // keeps requests_ alive
   std::array<prometheus::Counter*, 17> requests_{};  // by code, OK (0) .. UNAUTHENTICATED (16)

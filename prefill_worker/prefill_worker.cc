@@ -4,12 +4,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "common/rpc/keepalive.h"
+#include "common/rpc/server.h"
 #include "common/transfer/ucx/ucx_transport.h"
 #include "common/util/file.h"
 #include "common/util/status.h"
 #include "grpcpp/health_check_service_interface.h"
-#include "grpcpp/server_builder.h"
 
 namespace kvrelay::prefill {
 
@@ -34,33 +33,30 @@ absl::StatusOr<std::unique_ptr<PrefillWorker>> PrefillWorker::Start(
   w->engine_ = std::make_unique<PrefillEngine>(w->runtime_.model.get(), w->kv_.pool.get(),
                                                w->kv_.memory.get(), w->kv_.cache.get(),
                                                w->transport_.get(), model_id, engine_options);
-  w->service_ = std::make_unique<PrefillService>(w->engine_.get());
-
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::ServerBuilder builder;
-  rpc::AllowInternalKeepalive(builder);
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &w->port_);
-  builder.RegisterService(w->service_.get());
-  w->server_ = builder.BuildAndStart();
-  if (w->server_ == nullptr || w->port_ == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
-  }
+  w->service_ = std::make_unique<PrefillService>(w->engine_.get(), options.security);
+  rpc::ServerSpec spec;
+  spec.listen = options.listen;
+  spec.security = options.security;
+  spec.services = {w->service_.get()};
+  KVR_ASSIGN_OR_RETURN(w->server_, rpc::StartServer(spec, &w->port_));
   PrefillWorker* self = w.get();
-  KVR_ASSIGN_OR_RETURN(
-      w->registry_,
-      rpc::StartRegistryClient(options.registry, v1::WORKER_ROLE_PREFILL, w->port_, model_id,
-                               w->kv_.cache.get(), options.kv.kv_dtype, [self] {
-                                 self->engine_->UpdateKvBlockGauges();
-                                 const PrefillEngine::Load load = self->engine_->load();
-                                 const kvcache::PrefixCacheCounts c = self->kv_.cache->counts();
-                                 v1::LoadReport r;
-                                 r.set_running(load.running);
-                                 r.set_waiting(load.queued);
-                                 r.set_queued_prefill_tokens(load.tokens);
-                                 r.set_active_blocks(c.in_use);
-                                 r.set_free_blocks(c.free + c.cached_free);
-                                 return r;
-                               }));
+  KVR_ASSIGN_OR_RETURN(w->registry_, rpc::StartRegistryClient(
+                                         options.registry, v1::WORKER_ROLE_PREFILL, w->port_,
+                                         model_id, w->kv_.cache.get(), options.kv.kv_dtype,
+                                         [self] {
+                                           self->engine_->UpdateKvBlockGauges();
+                                           const PrefillEngine::Load load = self->engine_->load();
+                                           const kvcache::PrefixCacheCounts c =
+                                               self->kv_.cache->counts();
+                                           v1::LoadReport r;
+                                           r.set_running(load.running);
+                                           r.set_waiting(load.queued);
+                                           r.set_queued_prefill_tokens(load.tokens);
+                                           r.set_active_blocks(c.in_use);
+                                           r.set_free_blocks(c.free + c.cached_free);
+                                           return r;
+                                         },
+                                         options.security));
   return w;
 }
 

@@ -13,26 +13,17 @@
 #include "common/transfer/kv_transport.h"
 #include "common/worker/kv_store.h"
 #include "common/worker/model_runtime.h"
+#include "common/worker/worker_options.h"
 #include "grpcpp/server.h"
 #include "prefill_worker/prefill_engine.h"
 #include "prefill_worker/prefill_service.h"
 
 namespace kvrelay::prefill {
 
-struct PrefillWorkerOptions {
-  std::string model_dir;  // a Hugging Face model folder
-  std::string model_id;   // names the model in block hashes; default: the folder's name
-  std::string listen = "127.0.0.1:0";  // host:port; port 0 picks a free one
-  worker::KvStoreOptions kv;
-  std::string device = "auto";      // auto | cpu | cuda (kernels::ResolveDevice)
-  kernels::BackendOptions backend;  // e.g. --cuda_split_k_decode
-  int threads = 0;                  // CPU threads for the forward pass (CPU backend); 0: all cores
+// The shared part (model, pool, listen address, registry, security, metrics) comes
+// from worker::WorkerOptions.
+struct PrefillWorkerOptions : worker::WorkerOptions {
   PrefillEngineOptions engine;
-  rpc::RegistrySettings registry;  // routers to register with
-  // The process's Prometheus registry (served on /metrics by the caller); the engine's
-  // and the service's series go there. Null: a registry of the worker's own. Takes
-  // precedence over engine.metrics.
-  std::shared_ptr<prometheus::Registry> metrics = nullptr;
 };
 
 class PrefillWorker {

@@ -5,21 +5,9 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/rpc/security.h"
 
 namespace kvrelay::router {
-
-bool ConstantTimeEquals(absl::string_view a, absl::string_view b) {
-  // Runs over the longer length so that neither a prefix match nor the key's length
-  // shows in the time beyond the lengths themselves.
-  const size_t n = std::max(a.size(), b.size());
-  unsigned char diff = a.size() == b.size() ? 0 : 1;
-  for (size_t i = 0; i < n; ++i) {
-    const unsigned char x = i < a.size() ? static_cast<unsigned char>(a[i]) : 0;
-    const unsigned char y = i < b.size() ? static_cast<unsigned char>(b[i]) : 0;
-    diff |= x ^ y;
-  }
-  return diff == 0;
-}
 
 absl::StatusOr<ApiKeys> ApiKeys::Load(const std::string& path) {
   std::ifstream in(path);
@@ -51,7 +39,7 @@ bool ApiKeys::Allows(absl::string_view authorization) const {
   }
   const absl::string_view presented = absl::StripAsciiWhitespace(authorization.substr(7));
   bool ok = false;
-  for (const std::string& k : keys_) ok |= ConstantTimeEquals(presented, k);  // no early exit
+  for (const std::string& k : keys_) ok |= rpc::ConstantTimeEquals(presented, k);  // no early exit
   return ok;
 }
 

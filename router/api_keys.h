@@ -33,7 +33,4 @@ class ApiKeys {
   std::vector<std::string> keys_;
 };
 
-// a == b in time that depends only on the lengths.
-bool ConstantTimeEquals(absl::string_view a, absl::string_view b);
-
 }  // namespace kvrelay::router

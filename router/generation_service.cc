@@ -443,7 +443,7 @@ void GenerationService::RecordEnd(const Call& call, grpc::StatusCode code, bool 
 std::shared_ptr<grpc::Channel> GenerationService::ChannelTo(const std::string& address) {
   absl::MutexLock l(&channels_mu_);
   std::shared_ptr<grpc::Channel>& c = channels_[address];
-  if (c == nullptr) c = rpc::CreateInternalChannel(address);
+  if (c == nullptr) c = rpc::CreateInternalChannel(address, options_.security);
   return c;
 }
 

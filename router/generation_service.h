@@ -35,6 +35,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/rpc/call_tracker.h"
+#include "common/rpc/security.h"
 #include "grpcpp/channel.h"
 #include "kvrelay/v1/kvrelay.grpc.pb.h"
 #include "kvrelay/v1/worker.grpc.pb.h"
@@ -61,6 +62,8 @@ struct GenerationOptions {
   SchedulerOptions scheduler;
   // Keys the public API requires (metadata "authorization: Bearer KEY"); none: open.
   ApiKeys api_keys;
+  // TLS and the cluster token of the calls to the workers (set by Router).
+  rpc::Security security;
 };
 
 // Generate and Tokenize take their requests as raw bytes and parse them here: text

@@ -1,14 +1,12 @@
 // kvrelay-router: the router. Prints "READY <port>" once it serves; SIGTERM or SIGINT
-// lets running requests finish (up to --drain_seconds) and exits.
+// lets running requests finish (up to --drain_seconds) and exits. The flags every server
+// process has (metrics, drain, TLS, cluster token) are in common/process/process_flags.cc.
 #include <cmath>
 #include <cstdio>
 #include <string>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
-#include "common/metrics/metrics.h"
-#include "common/util/stop_signal.h"
+#include "common/process/process_flags.h"
 #include "router/router.h"
 
 ABSL_FLAG(std::string, model, "", "Hugging Face model folder: tokenizer and config (required)");
@@ -48,19 +46,12 @@ ABSL_FLAG(int64_t, local_prefill_max_tokens, 256,
           "prefill on the decode worker when fewer prompt tokens are uncached");
 ABSL_FLAG(double, local_prefill_max_ratio, 0.0,
           "... or when uncached / prompt tokens is below this (0: off)");
-ABSL_FLAG(std::string, metrics_listen, "",
-          "host:port serving Prometheus /metrics (port 0: any free port; empty: off)");
-ABSL_FLAG(double, drain_seconds, 30, "on SIGTERM, how long running requests may finish");
-ABSL_FLAG(double, exit_linger_seconds, 1,
-          "after draining, how long connections stay open before the server closes them");
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("kvrelay-router --model DIR [--listen HOST:PORT] ...");
-  absl::ParseCommandLine(argc, argv);
-  if (absl::Status s = kvrelay::InstallStopSignals(); !s.ok()) {
-    std::fprintf(stderr, "kvrelay-router: %s\n", s.ToString().c_str());
-    return 1;
-  }
+  namespace process = kvrelay::process;
+  absl::StatusOr<process::Process> p = process::SetUp(
+      "kvrelay-router", "kvrelay-router --model DIR [--listen HOST:PORT] ...", argc, argv);
+  if (!p.ok()) return process::Failed("kvrelay-router", p.status());
 
   kvrelay::router::RouterOptions o;
   o.model_dir = absl::GetFlag(FLAGS_model);
@@ -115,26 +106,14 @@ int main(int argc, char** argv) {
   s.prefill_max_queued_tokens = absl::GetFlag(FLAGS_prefill_max_queued_tokens);
   s.local_prefill_max_tokens = absl::GetFlag(FLAGS_local_prefill_max_tokens);
   s.local_prefill_max_ratio = absl::GetFlag(FLAGS_local_prefill_max_ratio);
-  auto registry = std::make_shared<prometheus::Registry>();
-  o.metrics = registry;
-  auto metrics =
-      kvrelay::metrics::MetricsServer::StartFromFlag(absl::GetFlag(FLAGS_metrics_listen), registry);
-  if (!metrics.ok()) {
-    std::fprintf(stderr, "kvrelay-router: %s\n", metrics.status().ToString().c_str());
-    return 2;
-  }
+  o.metrics = p->metrics;
+  o.security = p->security;
   auto router = kvrelay::router::Router::Start(o);
-  if (!router.ok()) {
-    std::fprintf(stderr, "kvrelay-router: %s\n", router.status().ToString().c_str());
-    return 1;
-  }
+  if (!router.ok()) return p->Fail(router.status());
   if ((*router)->http_port() > 0) std::printf("HTTP %d\n", (*router)->http_port());
-  std::printf("READY %d\n", (*router)->port());
-  std::fflush(stdout);
-  const int sig = kvrelay::WaitForStopSignal();
-  std::fprintf(stderr, "kvrelay-router: signal %d, draining\n", sig);
-  (*router)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)),
-                      absl::Seconds(absl::GetFlag(FLAGS_exit_linger_seconds)));
+  const int code = p->ServeUntilStopped(
+      (*router)->port(),
+      [&](absl::Duration grace, absl::Duration linger) { (*router)->Shutdown(grace, linger); });
   router->reset();
-  return 0;
+  return code;
 }

@@ -16,8 +16,12 @@ namespace {
 // once, when nothing is being written; `this` is deleted in OnDone.
 class ConnectReactor final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1::RouterMessage> {
  public:
-  explicit ConnectReactor(RegistryService* service)
+  ConnectReactor(RegistryService* service, const grpc::CallbackServerContext& context)
       : service_(service), conn_(service->registry().NewConnection()) {
+    if (std::optional<grpc::Status> denied = service_->security().CheckInternalCaller(context)) {
+      End(*std::move(denied));
+      return;
+    }
     StartRead(&in_);
   }
 
@@ -137,8 +141,9 @@ class ConnectReactor final : public grpc::ServerBidiReactor<v1::WorkerMessage, v
 
 }  // namespace
 
-RegistryService::RegistryService(WorkerRegistry* registry, std::function<void()> on_change)
-    : registry_(registry), on_change_(std::move(on_change)) {
+RegistryService::RegistryService(WorkerRegistry* registry, std::function<void()> on_change,
+                                 rpc::Security security)
+    : registry_(registry), on_change_(std::move(on_change)), security_(std::move(security)) {
   sweeper_ = std::thread([this] {
     pthread_setname_np(pthread_self(), "kvr-heartbeat");
     const absl::Duration period = registry_->options().heartbeat_interval / 2;
@@ -164,14 +169,18 @@ RegistryService::~RegistryService() {
 
 grpc::ServerBidiReactor<v1::WorkerMessage, v1::RouterMessage>* RegistryService::Connect(
     grpc::CallbackServerContext* context) {
-  return new ConnectReactor(this);
+  return new ConnectReactor(this, *context);
 }
 
 grpc::ServerUnaryReactor* RegistryService::ListWorkers(grpc::CallbackServerContext* context,
                                                        const v1::ListWorkersRequest* request,
                                                        v1::ListWorkersResponse* response) {
-  *response = registry_->List();
   auto* reactor = context->DefaultReactor();
+  if (std::optional<grpc::Status> denied = security_.CheckInternalCaller(*context)) {
+    reactor->Finish(*denied);
+    return reactor;
+  }
+  *response = registry_->List();
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }

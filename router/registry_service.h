@@ -9,6 +9,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "common/rpc/call_tracker.h"
+#include "common/rpc/security.h"
 #include "kvrelay/v1/registry.grpc.pb.h"
 #include "router/worker_registry.h"
 
@@ -18,7 +19,10 @@ class RegistryService final : public v1::Registry::CallbackService {
  public:
   // `on_change` runs (on a gRPC or the sweeper thread) after a worker registered or
   // died, e.g. to update the health status.
-  RegistryService(WorkerRegistry* registry, std::function<void()> on_change);
+  // died, e.g. to update the health status. `security`: which callers are workers of
+  // this cluster (rpc::Security::CheckInternalCaller; default: anyone).
+  RegistryService(WorkerRegistry* registry, std::function<void()> on_change,
+                  rpc::Security security = rpc::Security());
   ~RegistryService() override;  // stops the sweeper
 
   grpc::ServerBidiReactor<v1::WorkerMessage, v1::RouterMessage>* Connect(
@@ -28,6 +32,7 @@ class RegistryService final : public v1::Registry::CallbackService {
                                         v1::ListWorkersResponse* response) override;
 
   WorkerRegistry& registry() { return *registry_; }
+  const rpc::Security& security() const { return security_; }
   void Changed() {
     if (on_change_) on_change_();
   }
@@ -35,6 +40,7 @@ class RegistryService final : public v1::Registry::CallbackService {
  private:
   WorkerRegistry* registry_;
   std::function<void()> on_change_;
+  const rpc::Security security_;
   absl::Mutex mu_;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::thread sweeper_;

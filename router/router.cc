@@ -5,11 +5,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "common/rpc/keepalive.h"
+#include "common/rpc/server.h"
 #include "common/util/status.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
-#include "grpcpp/server_builder.h"
 
 namespace kvrelay::router {
 
@@ -60,29 +59,26 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Start(const RouterOptions& optio
   GenerationOptions generation = options.generation;
   generation.max_request_bytes = static_cast<size_t>(options.max_request_bytes);
   generation.api_keys = options.api_keys;
+  generation.security = options.security;
   r->generation_ =
       std::make_unique<GenerationService>(r->model_.get(), r->registry_.get(), generation, metrics);
   Router* self = r.get();
-  r->registry_service_ =
-      std::make_unique<RegistryService>(r->registry_.get(), [self] { self->UpdateHealth(); });
+  r->registry_service_ = std::make_unique<RegistryService>(
+      r->registry_.get(), [self] { self->UpdateHealth(); }, options.security);
 
-  grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  rpc::AllowInternalKeepalive(builder);
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &r->port_);
+  rpc::ServerSpec spec;
+  spec.listen = options.listen;
+  spec.security = options.security;
+  spec.public_port = true;  // applications reach the API here without a certificate
   // Generate and Tokenize enforce max_request_bytes themselves; the server's limit only
   // bounds the registry's messages (a snapshot of a 16M-block pool is 128 MiB).
-  builder.SetMaxReceiveMessageSize(std::max(options.max_request_bytes, 256 << 20));
-  builder.RegisterService(r->generation_.get());
-  builder.RegisterService(r->registry_service_.get());
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  spec.max_receive_bytes = std::max(options.max_request_bytes, 256 << 20);
+  spec.services = {r->generation_.get(), r->registry_service_.get()};
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<grpc::Server> server, rpc::StartServer(spec, &r->port_));
   {
     absl::MutexLock l(&r->health_mu_);  // a worker may register at once (UpdateHealth)
     r->server_ = std::move(server);
-  }
-  if (r->server_ == nullptr || r->port_ == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
   }
   r->UpdateHealth();
   if (!options.http_listen.empty()) {

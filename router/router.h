@@ -39,6 +39,9 @@ struct RouterOptions {
   absl::Duration http_request_timeout = absl::ZeroDuration();  // past it: 504 (zero: none)
   // API keys of the public API, gRPC and HTTP alike (none: open).
   ApiKeys api_keys;
+  // TLS of the port (public API and Registry) and of the calls to the workers; who may
+  // use the Registry (rpc/security.h).
+  rpc::Security security;
   // Where the router's metrics (kvrelay_router_*) go, e.g. the registry main.cc serves
   // on /metrics; nullptr: a private registry.
   std::shared_ptr<prometheus::Registry> metrics;

@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PACKAGES=(
-  build-essential cmake git pkg-config clang-format
+  build-essential cmake git pkg-config clang-format libssl-dev
   libabsl-dev nlohmann-json3-dev libxxhash-dev libonig-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libucx-dev ucx-utils

@@ -1,8 +1,8 @@
 #include "common/rpc/keepalive.h"
 
+#include <utility>
+
 #include "grpc/grpc.h"
-#include "grpcpp/create_channel.h"
-#include "grpcpp/security/credentials.h"
 #include "grpcpp/support/channel_arguments.h"
 
 namespace kvrelay::rpc {
@@ -12,13 +12,14 @@ constexpr int kPingIntervalMs = 10000;
 constexpr int kPingTimeoutMs = 5000;
 }  // namespace
 
-std::shared_ptr<grpc::Channel> CreateInternalChannel(const std::string& address) {
+std::shared_ptr<grpc::Channel> CreateInternalChannel(const std::string& address,
+                                                     const Security& security) {
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, kPingIntervalMs);
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, kPingTimeoutMs);
   args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);  // keep pinging an idle connection
-  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  return security.CreateChannel(address, std::move(args));
 }
 
 void AllowInternalKeepalive(grpc::ServerBuilder& builder) {

@@ -8,14 +8,17 @@
 #include <memory>
 #include <string>
 
+#include "common/rpc/security.h"
 #include "grpcpp/channel.h"
 #include "grpcpp/server_builder.h"
 
 namespace kvrelay::rpc {
 
 // Pings every 10 s, even with no call open; a ping unanswered for 5 s fails the
-// connection (and every call on it, with UNAVAILABLE).
-std::shared_ptr<grpc::Channel> CreateInternalChannel(const std::string& address);
+// connection (and every call on it, with UNAVAILABLE). `security`: TLS and the
+// cluster token of this process (rpc/security.h).
+std::shared_ptr<grpc::Channel> CreateInternalChannel(const std::string& address,
+                                                     const Security& security);
 
 // Lets clients ping that often (by default servers answer frequent pings on an idle
 // connection with GOAWAY "too_many_pings").

@@ -142,7 +142,7 @@ class RegistryClient::Connection {
  private:
   void Run() {
     const RegistryClientOptions& o = owner_->options_;
-    auto stub = v1::Registry::NewStub(CreateInternalChannel(router_));
+    auto stub = v1::Registry::NewStub(CreateInternalChannel(router_, o.security));
     absl::Duration backoff = o.reconnect_min;
     while (true) {
       const bool was_acked = Session(*stub);
@@ -389,9 +389,10 @@ std::vector<std::string> RegistryClient::routers() const {
 absl::StatusOr<std::unique_ptr<RegistryClient>> StartRegistryClient(
     const RegistrySettings& settings, v1::WorkerRole role, int port, const std::string& model_id,
     const kvcache::PrefixCache* cache, const std::string& kv_dtype,
-    std::function<v1::LoadReport()> load) {
+    std::function<v1::LoadReport()> load, const Security& security) {
   if (settings.routers.empty()) return std::unique_ptr<RegistryClient>();
   RegistryClientOptions o;
+  o.security = security;
   o.routers = settings.routers;
   o.resolve_interval = settings.resolve_interval;
   v1::WorkerRegistration& r = o.registration;

@@ -28,6 +28,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/kvcache/prefix_cache.h"
+#include "common/rpc/security.h"
 #include "kvrelay/v1/registry.pb.h"
 
 namespace kvrelay::rpc {
@@ -58,6 +59,7 @@ struct RegistryClientOptions {
   absl::Duration reconnect_min = absl::Milliseconds(50);
   absl::Duration reconnect_max = absl::Seconds(2);
   size_t max_events_per_message = 1024;
+  Security security;  // TLS and the cluster token of the registry streams
 };
 
 // What a worker's flags say about the registry.
@@ -79,7 +81,7 @@ class RegistryClient;
 absl::StatusOr<std::unique_ptr<RegistryClient>> StartRegistryClient(
     const RegistrySettings& settings, v1::WorkerRole role, int port, const std::string& model_id,
     const kvcache::PrefixCache* cache, const std::string& kv_dtype,
-    std::function<v1::LoadReport()> load);
+    std::function<v1::LoadReport()> load, const Security& security = Security());
 
 class RegistryClient {
  public:

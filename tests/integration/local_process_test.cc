@@ -99,6 +99,7 @@ struct Local {
   int port = 0;
   std::string stderr_path;
   std::map<std::string, pid_t> children;  // by command name (comm)
+  std::vector<std::string> banner;        // its "kvrelay local: ..." lines before READY
   std::string Stderr() const { return ReadFile(stderr_path).value_or(""); }
 };
 
@@ -110,7 +111,7 @@ class LocalProcessTest : public ::testing::Test {
   }
 
   // `kvrelay local ...` until its READY line, with the pids of its children.
-  Local StartLocal() {
+  Local StartLocal(const std::vector<std::string>& extra = {}) {
     Local l;
     l.stderr_path = tmp_.path() + "/local" + std::to_string(started_++) + ".stderr";
     // The shell only sends stderr to a file and execs: the pid is kvrelay local's.
@@ -120,6 +121,7 @@ class LocalProcessTest : public ::testing::Test {
                                      "--worker-flag=--kv_blocks=256",
                                      // Every prompt through the prefill worker (KV over UCX).
                                      "--router-flag=--local_prefill_max_tokens=0"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
     auto p = Subprocess::Start(argv);
     EXPECT_TRUE(p) << "cannot start kvrelay local";
     if (!p) return l;
@@ -128,6 +130,10 @@ class LocalProcessTest : public ::testing::Test {
         << (first ? *first : "no output") << "\n"
         << l.Stderr();
     std::optional<std::string> ready = p->ReadLine(kProcessTimeout);
+    while (ready && ready->rfind("kvrelay local: ", 0) == 0) {
+      l.banner.push_back(*ready);
+      ready = p->ReadLine(kProcessTimeout);
+    }
     const bool ok =
         ready && ready->rfind("READY ", 0) == 0 && absl::SimpleAtoi(ready->substr(6), &l.port);
     EXPECT_TRUE(ok) << (ready ? *ready : "no READY line") << "\n" << l.Stderr();
@@ -222,6 +228,43 @@ TEST_F(LocalProcessTest, ServesLikeTheSingleProcessModeAndStopsCleanly) {
     EXPECT_EQ(errno, ESRCH);
   }
   EXPECT_THAT(l.Stderr(), HasSubstr("kvrelay local: stopped"));
+}
+
+TEST_F(LocalProcessTest, TlsServesTlsClientsOnlyAndRemovesItsCertificates) {
+  Local l = StartLocal({"--tls"});
+  ASSERT_TRUE(l.process);
+  ASSERT_EQ(Names(l), kChildNames) << l.Stderr();
+  // "kvrelay local: TLS on (...); clients: --tls-ca DIR/ca.crt"
+  std::string ca;
+  for (const std::string& line : l.banner) {
+    const size_t at = line.find("--tls-ca ");
+    if (at != std::string::npos) ca = line.substr(at + 9);
+  }
+  ASSERT_FALSE(ca.empty()) << absl::StrJoin(l.banner, "\n");
+  ASSERT_TRUE(FileExists(ca));
+  const std::string server = "127.0.0.1:" + std::to_string(l.port);
+  const std::vector<int32_t> prompt = RandomPrompt(40, 740);
+  const std::vector<json> got =
+      Generate(server, {"--prompt-ids", absl::StrJoin(prompt, ","), "--max-tokens", "8",
+                        "--ignore-eos", "--tls-ca", ca});
+  ASSERT_EQ(got.size(), 1u) << l.Stderr();
+  EXPECT_EQ(got[0]["token_ids"].get<std::vector<int32_t>>(),
+            testing::CliGenerate(ModelDir(), prompt, 8));
+  // Remote prefill: the workers' mutual TLS and token checks let each other in.
+  EXPECT_EQ(got[0]["prefill_mode"], "remote");
+  // A plaintext client is refused.
+  auto plain =
+      Subprocess::Start({SiblingBinary("kvrelay"), "generate", "--server", server, "--prompt", "hi",
+                         "--max-tokens", "2", "--deadline-seconds", "30"});
+  ASSERT_TRUE(plain);
+  const std::optional<int> plain_status = plain->Wait(kProcessTimeout);
+  EXPECT_TRUE(plain_status && WIFEXITED(*plain_status) && WEXITSTATUS(*plain_status) == 1);
+  l.process->Kill(SIGTERM);
+  const std::optional<int> status = l.process->Wait(kStopBound);
+  ASSERT_TRUE(status) << l.Stderr();
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << l.Stderr();
+  EXPECT_FALSE(FileExists(ca));  // the throw-away CA went with it
+  EXPECT_FALSE(IsDirectory(ca.substr(0, ca.rfind('/'))));
 }
 
 TEST_F(LocalProcessTest, ChildrenExitWhenKvrelayLocalIsKilled) {

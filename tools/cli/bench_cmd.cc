@@ -21,6 +21,7 @@
 #include "tools/bench/stats.h"
 #include "tools/cli/args.h"
 #include "tools/cli/cli.h"
+#include "tools/cli/client_tls.h"
 
 namespace kvrelay::cli {
 namespace {
@@ -130,6 +131,7 @@ class ProgressBar {
 int RunServe(int argc, char** argv, std::ostream& out, std::ostream& err) {
   Args args;
   DeclareFlags(args);
+  DeclareClientTlsFlags(args);
   if (absl::Status s = args.Parse(argc, argv, 3); !s.ok())
     return Fail(err, std::string(s.message()), 2);
   if (args.GetBool("help")) {
@@ -244,8 +246,9 @@ int RunServe(int argc, char** argv, std::ostream& out, std::ostream& err) {
     if (!probe) return Fail(err, "--json: cannot write " + json_path, 2);
   }
 
-  std::shared_ptr<grpc::Channel> channel =
-      grpc::CreateChannel(server, grpc::InsecureChannelCredentials());
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> made = ClientChannel(args, server);
+  if (!made.ok()) return Fail(err, std::string(made.status().message()), 2);
+  std::shared_ptr<grpc::Channel> channel = *std::move(made);
   absl::StatusOr<v1::ModelInfo> info =
       bench::FetchModelInfo(channel, server, run.model, connect_timeout);
   if (!info.ok()) return Fail(err, std::string(info.status().message()));

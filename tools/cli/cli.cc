@@ -59,6 +59,7 @@ void Usage(std::ostream& out) {
          "  local        run the router, prefill and decode workers on this machine\n"
          "  bench serve  drive a running service with a workload; latency, throughput,\n"
          "               goodput, prefix hit rate (table, JSON, PNG figures)\n"
+         "  health       ask a kvrelay port's gRPC health service (TLS and mTLS too)\n"
          "  help         this text\n\n"
          "Run 'kvrelay <command> --help' for the flags of a command.\n";
 }
@@ -75,6 +76,7 @@ int RunCli(int argc, char** argv, std::ostream& out, std::ostream& err) {
   if (cmd == "generate") return RunGenerate(argc, argv, out, err);
   if (cmd == "local") return RunLocal(argc, argv, out, err);
   if (cmd == "bench") return RunBench(argc, argv, out, err);
+  if (cmd == "health") return RunHealth(argc, argv, out, err);
   if (cmd == "help" || cmd == "--help" || cmd == "-h") {
     Usage(out);
     return 0;

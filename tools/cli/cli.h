@@ -9,7 +9,8 @@
 
 namespace kvrelay::cli {
 
-// Dispatches argv[1] (make-model, generate, local, bench, help). Returns the process exit code.
+// Dispatches argv[1] (make-model, generate, local, bench, health, help). Returns the
+// process exit code.
 int RunCli(int argc, char** argv, std::ostream& out, std::ostream& err);
 
 int RunMakeModel(int argc, char** argv, std::ostream& out, std::ostream& err);
@@ -19,6 +20,9 @@ int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err);
 int RunLocal(int argc, char** argv, std::ostream& out, std::ostream& err);
 // `bench serve`: the load generator against a running service (tools/cli/bench_cmd.cc).
 int RunBench(int argc, char** argv, std::ostream& out, std::ostream& err);
+// `health`: the gRPC health check of a kvrelay port, TLS and mTLS included (the Helm
+// chart's exec probe when TLS is on: kubelet's gRPC probes speak plaintext only).
+int RunHealth(int argc, char** argv, std::ostream& out, std::ostream& err);
 
 // The demo model folder ($KVRELAY_HOME/demo-model, else ~/.cache/kvrelay/demo-model),
 // written with make-model's defaults when it does not exist yet.

@@ -27,6 +27,7 @@
 #include "nlohmann/json.hpp"
 #include "tools/cli/args.h"
 #include "tools/cli/cli.h"
+#include "tools/cli/client_tls.h"
 
 namespace kvrelay::cli {
 namespace {
@@ -123,8 +124,9 @@ int RunServerGenerate(const Args& args, const std::vector<std::string>& prompts,
                        std::chrono::microseconds(static_cast<int64_t>(deadline_seconds * 1e6)));
     }
   };
-  std::unique_ptr<v1::Generation::Stub> stub =
-      v1::Generation::NewStub(grpc::CreateChannel(server, grpc::InsecureChannelCredentials()));
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = ClientChannel(args, server);
+  if (!channel.ok()) return Fail(err, std::string(channel.status().message()), 2);
+  std::unique_ptr<v1::Generation::Stub> stub = v1::Generation::NewStub(*channel);
   const std::string model_name = args.GetString("model-name", "");
   v1::SamplingParams sampling = rpc::ToProto(params);
   for (const std::string& stop : args.GetAll("stop")) sampling.add_stop(stop);
@@ -224,6 +226,7 @@ int RunServerGenerate(const Args& args, const std::vector<std::string>& prompts,
 int RunGenerate(int argc, char** argv, std::ostream& out, std::ostream& err) {
   Args args;
   DeclareFlags(args);
+  DeclareClientTlsFlags(args);
   if (absl::Status s = args.Parse(argc, argv, 2); !s.ok())
     return Fail(err, std::string(s.message()), 2);
   if (args.GetBool("help")) {

@@ -12,8 +12,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <memory>
+#include <optional>
 #include <ostream>
 #include <set>
 #include <string>
@@ -23,6 +25,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "common/rpc/pki.h"
+#include "common/rpc/security.h"
 #include "common/util/file.h"
 #include "grpcpp/grpcpp.h"
 #include "kvrelay/v1/registry.grpc.pb.h"
@@ -61,6 +65,12 @@ void DeclareFlags(Args& args) {
             "(default 30)")
       .Flag("bin-dir", K::kString,
             "folder of kvrelay-router, kvrelay-prefill, kvrelay-decode (default: kvrelay's own)")
+      .Flag("tls", K::kBool,
+            "TLS on the router's port and mutual TLS + a cluster token between the processes, "
+            "with a throw-away CA (clients: --tls-ca DIR/ca.crt)")
+      .Flag("tls-dir", K::kString,
+            "--tls: where the CA, certificates and token go (default: a new /tmp/kvrelay-tls-* "
+            "folder, removed on exit)")
       .Flag("dry-run", K::kBool, "print the commands it would run and exit")
       .Flag("help", K::kBool, "this text");
 }
@@ -77,8 +87,16 @@ struct Plan {
   absl::Duration ready_timeout = absl::Seconds(120), grace = absl::Seconds(30);
   std::string bin_dir;
   std::vector<std::string> router_flags, prefill_flags, decode_flags;
-  int http_port = 0;  // 0: no HTTP API
+  int http_port = 0;    // 0: no HTTP API
+  std::string tls_dir;  // --tls: ca.crt, node.crt/.key, cluster-token (rpc::WriteLocalPki)
 };
+
+// The flags that give every child the --tls certificates and token.
+std::vector<std::string> TlsFlags(const std::string& dir) {
+  return {"--tls_cert=" + JoinPath(dir, "node.crt"), "--tls_key=" + JoinPath(dir, "node.key"),
+          "--tls_ca=" + JoinPath(dir, "ca.crt"), "--tls_require_client_cert",
+          "--cluster_token_file=" + JoinPath(dir, "cluster-token")};
+}
 
 int UsableCores() {
   cpu_set_t set;
@@ -142,6 +160,9 @@ ChildCommand RouterCommand(const Plan& p) {
                   absl::StrCat("127.0.0.1:", p.port)}};
   if (!p.model_id.empty()) c.argv.insert(c.argv.end(), {"--model_id", p.model_id});
   if (p.http_port > 0) c.argv.push_back(absl::StrCat("--http_listen=127.0.0.1:", p.http_port));
+  if (!p.tls_dir.empty()) {
+    for (std::string& f : TlsFlags(p.tls_dir)) c.argv.push_back(std::move(f));
+  }
   c.argv.insert(c.argv.end(), p.router_flags.begin(), p.router_flags.end());
   return c;
 }
@@ -167,6 +188,9 @@ std::vector<ChildCommand> WorkerCommands(const Plan& p, const std::string& route
                 "--threads",
                 std::to_string(p.threads)};
       if (!p.model_id.empty()) c.argv.insert(c.argv.end(), {"--model_id", p.model_id});
+      if (!p.tls_dir.empty()) {
+        for (std::string& f : TlsFlags(p.tls_dir)) c.argv.push_back(std::move(f));
+      }
       const auto& extra = prefill ? p.prefill_flags : p.decode_flags;
       c.argv.insert(c.argv.end(), extra.begin(), extra.end());
       out.push_back(std::move(c));
@@ -204,6 +228,11 @@ class LocalRun {
          << plan_.prefill << " prefill, " << Plural(plan_.decode, "decode worker") << ")\n";
     if (plan_.http_port > 0) {
       out_ << "kvrelay local: OpenAI API on http://127.0.0.1:" << plan_.http_port << "/v1\n";
+    }
+    if (!plan_.tls_dir.empty()) {
+      out_ << "kvrelay local: TLS on (mutual TLS and a cluster token between the processes); "
+              "clients: --tls-ca "
+           << JoinPath(plan_.tls_dir, "ca.crt") << "\n";
     }
     out_ << "READY " << port << "\n" << std::flush;
     // 4. Serve until a stop signal or a child's death.
@@ -274,8 +303,23 @@ class LocalRun {
   }
 
   Outcome AwaitRegistered(int port, const std::set<std::string>& names, std::string* model_id) {
+    // The Registry is internal: with --tls it wants the node certificate and the token.
+    rpc::Security security;
+    if (!plan_.tls_dir.empty()) {
+      rpc::SecurityOptions o;
+      o.tls_cert = JoinPath(plan_.tls_dir, "node.crt");
+      o.tls_key = JoinPath(plan_.tls_dir, "node.key");
+      o.tls_ca = JoinPath(plan_.tls_dir, "ca.crt");
+      o.cluster_token_file = JoinPath(plan_.tls_dir, "cluster-token");
+      absl::StatusOr<rpc::Security> s = rpc::Security::Load(o);
+      if (!s.ok()) {
+        err_ << "kvrelay local: " << s.status().message() << "\n";
+        return Outcome::kFailed;
+      }
+      security = *std::move(s);
+    }
     auto stub = v1::Registry::NewStub(
-        grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
+        security.CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::ChannelArguments()));
     const absl::Time deadline = absl::Now() + plan_.ready_timeout;
     std::string last_error;
     std::set<std::string> missing = names;
@@ -337,6 +381,32 @@ class LocalRun {
   std::ostream& err_;
 };
 
+// A folder removed, with what is in it, when this goes.
+class TempTlsDir {
+ public:
+  explicit TempTlsDir(std::string path) : path_(std::move(path)) {}
+  TempTlsDir(const TempTlsDir&) = delete;
+  TempTlsDir& operator=(const TempTlsDir&) = delete;
+  ~TempTlsDir() {
+    for (const char* f : {"ca.crt", "ca.key", "node.crt", "node.key", "cluster-token"}) {
+      ::unlink(JoinPath(path_, f).c_str());
+    }
+    ::rmdir(path_.c_str());
+  }
+
+ private:
+  std::string path_;
+};
+
+absl::StatusOr<std::string> MakeTempDir(const std::string& prefix) {
+  const char* tmp = std::getenv("TMPDIR");
+  std::string templ = JoinPath(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp", prefix + "XXXXXX");
+  if (::mkdtemp(templ.data()) == nullptr) {
+    return absl::InternalError("cannot create a folder like " + templ);
+  }
+  return templ;
+}
+
 int Fail(std::ostream& err, const std::string& what, int code = 1) {
   err << "kvrelay local: " << what << "\n";
   return code;
@@ -368,6 +438,25 @@ int RunLocal(int argc, char** argv, std::ostream& out, std::ostream& err) {
     return Fail(err, "--model " + dir + ": no such folder");
   }
   plan->model_dir = dir;
+  if (args.Has("tls-dir") && !args.GetBool("tls")) return Fail(err, "--tls-dir needs --tls", 2);
+  // --tls without --tls-dir: a fresh folder, removed on exit.
+  std::optional<TempTlsDir> temp_tls;
+  if (args.GetBool("tls")) {
+    plan->tls_dir = args.GetString("tls-dir", "");
+    if (args.GetBool("dry-run")) {
+      if (plan->tls_dir.empty()) plan->tls_dir = "<tls-dir>";
+    } else {
+      if (plan->tls_dir.empty()) {
+        absl::StatusOr<std::string> d = MakeTempDir("kvrelay-tls-");
+        if (!d.ok()) return Fail(err, std::string(d.status().message()));
+        temp_tls.emplace(*d);
+        plan->tls_dir = *d;
+      }
+      if (absl::Status s = rpc::WriteLocalPki(plan->tls_dir); !s.ok()) {
+        return Fail(err, "--tls: " + std::string(s.message()));
+      }
+    }
+  }
   if (args.GetBool("dry-run")) {
     const std::string router =
         plan->port == 0 ? "127.0.0.1:<router port>" : absl::StrCat("127.0.0.1:", plan->port);

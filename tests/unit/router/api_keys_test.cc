@@ -19,15 +19,6 @@ std::string WriteFile(const std::string& name, const std::string& text) {
   return path;
 }
 
-TEST(ApiKeysTest, ConstantTimeEquals) {
-  EXPECT_TRUE(ConstantTimeEquals("", ""));
-  EXPECT_TRUE(ConstantTimeEquals("sk-abc", "sk-abc"));
-  EXPECT_FALSE(ConstantTimeEquals("sk-abc", "sk-abd"));
-  EXPECT_FALSE(ConstantTimeEquals("sk-abc", "sk-ab"));  // a prefix
-  EXPECT_FALSE(ConstantTimeEquals("sk-ab", "sk-abc"));
-  EXPECT_FALSE(ConstantTimeEquals(std::string("a\0", 2), "a"));
-}
-
 TEST(ApiKeysTest, NoKeysAllowsEverything) {
   ApiKeys keys;
   EXPECT_TRUE(keys.empty());

@@ -30,7 +30,7 @@ TEST(KeepaliveTest, InternalChannelTalksToAnInternalServer) {
   ASSERT_GT(port, 0);
 
   std::shared_ptr<grpc::Channel> channel =
-      CreateInternalChannel("127.0.0.1:" + std::to_string(port));
+      CreateInternalChannel("127.0.0.1:" + std::to_string(port), Security());
   ASSERT_TRUE(
       channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(30)));
   grpc::GenericStub stub(channel);

@@ -127,6 +127,28 @@ TEST(LocalCmdTest, HttpPortServesTheOpenAIApiOnTheRouter) {
   EXPECT_NE(RunCmd({"--model", ModelDir(), "--http-port", "0", "--dry-run"}, &out, &err), 0);
 }
 
+TEST(LocalCmdTest, TlsGivesEveryProcessTheCertificatesAndToken) {
+  std::string out, err;
+  ASSERT_EQ(RunCmd({"--model", ModelDir(), "--prefill", "1", "--port", "0", "--bin-dir", "/b",
+                    "--tls", "--tls-dir", "/etc/t", "--dry-run"},
+                   &out, &err),
+            0)
+      << err;
+  const std::vector<std::string> lines = Lines(out);
+  ASSERT_EQ(lines.size(), 3u) << out;
+  for (const std::string& line : lines) {
+    EXPECT_THAT(line, HasSubstr(" --tls_cert=/etc/t/node.crt --tls_key=/etc/t/node.key "
+                                "--tls_ca=/etc/t/ca.crt --tls_require_client_cert "
+                                "--cluster_token_file=/etc/t/cluster-token"));
+  }
+  // Without --tls-dir the folder is made at run time.
+  ASSERT_EQ(RunCmd({"--model", ModelDir(), "--bin-dir", "/b", "--tls", "--dry-run"}, &out, &err),
+            0);
+  EXPECT_THAT(out, HasSubstr("--tls_cert=<tls-dir>/node.crt"));
+  EXPECT_EQ(RunCmd({"--model", ModelDir(), "--tls-dir", "/t", "--dry-run"}, &out, &err), 2);
+  EXPECT_THAT(err, HasSubstr("--tls-dir needs --tls"));
+}
+
 TEST(LocalCmdTest, DefaultsSplitTheCoresAmongTheWorkers) {
   cpu_set_t set;
   CPU_ZERO(&set);
