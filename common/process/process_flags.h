@@ -19,7 +19,7 @@ namespace kvrelay::process {
 // What SetUp made from the shared flags.
 struct Process {
   std::string name;  // e.g. "kvrelay-decode", the prefix of every line it prints
-  std::shared_ptr<prometheus::Registry> metrics;  // served on --metrics_listen
+  std::shared_ptr<prometheus::Registry> metrics;           // served on --metrics_listen
   std::unique_ptr<metrics::MetricsServer> metrics_server;  // null without --metrics_listen
   rpc::Security security;
 
@@ -27,9 +27,9 @@ struct Process {
   int Fail(const absl::Status& status) const;
   // Prints "READY <port>", then waits for SIGTERM/SIGINT and calls
   // `shutdown(--drain_seconds, --exit_linger_seconds)`. Returns main's exit code.
-  int ServeUntilStopped(int port,
-                        const std::function<void(absl::Duration grace, absl::Duration linger)>&
-                            shutdown) const;
+  int ServeUntilStopped(
+      int port,
+      const std::function<void(absl::Duration grace, absl::Duration linger)>& shutdown) const;
 };
 
 // Parses the command line (absl flags), installs the stop signals, loads the security

@@ -124,7 +124,8 @@ absl::StatusOr<KeyAndCert> MakeCertificateAuthority(const std::string& common_na
   if (!X509_set_issuer_name(cert.get(), X509_get_subject_name(cert.get()))) {
     return OpenSslError("issuer name");
   }
-  KVR_RETURN_IF_ERROR(AddExtension(cert.get(), cert.get(), NID_basic_constraints, "critical,CA:TRUE"));
+  KVR_RETURN_IF_ERROR(
+      AddExtension(cert.get(), cert.get(), NID_basic_constraints, "critical,CA:TRUE"));
   KVR_RETURN_IF_ERROR(
       AddExtension(cert.get(), cert.get(), NID_key_usage, "critical,keyCertSign,cRLSign"));
   KVR_RETURN_IF_ERROR(AddExtension(cert.get(), cert.get(), NID_subject_key_identifier, "hash"));
@@ -149,8 +150,7 @@ absl::StatusOr<KeyAndCert> IssueCertificate(const KeyAndCert& ca, const std::str
   KVR_RETURN_IF_ERROR(AddExtension(c, ca_cert.get(), NID_basic_constraints, "critical,CA:FALSE"));
   KVR_RETURN_IF_ERROR(
       AddExtension(c, ca_cert.get(), NID_key_usage, "critical,digitalSignature,keyEncipherment"));
-  KVR_RETURN_IF_ERROR(
-      AddExtension(c, ca_cert.get(), NID_ext_key_usage, "serverAuth,clientAuth"));
+  KVR_RETURN_IF_ERROR(AddExtension(c, ca_cert.get(), NID_ext_key_usage, "serverAuth,clientAuth"));
   KVR_RETURN_IF_ERROR(AddExtension(c, ca_cert.get(), NID_subject_key_identifier, "hash"));
   KVR_RETURN_IF_ERROR(AddExtension(c, ca_cert.get(), NID_authority_key_identifier, "keyid"));
   if (!hosts.empty()) {

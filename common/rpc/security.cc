@@ -197,8 +197,9 @@ std::optional<grpc::Status> Security::CheckInternalCaller(
 void Security::CountRefusalsIn(prometheus::Registry& registry) {
   auto& family = prometheus::BuildCounter()
                      .Name("kvrelay_internal_calls_refused_total")
-                     .Help("Internal RPCs refused: the caller had no certificate of the cluster "
-                           "CA (mTLS), no cluster token, or a wrong one")
+                     .Help(
+                         "Internal RPCs refused: the caller had no certificate of the cluster "
+                         "CA (mTLS), no cluster token, or a wrong one")
                      .Register(registry);
   refusals_ = std::make_shared<const Refusals>(Refusals{&family.Add({{"reason", "no_certificate"}}),
                                                         &family.Add({{"reason", "no_token"}}),

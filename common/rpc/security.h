@@ -35,9 +35,9 @@ inline constexpr char kClusterTokenHeader[] = "x-kvrelay-cluster-token";
 
 // File paths, as the flags give them (empty: not set).
 struct SecurityOptions {
-  std::string tls_cert;  // PEM certificate (chain) this process presents
-  std::string tls_key;   // its PEM private key
-  std::string tls_ca;    // PEM CA bundle peers are verified against
+  std::string tls_cert;              // PEM certificate (chain) this process presents
+  std::string tls_key;               // its PEM private key
+  std::string tls_ca;                // PEM CA bundle peers are verified against
   bool require_client_cert = false;  // mTLS on internal ports
   // Name internal peers' certificates are checked against, instead of the host in the
   // address dialled (pod IPs are rarely in a certificate: use one cluster-wide name).

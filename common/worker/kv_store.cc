@@ -52,6 +52,17 @@ absl::StatusOr<KvStore> CreateKvStore(transfer::KvTransport& transport, const mo
                      "deploy/docker/Dockerfile.cuda; Debian's libucx0 has none)"));
   }
   s.memory = std::move(*memory);
+  // What peers get a key for (the descriptor) is the pool and nothing else: a peer can
+  // write only where this process lets its KV be written (README "Security").
+  const transfer::PoolDescriptor& d = s.memory->descriptor();
+  const uint64_t pool_bytes = layout.block_bytes() * static_cast<uint64_t>(blocks);
+  if (d.bytes != pool_bytes || s.memory->size() != pool_bytes ||
+      d.base_address != reinterpret_cast<uint64_t>(s.memory->data()) || d.num_blocks != blocks ||
+      d.block_bytes != layout.block_bytes()) {
+    return absl::InternalError(absl::StrCat(
+        "the ", transport.name(), " transport exports ", d.bytes, " bytes at ", d.base_address,
+        " for a KV pool of ", pool_bytes, " bytes: refusing to expose more than the pool"));
+  }
   KVR_RETURN_IF_ERROR(backend.Zero(s.memory->data(), s.memory->size()));
   KVR_RETURN_IF_ERROR(backend.Synchronize());
   KVR_ASSIGN_OR_RETURN(

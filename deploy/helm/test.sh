@@ -68,7 +68,10 @@ if [[ -f "$rules" ]]; then
 fi
 render "${monitoring[@]}" > "$work/service-monitor.yaml"
 render --set metrics.podMonitor.enabled=true > "$work/pod-monitor.yaml"
-for f in default gpu service-monitor pod-monitor; do
+secure=(--set security.tls.enabled=true --set security.tls.secretName=kvrelay-tls
+        --set security.tls.serverName=kvrelay-internal --set security.clusterToken.secretName=kvrelay-token)
+render "${secure[@]}" > "$work/secure.yaml"
+for f in default gpu service-monitor pod-monitor secure; do
   ok "rendered $f ($(grep -c '^# Source: ' "$work/$f.yaml") documents)"
 done
 
@@ -82,7 +85,7 @@ if [[ -n "$bin_dir" ]]; then
     echo "helm test: no kvrelay binaries in $bin_dir: command lines not run"
   fi
 fi
-if node "$validate/validate.mjs" "${validate_args[@]}" "$work"/{default,gpu,service-monitor,pod-monitor}.yaml; then
+if node "$validate/validate.mjs" "${validate_args[@]}" "$work"/{default,gpu,service-monitor,pod-monitor,secure}.yaml; then
   ok "schemas and strict fields of every document${validate_args:+, every kvrelay command line}"
 else
   not_ok "schema validation (see INVALID lines above)"
@@ -129,6 +132,23 @@ if render --set decode.kvBytes=3Gi --set prefill.kvBlocks=4096 --set prefill.kvB
 else
   not_ok "KV sizes: --set decode.kvBytes=3Gi / prefill.kvBlocks=4096 not rendered as expected"
 fi
+# security.*: every process gets the TLS files, mTLS and the token; probes go through
+# `kvrelay health` over mTLS (kubelet's gRPC probes are plaintext).
+count() { grep -c -- "$1" "$2" || true; }
+if [[ $(count '^            - --tls_require_client_cert$' "$work/secure.yaml") == 3 &&
+      $(count '^            - --cluster_token_file=/var/run/secrets/kvrelay/token/token$' "$work/secure.yaml") == 3 &&
+      $(count '^                - --tls-server-name=kvrelay-internal$' "$work/secure.yaml") == 9 &&
+      $(count '^            grpc:$' "$work/secure.yaml") == 0 &&
+      $(count '^            secretName: kvrelay-tls$' "$work/secure.yaml") == 3 &&
+      $(count '^            grpc:$' "$work/default.yaml") == 9 &&
+      $(count 'tls_' "$work/default.yaml") == 0 ]]; then
+  ok "security: TLS, mTLS and token flags, Secret volumes and exec probes in every pod (none by default)"
+else
+  not_ok "security: the secure render lacks flags, Secret volumes or exec probes (or the default has them)"
+fi
+must_fail "TLS without a Secret" "security.tls.secretName is required" --set security.tls.enabled=true
+must_fail "TLS without a server name" "security.tls.serverName is required" \
+  --set security.tls.enabled=true --set security.tls.secretName=s
 if [[ -f "$rules" ]]; then
   must_fail "an unknown alert in disabledAlerts" "NoSuchAlert is not an alert of" \
     --set metrics.prometheusRule.enabled=true --set 'metrics.prometheusRule.disabledAlerts={NoSuchAlert}'

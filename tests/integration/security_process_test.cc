@@ -47,22 +47,29 @@ class SecurityProcessTest : public ::testing::Test {
     // A second CA and a node certificate of it: a peer from another cluster.
     absl::StatusOr<rpc::KeyAndCert> rogue_ca = rpc::MakeCertificateAuthority("rogue");
     ASSERT_TRUE(rogue_ca.ok());
-    absl::StatusOr<rpc::KeyAndCert> rogue = rpc::IssueCertificate(*rogue_ca, "rogue", {"127.0.0.1"});
+    absl::StatusOr<rpc::KeyAndCert> rogue =
+        rpc::IssueCertificate(*rogue_ca, "rogue", {"127.0.0.1"});
     ASSERT_TRUE(rogue.ok());
     ASSERT_TRUE(WriteFile(dir_->File("rogue.crt"), rogue->cert_pem).ok());
     ASSERT_TRUE(WriteFile(dir_->File("rogue.key"), rogue->key_pem).ok());
     ASSERT_TRUE(WriteFile(dir_->File("wrong-token"), "not-the-token\n").ok());
 
     const std::vector<std::string> security = Flags("cluster-token");
-    std::vector<std::string> args = {"--model", ModelDir(), "--local_prefill_max_tokens", "16",
-                                     "--exit_linger_seconds", "0", "--metrics_listen",
+    std::vector<std::string> args = {"--model",
+                                     ModelDir(),
+                                     "--local_prefill_max_tokens",
+                                     "16",
+                                     "--exit_linger_seconds",
+                                     "0",
+                                     "--metrics_listen",
                                      "127.0.0.1:0"};
     args.insert(args.end(), security.begin(), security.end());
     router_ = new testing::WorkerProcess(testing::StartWorker("kvrelay-router", args));
     ASSERT_TRUE(router_->process);
-    std::vector<std::string> worker = {"--model",   ModelDir(), "--threads", "1",
-                                       "--kv_blocks", "128",    "--router",  router_->address(),
-                                       "--exit_linger_seconds", "0"};
+    std::vector<std::string> worker = {"--model",  ModelDir(),         "--threads",
+                                       "1",        "--kv_blocks",      "128",
+                                       "--router", router_->address(), "--exit_linger_seconds",
+                                       "0"};
     worker.insert(worker.end(), security.begin(), security.end());
     prefill_ = new testing::WorkerProcess(testing::StartWorker("kvrelay-prefill", worker));
     decode_ = new testing::WorkerProcess(testing::StartWorker("kvrelay-decode", worker));
@@ -77,9 +84,15 @@ class SecurityProcessTest : public ::testing::Test {
 
   // Every process's flags, with the token in `token_file`.
   static std::vector<std::string> Flags(const std::string& token_file) {
-    return {"--tls_cert", dir_->File("node.crt"), "--tls_key", dir_->File("node.key"),
-            "--tls_ca", dir_->File("ca.crt"), "--tls_require_client_cert",
-            "--cluster_token_file", dir_->File(token_file)};
+    return {"--tls_cert",
+            dir_->File("node.crt"),
+            "--tls_key",
+            dir_->File("node.key"),
+            "--tls_ca",
+            dir_->File("ca.crt"),
+            "--tls_require_client_cert",
+            "--cluster_token_file",
+            dir_->File(token_file)};
   }
 
   // A client's credentials: the cluster CA, and optionally a certificate and a token.
@@ -177,7 +190,8 @@ TEST_F(SecurityProcessTest, ThePublicPortRefusesPlaintextAndForeignCas) {
 
 TEST_F(SecurityProcessTest, TheRegistryWantsTheClusterCertificateAndToken) {
   v1::ListWorkersResponse r;
-  grpc::Status anonymous = ListWorkers(Client("", "", "").CreateChannel(router_->address(), {}), &r);
+  grpc::Status anonymous =
+      ListWorkers(Client("", "", "").CreateChannel(router_->address(), {}), &r);
   EXPECT_EQ(anonymous.error_code(), grpc::StatusCode::UNAUTHENTICATED);
   EXPECT_THAT(anonymous.error_message(), HasSubstr("no certificate of the cluster CA"));
   grpc::Status no_token =
@@ -185,11 +199,12 @@ TEST_F(SecurityProcessTest, TheRegistryWantsTheClusterCertificateAndToken) {
   EXPECT_EQ(no_token.error_code(), grpc::StatusCode::UNAUTHENTICATED);
   EXPECT_THAT(no_token.error_message(), HasSubstr("no cluster token"));
   // A certificate of another CA fails the handshake.
-  EXPECT_EQ(ListWorkers(Client("rogue.crt", "rogue.key", "cluster-token")
-                            .CreateChannel(router_->address(), {}),
-                        &r)
-                .error_code(),
-            grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(
+      ListWorkers(
+          Client("rogue.crt", "rogue.key", "cluster-token").CreateChannel(router_->address(), {}),
+          &r)
+          .error_code(),
+      grpc::StatusCode::UNAVAILABLE);
   EXPECT_TRUE(ListWorkers(Node().CreateChannel(router_->address(), {}), &r).ok());
 }
 
@@ -217,9 +232,8 @@ TEST_F(SecurityProcessTest, WorkerPortsAcceptOnlyTheCluster) {
     return stub->Abort(&ctx, req, &resp);
   };
   // Plaintext, or TLS without a certificate, or another CA's: the handshake fails.
-  for (const rpc::Security& s :
-       {rpc::Security(), Client("", "", "cluster-token"),
-        Client("rogue.crt", "rogue.key", "cluster-token")}) {
+  for (const rpc::Security& s : {rpc::Security(), Client("", "", "cluster-token"),
+                                 Client("rogue.crt", "rogue.key", "cluster-token")}) {
     EXPECT_EQ(decode_call(s).error_code(), grpc::StatusCode::UNAVAILABLE);
     EXPECT_EQ(abort_call(s).error_code(), grpc::StatusCode::UNAVAILABLE);
   }
@@ -237,12 +251,12 @@ TEST_F(SecurityProcessTest, WorkerPortsAcceptOnlyTheCluster) {
 
 TEST_F(SecurityProcessTest, AWorkerWithTheWrongTokenCannotRegister) {
   ASSERT_TRUE(WaitForWorkers());
-  const double before = testing::MetricSum(testing::ScrapeMetrics(router_->metrics_port),
-                                           "kvrelay_internal_calls_refused_total",
-                                           "reason=\"wrong_token\"");
-  std::vector<std::string> args = {"--model",  ModelDir(),         "--threads",  "1",
-                                    "--kv_blocks", "32",           "--router",   router_->address(),
-                                    "--worker_id", "intruder-0",   "--exit_linger_seconds", "0"};
+  const double before =
+      testing::MetricSum(testing::ScrapeMetrics(router_->metrics_port),
+                         "kvrelay_internal_calls_refused_total", "reason=\"wrong_token\"");
+  std::vector<std::string> args = {
+      "--model",  ModelDir(),         "--threads",   "1",          "--kv_blocks",           "32",
+      "--router", router_->address(), "--worker_id", "intruder-0", "--exit_linger_seconds", "0"};
   const std::vector<std::string> security = Flags("wrong-token");
   args.insert(args.end(), security.begin(), security.end());
   testing::WorkerProcess intruder = testing::StartWorker("kvrelay-decode", args);
@@ -252,8 +266,7 @@ TEST_F(SecurityProcessTest, AWorkerWithTheWrongTokenCannotRegister) {
   double refused = before;
   while (absl::Now() < deadline && refused < before + 2) {
     refused = testing::MetricSum(testing::ScrapeMetrics(router_->metrics_port),
-                                 "kvrelay_internal_calls_refused_total",
-                                 "reason=\"wrong_token\"");
+                                 "kvrelay_internal_calls_refused_total", "reason=\"wrong_token\"");
     absl::SleepFor(absl::Milliseconds(20));
   }
   EXPECT_GE(refused, before + 2);

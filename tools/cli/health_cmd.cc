@@ -111,7 +111,8 @@ int RunHealth(int argc, char** argv, std::ostream& out, std::ostream& err) {
   std::vector<grpc::Slice> slices;
   std::string bytes;
   if (response.Dump(&slices).ok()) {
-    for (const grpc::Slice& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    for (const grpc::Slice& s : slices)
+      bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
   }
   const int serving = DecodeStatus(bytes);
   out << StatusName(serving) << "\n";

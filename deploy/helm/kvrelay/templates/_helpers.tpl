@@ -142,14 +142,53 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Probes on the standard gRPC health service: (dict "port" 7001 "service" ""
      "timing" $probeValues). */}}
+{{/* A probe of the gRPC health service: (dict "root" $ "port" 7001 "service" "" "timing"
+     $timing). kubelet's gRPC probes speak plaintext only, so with security.tls.enabled
+     it is an exec probe of `kvrelay health` over TLS (mTLS: with the pod's certificate). */}}
 {{- define "kvrelay.grpcProbe" -}}
+{{- $t := .root.Values.security.tls }}
+{{- if $t.enabled }}
+exec:
+  command:
+    - kvrelay
+    - health
+    - --server=127.0.0.1:{{ int .port }}
+    {{- if .service }}
+    - --service={{ .service }}
+    {{- end }}
+    - --tls-ca=/var/run/secrets/kvrelay/tls/ca.crt
+    - --tls-cert=/var/run/secrets/kvrelay/tls/tls.crt
+    - --tls-key=/var/run/secrets/kvrelay/tls/tls.key
+    - --tls-server-name={{ $t.serverName }}
+    - --timeout-seconds={{ int (default 5 .timing.timeoutSeconds) }}
+{{- else }}
 grpc:
   port: {{ int .port }}
   {{- if .service }}
   service: {{ .service | quote }}
   {{- end }}
+{{- end }}
 {{- with .timing }}
 {{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The security flags every process gets (values.security). */}}
+{{- define "kvrelay.securityArgs" -}}
+{{- $s := .Values.security }}
+{{- if $s.tls.enabled }}
+{{- $_ := required "security.tls.secretName is required with security.tls.enabled (a Secret with tls.crt, tls.key and ca.crt, e.g. cert-manager's)" $s.tls.secretName }}
+{{- $_ := required "security.tls.serverName is required with security.tls.enabled (a DNS name in the certificate that every pod checks its peers against)" $s.tls.serverName }}
+- --tls_cert=/var/run/secrets/kvrelay/tls/tls.crt
+- --tls_key=/var/run/secrets/kvrelay/tls/tls.key
+- --tls_ca=/var/run/secrets/kvrelay/tls/ca.crt
+- --tls_server_name={{ $s.tls.serverName }}
+{{- if $s.tls.requireClientCert }}
+- --tls_require_client_cert
+{{- end }}
+{{- end }}
+{{- if $s.clusterToken.secretName }}
+- --cluster_token_file=/var/run/secrets/kvrelay/token/{{ $s.clusterToken.key }}
 {{- end }}
 {{- end }}
 
@@ -231,6 +270,16 @@ prometheus.io/path: /metrics
   readOnly: true
 - name: tmp
   mountPath: /tmp
+{{- if .Values.security.tls.enabled }}
+- name: tls
+  mountPath: /var/run/secrets/kvrelay/tls
+  readOnly: true
+{{- end }}
+{{- if .Values.security.clusterToken.secretName }}
+- name: cluster-token
+  mountPath: /var/run/secrets/kvrelay/token
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{- define "kvrelay.volumes" -}}
@@ -240,6 +289,18 @@ prometheus.io/path: /metrics
 {{ include "kvrelay.modelVolume" . }}
 - name: tmp
   emptyDir: {}
+{{- if .Values.security.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ .Values.security.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- with .Values.security.clusterToken.secretName }}
+- name: cluster-token
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
 {{- end }}
 
 {{/* PodDisruptionBudget spec: (dict "pdb" $pdbValues). */}}

@@ -58,6 +58,7 @@ spec:
             - --advertise_host=$(POD_IP)
             - --worker_id=$(POD_NAME)
             - --router={{ include "kvrelay.routerAddress" $root }}
+            {{- include "kvrelay.securityArgs" $root | nindent 12 }}
             {{- range $c.extraArgs }}
             - {{ . | quote }}
             {{- end }}
@@ -86,11 +87,11 @@ spec:
               protocol: TCP
           # The server listens once the model is loaded and the KV pool allocated.
           startupProbe:
-            {{- include "kvrelay.grpcProbe" (dict "port" $c.port "service" "" "timing" $c.probes.startup) | nindent 12 }}
+            {{- include "kvrelay.grpcProbe" (dict "root" $root "port" $c.port "service" "" "timing" $c.probes.startup) | nindent 12 }}
           readinessProbe:
-            {{- include "kvrelay.grpcProbe" (dict "port" $c.port "service" "" "timing" $c.probes.readiness) | nindent 12 }}
+            {{- include "kvrelay.grpcProbe" (dict "root" $root "port" $c.port "service" "" "timing" $c.probes.readiness) | nindent 12 }}
           livenessProbe:
-            {{- include "kvrelay.grpcProbe" (dict "port" $c.port "service" "" "timing" $c.probes.liveness) | nindent 12 }}
+            {{- include "kvrelay.grpcProbe" (dict "root" $root "port" $c.port "service" "" "timing" $c.probes.liveness) | nindent 12 }}
           resources:
             {{- include "kvrelay.resources" (dict "c" $c) | nindent 12 }}
           securityContext:

@@ -27,8 +27,7 @@ TEST(WorkerFlagsTest, FillsTheSharedOptions) {
   absl::SetFlag(&FLAGS_advertise_host, std::string("10.0.0.9"));
   Process p;
   p.metrics = std::make_shared<prometheus::Registry>();
-  absl::StatusOr<rpc::Security> token =
-      rpc::Security::FromPem("", "", "", false, "", "the-token");
+  absl::StatusOr<rpc::Security> token = rpc::Security::FromPem("", "", "", false, "", "the-token");
   ASSERT_TRUE(token.ok());
   p.security = *token;
   worker::WorkerOptions o;

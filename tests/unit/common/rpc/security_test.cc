@@ -58,9 +58,8 @@ const Pki& Certs() {
 
 Security Make(const KeyAndCert* own, const std::string& ca, bool mtls = false,
               const std::string& server_name = "", const std::string& token = "") {
-  absl::StatusOr<Security> s =
-      Security::FromPem(own ? own->cert_pem : "", own ? own->key_pem : "", ca, mtls, server_name,
-                        token);
+  absl::StatusOr<Security> s = Security::FromPem(own ? own->cert_pem : "", own ? own->key_pem : "",
+                                                 ca, mtls, server_name, token);
   EXPECT_TRUE(s.ok()) << s.status();
   return s.ok() ? *s : Security();
 }

@@ -21,8 +21,8 @@ TEST(StartServerTest, ServesHealthOnAFreePort) {
   ASSERT_TRUE(server.ok()) << server.status();
   ASSERT_GT(port, 0);
   // The standard health service answers (DESIGN §8).
-  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
-                                     grpc::InsecureChannelCredentials());
+  auto channel =
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials());
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   grpc::ByteBuffer response;

@@ -45,8 +45,9 @@ TEST(HealthCmdTest, AsksTheHealthServiceOverMutualTls) {
   ASSERT_TRUE(server.ok()) << server.status();
   (*server)->GetHealthCheckService()->SetServingStatus("kvrelay.v1.Registry", false);
   const std::string address = "127.0.0.1:" + std::to_string(port);
-  const std::vector<std::string> tls = {"--tls-ca",  dir.File("ca.crt"),   "--tls-cert",
-                                        dir.File("node.crt"), "--tls-key", dir.File("node.key")};
+  const std::vector<std::string> tls = {"--tls-ca",   dir.File("ca.crt"),
+                                        "--tls-cert", dir.File("node.crt"),
+                                        "--tls-key",  dir.File("node.key")};
   auto with_tls = [&](std::vector<std::string> a) {
     a.insert(a.end(), tls.begin(), tls.end());
     return a;
