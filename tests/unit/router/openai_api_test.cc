@@ -157,6 +157,17 @@ TEST(OpenAIApiTest, WrongTypesAndValuesNameTheParameter) {
             16u);
 }
 
+// Found by tests/fuzz/request_fuzz: a number beyond a double is no parse_error but an
+// out_of_range exception, which escaped and aborted the router.
+TEST(OpenAIApiTest, NumbersBeyondADoubleAreABadRequestNotACrash) {
+  for (const char* body :
+       {"1e4444", R"({"prompt": "x", "max_tokens": 1e400})", "444444444e444444"}) {
+    const Error e = Err(Kind::kCompletion, body);
+    EXPECT_EQ(e.http_status, 400) << body;
+    EXPECT_THAT(e.message, HasSubstr("not valid JSON")) << body;
+  }
+}
+
 TEST(OpenAIApiTest, MalformedJsonAndBadUtf8) {
   for (const std::string body : {std::string("{"), std::string("[1]"), std::string("null"),
                                  std::string("{\"prompt\": \"\xff\"}")}) {
