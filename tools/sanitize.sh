@@ -32,6 +32,7 @@ CC=clang CXX=clang++ cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=RelWithDebInf
   -DKVRELAY_FUZZ=ON -DKVRELAY_CUDA=OFF -DKVRELAY_BUILD_BENCHMARKS=OFF >/dev/null
 cmake --build "$BUILD_DIR" -j"$JOBS" --target "${tests[@]}"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:strict_string_checks=1}
+export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$(pwd)/tests/sanitizers/lsan.supp}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 failed=()
 for t in "${tests[@]}"; do

@@ -47,7 +47,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     case 0: {
       auto t = Tokenizer::FromJson(in, "fuzz");
       if (t.ok()) {
-        const std::vector<int32_t> ids = (*t)->Encode("Hello, world! \xc3\xbc" "n\xc3\xaf" "c 123", true);
+        const std::vector<int32_t> ids = (*t)->Encode(
+            "Hello, world! \xc3\xbc"
+            "n\xc3\xaf"
+            "c 123",
+            true);
         (*t)->Decode(ids, false);
         (*t)->Decode(ids, true);
       }

@@ -20,14 +20,17 @@ namespace kvrelay::testing {
 
 namespace {
 
-// A TCP connection to 127.0.0.1:port (-1 on failure).
-int Connect(int port) {
+// A TCP connection to ipv4:port (-1 on failure).
+int Connect(int port, const std::string& ipv4 = "127.0.0.1") {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   if (fd < 0) return -1;
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::inet_pton(AF_INET, ipv4.c_str(), &addr.sin_addr) != 1) {
+    ::close(fd);
+    return -1;
+  }
   if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
     ::close(fd);
     return -1;
@@ -81,9 +84,15 @@ bool ReadUntil(int fd, absl::Time deadline, std::string* out, Done done) {
 HttpResponse HttpRequest(int port, const std::string& method, const std::string& path,
                          const std::string& body, const std::vector<std::string>& headers,
                          absl::Duration timeout) {
+  return HttpRequestTo("127.0.0.1", port, method, path, body, headers, timeout);
+}
+
+HttpResponse HttpRequestTo(const std::string& ipv4, int port, const std::string& method,
+                           const std::string& path, const std::string& body,
+                           const std::vector<std::string>& headers, absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + timeout;
   HttpResponse r;
-  const int fd = Connect(port);
+  const int fd = Connect(port, ipv4);
   if (fd < 0) return r;
   std::string resp;
   // A server may answer (413) before it has read a large body: send what it takes.
@@ -153,6 +162,11 @@ bool PromtoolCheckMetrics(const std::string& text, std::string* output) {
 }
 
 std::string ScrapeMetrics(int port) { return HttpGet(port, "/metrics").value_or(""); }
+
+std::string ScrapeMetricsAt(const std::string& ipv4, int port) {
+  HttpResponse r = HttpRequestTo(ipv4, port, "GET", "/metrics", "", {}, absl::Seconds(30));
+  return r.status == 200 ? r.body : "";
+}
 
 double MetricSum(const std::string& text, const std::string& name, const std::string& label) {
   double sum = 0;

@@ -20,6 +20,11 @@ struct HttpResponse {
 HttpResponse HttpRequest(int port, const std::string& method, const std::string& path,
                          const std::string& body = "", const std::vector<std::string>& headers = {},
                          absl::Duration timeout = absl::Seconds(120));
+// ... to <ipv4>:<port>.
+HttpResponse HttpRequestTo(const std::string& ipv4, int port, const std::string& method,
+                           const std::string& path, const std::string& body = "",
+                           const std::vector<std::string>& headers = {},
+                           absl::Duration timeout = absl::Seconds(120));
 
 // A request whose answer is read as it comes (Server-Sent Events), and that can hang up
 // in the middle.
@@ -47,6 +52,8 @@ std::optional<std::string> HttpGet(int port, const std::string& path,
 
 // The /metrics text of 127.0.0.1:<port> ("" when it does not answer).
 std::string ScrapeMetrics(int port);
+// ... of <ipv4>:<port> (e.g. a process in another network namespace).
+std::string ScrapeMetricsAt(const std::string& ipv4, int port);
 
 // Sum of the samples of `name` (a whole series name, e.g. "x_total" or "x_count") in the
 // Prometheus text `text` whose label set contains `label` (e.g. code="OK"; empty: any).

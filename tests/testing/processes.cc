@@ -41,10 +41,13 @@ std::vector<int32_t> CliGenerate(const std::string& model_dir, const std::vector
   return j["token_ids"].get<std::vector<int32_t>>();
 }
 
-WorkerProcess StartWorker(const std::string& binary, const std::vector<std::string>& args) {
-  std::vector<std::string> argv = {SiblingBinary(binary)};
+WorkerProcess StartWorker(const std::string& binary, const std::vector<std::string>& args,
+                          const std::vector<std::string>& wrapper, const std::string& host) {
+  std::vector<std::string> argv = wrapper;
+  argv.push_back(SiblingBinary(binary));
   argv.insert(argv.end(), args.begin(), args.end());
   WorkerProcess w;
+  w.host = host;
   auto p = Subprocess::Start(argv);
   EXPECT_TRUE(p) << "cannot start " << binary;
   if (!p) return w;

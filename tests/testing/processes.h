@@ -27,11 +27,15 @@ std::vector<int32_t> CliGenerate(const std::string& model_dir, const std::vector
 struct WorkerProcess {
   std::optional<Subprocess> process;
   int port = 0;
-  int metrics_port = 0;  // with --metrics_listen: from its "METRICS <port>" line
-  int http_port = 0;     // kvrelay-router --http_listen: from its "HTTP <port>" line
-  std::string address() const { return "127.0.0.1:" + std::to_string(port); }
+  int metrics_port = 0;            // with --metrics_listen: from its "METRICS <port>" line
+  int http_port = 0;               // kvrelay-router --http_listen: from its "HTTP <port>" line
+  std::string host = "127.0.0.1";  // where it listens
+  std::string address() const { return host + ":" + std::to_string(port); }
 };
-// Empty `process` (and a test failure) if it does not start.
-WorkerProcess StartWorker(const std::string& binary, const std::vector<std::string>& args);
+// Empty `process` (and a test failure) if it does not start. `wrapper` runs it, e.g.
+// {"ip", "netns", "exec", "ns1"} (then `host` should say where it listens).
+WorkerProcess StartWorker(const std::string& binary, const std::vector<std::string>& args,
+                          const std::vector<std::string>& wrapper = {},
+                          const std::string& host = "127.0.0.1");
 
 }  // namespace kvrelay::testing

@@ -169,8 +169,8 @@ TEST(OpenAIApiTest, NumbersBeyondADoubleAreABadRequestNotACrash) {
 }
 
 TEST(OpenAIApiTest, MalformedJsonAndBadUtf8) {
-  for (const std::string body : {std::string("{"), std::string("[1]"), std::string("null"),
-                                 std::string("{\"prompt\": \"\xff\"}")}) {
+  for (const std::string& body : {std::string("{"), std::string("[1]"), std::string("null"),
+                                  std::string("{\"prompt\": \"\xff\"}")}) {
     const Error e = Err(Kind::kCompletion, body);
     EXPECT_EQ(e.http_status, 400);
     EXPECT_THAT(e.message, HasSubstr("JSON")) << body;

@@ -1,0 +1,392 @@
+// The fault suite (issue 17, ctest label "fault"): real kvrelay processes on 127.0.0.1,
+// a fault injected while they serve, then the outcome counted and the books checked
+// from every worker's /metrics: no KV block left in use or quarantined, nothing running
+// or queued. Each case prints one "RELIABILITY|..." line; tools/reliability.sh turns
+// them into docs/reliability.md.
+#include <signal.h>
+
+#include <atomic>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <memory>
+#include <random>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "gmock/gmock.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "kvrelay/v1/kvrelay.grpc.pb.h"
+#include "kvrelay/v1/registry.grpc.pb.h"
+#include "tests/testing/http.h"
+#include "tests/testing/processes.h"
+#include "tests/testing/test_models.h"
+
+namespace kvrelay {
+namespace {
+
+using testing::RandomPrompt;
+
+std::string ModelDir() { return testing::ModelDir(testing::TinyVariants()[0]); }
+
+constexpr int kLocalMax = 24;  // prompts with more uncached tokens are prefilled remotely
+
+struct Result {
+  grpc::Status status;
+  std::vector<int32_t> tokens;
+  v1::Final final;
+};
+
+v1::GenerateRequest Greedy(const std::vector<int32_t>& prompt, int max_tokens) {
+  v1::GenerateRequest r;
+  for (int32_t t : prompt) r.mutable_token_ids()->add_ids(t);
+  r.mutable_sampling()->set_max_tokens(max_tokens);
+  r.mutable_sampling()->set_ignore_eos(true);
+  return r;
+}
+
+// One Generate call; `on_message(ctx, m)` sees every message (and may cancel).
+Result Generate(
+    v1::Generation::Stub& stub, const v1::GenerateRequest& req,
+    const std::function<void(grpc::ClientContext&, const v1::GenerateResponse&)>& on_message =
+        nullptr,
+    const std::function<void(grpc::ClientContext&)>& on_start = nullptr) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(240));
+  Result out;
+  auto reader = stub.Generate(&ctx, req);
+  if (on_start) on_start(ctx);
+  v1::GenerateResponse m;
+  while (reader->Read(&m)) {
+    out.tokens.insert(out.tokens.end(), m.token_ids().begin(), m.token_ids().end());
+    if (m.has_final()) out.final = m.final();
+    if (on_message) on_message(ctx, m);
+  }
+  out.status = reader->Finish();
+  return out;
+}
+
+// Runs f(i) for i in [0, n) on `threads` threads.
+void ParallelFor(int n, int threads, const std::function<void(int)>& f) {
+  std::atomic<int> next{0};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&] {
+      for (int i = next++; i < n; i = next++) f(i);
+    });
+  }
+  for (auto& t : pool) t.join();
+}
+
+class Cluster {
+ public:
+  Cluster(int prefill, int decode, std::vector<std::string> decode_flags = {})
+      : decode_flags_(std::move(decode_flags)) {
+    StartRouter(0);
+    for (int i = 0; i < prefill; ++i) StartWorker("kvrelay-prefill", absl::StrCat("prefill-", i));
+    for (int i = 0; i < decode; ++i) StartWorker("kvrelay-decode", absl::StrCat("decode-", i));
+    WaitForRegistry([&](const v1::ListWorkersResponse& r) { return AliveSynced(r) == prefill + decode; });
+  }
+
+  void StartRouter(int port) {
+    router_ = std::make_unique<testing::WorkerProcess>(testing::StartWorker(
+        "kvrelay-router",
+        {"--model", ModelDir(), "--listen", absl::StrCat("127.0.0.1:", port),
+         "--local_prefill_max_tokens", std::to_string(kLocalMax), "--heartbeat_interval_ms", "200",
+         "--heartbeat_timeout_ms", "10000", "--max_running", "64", "--exit_linger_seconds", "0",
+         "--metrics_listen", "127.0.0.1:0"}));
+    ASSERT_TRUE(router_->process);
+    auto channel = grpc::CreateChannel(router_->address(), grpc::InsecureChannelCredentials());
+    gen_ = v1::Generation::NewStub(channel);
+    registry_ = v1::Registry::NewStub(channel);
+  }
+
+  void StartWorker(const std::string& binary, const std::string& id) {
+    std::vector<std::string> args = {"--model",  ModelDir(),        "--threads",   "1",
+                                     "--kv_blocks", "512",          "--prefill_chunk", "32",
+                                     "--router", router_->address(), "--worker_id", id,
+                                     "--exit_linger_seconds", "0",  "--metrics_listen",
+                                     "127.0.0.1:0"};
+    if (binary == "kvrelay-decode") {
+      args.insert(args.end(), decode_flags_.begin(), decode_flags_.end());
+    }
+    testing::WorkerProcess w = testing::StartWorker(binary, args);
+    ASSERT_TRUE(w.process) << id;
+    workers_.erase(id);
+    workers_.emplace(id, std::move(w));
+  }
+
+  static int AliveSynced(const v1::ListWorkersResponse& r) {
+    int n = 0;
+    for (const auto& w : r.workers()) n += w.alive() && w.synced() ? 1 : 0;
+    return n;
+  }
+  v1::ListWorkersResponse List() {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    v1::ListWorkersResponse r;
+    (void)registry_->ListWorkers(&ctx, v1::ListWorkersRequest(), &r);
+    return r;
+  }
+  bool WaitForRegistry(const std::function<bool(const v1::ListWorkersResponse&)>& pred) {
+    const absl::Time deadline = absl::Now() + testing::kProcessTimeout;
+    while (absl::Now() < deadline) {
+      if (pred(List())) return true;
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    ADD_FAILURE() << "registry: " << List().DebugString();
+    return false;
+  }
+
+  // A worker's books: KV blocks in use and quarantined, sequences running or waiting,
+  // prefills queued. Zero everywhere when nothing is left behind.
+  double Outstanding(const std::string& id) {
+    const std::string m = testing::ScrapeMetrics(workers_.at(id).metrics_port);
+    if (m.empty()) return -1;
+    double n = std::max(0.0, testing::MetricSum(m, "kvrelay_kv_blocks", "state=\"in_use\""));
+    for (const char* g : {"kvrelay_decode_quarantined_blocks", "kvrelay_decode_running_sequences",
+                          "kvrelay_decode_waiting_sequences", "kvrelay_prefill_queue_depth"}) {
+      n += std::max(0.0, testing::MetricSum(m, g));
+    }
+    return n;
+  }
+  // Waits (bounded) until every listed worker's books are balanced; what is left.
+  double WaitBalanced(const std::vector<std::string>& ids) {
+    const absl::Time deadline = absl::Now() + testing::kProcessTimeout;
+    double left = 0;
+    do {
+      left = 0;
+      for (const std::string& id : ids) left += std::abs(Outstanding(id));
+      if (left == 0) return 0;
+      absl::SleepFor(absl::Milliseconds(50));
+    } while (absl::Now() < deadline);
+    return left;
+  }
+  double Metric(const std::string& id, const std::string& name, const std::string& label = "") {
+    return testing::MetricSum(testing::ScrapeMetrics(workers_.at(id).metrics_port), name, label);
+  }
+
+  v1::Generation::Stub& gen() { return *gen_; }
+  testing::WorkerProcess& worker(const std::string& id) { return workers_.at(id); }
+  testing::WorkerProcess& router() { return *router_; }
+  const v1::WorkerStatus* Find(const v1::ListWorkersResponse& r, const std::string& id) {
+    for (const auto& w : r.workers()) {
+      if (w.registration().worker_id() == id) return &w;
+    }
+    return nullptr;
+  }
+
+ private:
+  std::vector<std::string> decode_flags_;
+  std::unique_ptr<testing::WorkerProcess> router_;
+  std::map<std::string, testing::WorkerProcess> workers_;
+  std::unique_ptr<v1::Generation::Stub> gen_;
+  std::unique_ptr<v1::Registry::Stub> registry_;
+};
+
+void Report(const std::string& name, const std::string& injected, int completed, int failed,
+            int lost, double leaked, const std::string& note = "") {
+  std::printf("RELIABILITY|%s|%s|%d|%d|%d|%g|%s\n", name.c_str(), injected.c_str(), completed,
+              failed, lost, leaked, note.c_str());
+  std::fflush(stdout);
+}
+
+// Prompts of mixed lengths: short ones prefilled on the decode worker, long ones on the
+// prefill worker (KV over UCX).
+std::vector<std::vector<int32_t>> Prompts(int n, uint32_t seed) {
+  std::vector<std::vector<int32_t>> p;
+  for (int i = 0; i < n; ++i) p.push_back(RandomPrompt(8 + (i * 37) % 150, seed + i));
+  return p;
+}
+
+TEST(FaultTest, DecodeWorkerKilledMidStreamUnder50ConcurrentRequests) {
+  Cluster c(1, 2);
+  constexpr int kN = 50, kTokens = 120;
+  const auto prompts = Prompts(kN, 5000);
+  std::vector<Result> reference(kN);
+  ParallelFor(kN, kN, [&](int i) { reference[i] = Generate(c.gen(), Greedy(prompts[i], kTokens)); });
+  for (int i = 0; i < kN; ++i) ASSERT_TRUE(reference[i].status.ok()) << i;
+
+  absl::Mutex mu;
+  std::set<int> started;
+  std::thread killer([&] {
+    absl::MutexLock l(&mu);
+    auto all = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return started.size() == kN; };
+    mu.AwaitWithTimeout(absl::Condition(&all), testing::kProcessTimeout);
+    c.worker("decode-1").process->Kill(SIGKILL);
+  });
+  std::vector<Result> results(kN);
+  ParallelFor(kN, kN, [&](int i) {
+    results[i] = Generate(c.gen(), Greedy(prompts[i], kTokens),
+                          [&, i](grpc::ClientContext&, const v1::GenerateResponse& m) {
+                            if (m.token_ids_size() == 0) return;
+                            absl::MutexLock l(&mu);
+                            started.insert(i);
+                          });
+  });
+  killer.join();
+  int completed = 0, failed = 0, lost = 0, migrated = 0;
+  for (int i = 0; i < kN; ++i) {
+    if (results[i].status.ok()) {
+      ++completed;
+      migrated += results[i].final.route().migrations() > 0 ? 1 : 0;
+      if (results[i].tokens != reference[i].tokens) ++lost;  // a token lost or repeated
+    } else {
+      EXPECT_EQ(results[i].status.error_code(), grpc::StatusCode::UNAVAILABLE)
+          << i << ": " << results[i].status.error_message();
+      ++failed;
+    }
+  }
+  EXPECT_EQ(lost, 0);
+  EXPECT_GT(migrated, 0);
+  const double leaked = c.WaitBalanced({"decode-0", "prefill-0"});
+  EXPECT_EQ(leaked, 0);
+  Report("decode worker SIGKILL mid-stream", "50 concurrent streams, 1 of 2 decode workers killed",
+         completed, failed, lost, leaked, absl::StrCat(migrated, " migrated"));
+}
+
+TEST(FaultTest, PrefillWorkerHungLongerThanItsCallFallsBackToLocalPrefill) {
+  Cluster c(1, 1, {"--prefill_timeout_seconds=2"});
+  constexpr int kN = 8, kTokens = 8;
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < kN; ++i) prompts.push_back(RandomPrompt(100 + 10 * i, 6000 + i));
+  std::vector<std::vector<int32_t>> want(kN);
+  for (int i = 0; i < kN; ++i) want[i] = testing::CliGenerate(ModelDir(), prompts[i], kTokens);
+  c.worker("prefill-0").process->Kill(SIGSTOP);  // a hang, not a crash
+  std::vector<Result> results(kN);
+  ParallelFor(kN, kN, [&](int i) { results[i] = Generate(c.gen(), Greedy(prompts[i], kTokens)); });
+  c.worker("prefill-0").process->Kill(SIGCONT);
+  int completed = 0, failed = 0, lost = 0;
+  for (int i = 0; i < kN; ++i) {
+    if (results[i].status.ok()) {
+      ++completed;
+      lost += results[i].tokens == want[i] ? 0 : 1;
+    } else {
+      ++failed;
+      EXPECT_EQ(results[i].status.error_code(), grpc::StatusCode::UNAVAILABLE);
+    }
+  }
+  EXPECT_EQ(completed, kN);  // each fell back to a local prefill on the decode worker
+  EXPECT_EQ(lost, 0);
+  EXPECT_GT(c.Metric("decode-0", "kvrelay_decode_remote_prefills_total"), 0);
+  // Once it runs again, the stopped worker's late jobs are aborted and every block of
+  // both workers comes back.
+  const double leaked = c.WaitBalanced({"decode-0", "prefill-0"});
+  EXPECT_EQ(leaked, 0);
+  Report("prefill worker hung (SIGSTOP)",
+         "8 remote prefills, the prefill worker stopped past --prefill_timeout_seconds", completed,
+         failed, lost, leaked, "all fell back to local prefill");
+}
+
+TEST(FaultTest, RouterRestartUnderLoad) {
+  Cluster c(1, 2);
+  const auto repeated = RandomPrompt(96, 7000);
+  const Result first = Generate(c.gen(), Greedy(repeated, 4));
+  ASSERT_TRUE(first.status.ok());
+  constexpr int kN = 20, kTokens = 400;
+  const auto prompts = Prompts(kN, 7100);
+  absl::Mutex mu;
+  std::set<int> started;
+  std::thread killer([&] {
+    absl::MutexLock l(&mu);
+    auto all = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return started.size() == kN; };
+    mu.AwaitWithTimeout(absl::Condition(&all), testing::kProcessTimeout);
+    c.router().process->Kill(SIGKILL);
+  });
+  std::vector<Result> results(kN);
+  ParallelFor(kN, kN, [&](int i) {
+    results[i] = Generate(c.gen(), Greedy(prompts[i], kTokens),
+                          [&, i](grpc::ClientContext&, const v1::GenerateResponse& m) {
+                            if (m.token_ids_size() == 0) return;
+                            absl::MutexLock l(&mu);
+                            started.insert(i);
+                          });
+  });
+  killer.join();
+  int completed = 0, failed = 0;
+  for (const Result& r : results) {
+    if (r.status.ok()) {
+      ++completed;
+    } else {
+      ++failed;
+      EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE) << r.status.error_message();
+    }
+  }
+  // The requests in flight went with the router: the workers cancel them and free
+  // their blocks.
+  double leaked = c.WaitBalanced({"decode-0", "decode-1", "prefill-0"});
+  EXPECT_EQ(leaked, 0);
+  // A new router on the same port: the workers register again and their snapshots
+  // rebuild the index, without stale entries (what each worker indexes is what it
+  // caches), and the repeated prompt hits again.
+  const int port = c.router().port;
+  ASSERT_TRUE(c.router().process->Wait(testing::kProcessTimeout));
+  c.StartRouter(port);
+  ASSERT_TRUE(c.WaitForRegistry([&](const v1::ListWorkersResponse& r) {
+    if (Cluster::AliveSynced(r) != 3) return false;
+    for (const char* id : {"decode-0", "decode-1"}) {
+      const v1::WorkerStatus* w = c.Find(r, id);
+      if (w == nullptr ||
+          w->indexed_blocks() != c.Metric(id, "kvrelay_kv_blocks", "state=\"cached_free\"")) {
+        return false;
+      }
+    }
+    return true;
+  }));
+  const Result again = Generate(c.gen(), Greedy(repeated, 4));
+  ASSERT_TRUE(again.status.ok()) << again.status.error_message();
+  EXPECT_GT(again.final.usage().cached_tokens(), 0);
+  EXPECT_EQ(again.tokens, first.tokens);
+  leaked = c.WaitBalanced({"decode-0", "decode-1", "prefill-0"});
+  EXPECT_EQ(leaked, 0);
+  Report("router restart under load", "SIGKILL of the router with 20 streams running, restart",
+         completed, failed, 0, leaked,
+         absl::StrCat("index resynced, repeated prompt reused ", again.final.usage().cached_tokens(),
+                      " cached tokens"));
+}
+
+TEST(FaultTest, AThousandClientCancelsAtRandomPoints) {
+  Cluster c(1, 1);
+  constexpr int kN = 1000;
+  std::atomic<int> cancelled{0}, completed{0}, other{0};
+  ParallelFor(kN, 25, [&](int i) {
+    std::mt19937 rng(9000 + i);
+    const int after = static_cast<int>(rng() % 6);  // 0: before the first message
+    const int delay_us = static_cast<int>(rng() % 20000);
+    int seen = 0;
+    const Result r = Generate(
+        c.gen(), Greedy(RandomPrompt(8 + static_cast<int>(rng() % 150), 9000 + i), 32),
+        [&](grpc::ClientContext& ctx, const v1::GenerateResponse&) {
+          if (++seen == after) ctx.TryCancel();
+        },
+        [&](grpc::ClientContext& ctx) {
+          if (after > 0) return;
+          // During admission, prefill or transfer: a random moment after the call starts.
+          std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
+          ctx.TryCancel();
+        });
+    if (r.status.error_code() == grpc::StatusCode::CANCELLED) {
+      ++cancelled;
+    } else if (r.status.ok()) {
+      ++completed;
+    } else {
+      ++other;
+      ADD_FAILURE() << r.status.error_code() << ": " << r.status.error_message();
+    }
+  });
+  EXPECT_GT(cancelled.load(), kN / 2);
+  EXPECT_EQ(other.load(), 0);
+  const double leaked = c.WaitBalanced({"decode-0", "prefill-0"});
+  EXPECT_EQ(leaked, 0);
+  Report("1,000 client cancels", "cancel at a random point: queued, prefill, transfer, decode",
+         completed.load(), cancelled.load(), 0, leaked, "failed = cancelled by the client");
+}
+
+}  // namespace
+}  // namespace kvrelay
