@@ -5,6 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
   build-essential cmake git pkg-config clang-format libssl-dev
+  clang libclang-rt-dev iproute2
   libabsl-dev nlohmann-json3-dev libxxhash-dev libonig-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libucx-dev ucx-utils
