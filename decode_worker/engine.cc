@@ -12,6 +12,7 @@
 #include "common/model/generator.h"
 #include "common/rpc/convert.h"
 #include "common/transfer/checksum.h"
+#include "common/transfer/fault_hooks.h"
 #include "common/util/status.h"
 #include "common/worker/kv_pool_metrics.h"
 #include "kernels/backend.h"
@@ -426,6 +427,13 @@ void Engine::OnRemoteResult(RemoteResult r) {
     std::vector<uint64_t> sums(r.response.block_checksums().begin(),
                                r.response.block_checksums().end());
     const uint64_t block_bytes = pool_->layout().block_bytes();
+    // Test-only (KVRELAY_FAULT_INJECTION): a byte corrupted on the way, for the fault
+    // suite to check that the checksums catch it. Host pools only.
+    if (!s->dest_blocks.empty() && transfer::fault::CorruptNextReceivedTransfer() &&
+        model_->backend().memory_kind() == kernels::MemoryKind::kHost) {
+      pool_->view()
+          .base[static_cast<uint64_t>(s->dest_blocks[0]) * block_bytes + block_bytes / 2] ^= 0x5a;
+    }
     // Computed where the pool lives (the model's backend: host or GPU memory).
     std::vector<uint64_t> got(s->dest_blocks.size());
     st = model_->backend().BlockChecksums(pool_->view().base, pool_->num_blocks(), block_bytes,

@@ -52,11 +52,10 @@ v1::GenerateRequest Greedy(const std::vector<int32_t>& prompt, int max_tokens) {
 }
 
 // One Generate call; `on_message(ctx, m)` sees every message (and may cancel).
-Result Generate(
-    v1::Generation::Stub& stub, const v1::GenerateRequest& req,
-    const std::function<void(grpc::ClientContext&, const v1::GenerateResponse&)>& on_message =
-        nullptr,
-    const std::function<void(grpc::ClientContext&)>& on_start = nullptr) {
+Result Generate(v1::Generation::Stub& stub, const v1::GenerateRequest& req,
+                const std::function<void(grpc::ClientContext&, const v1::GenerateResponse&)>&
+                    on_message = nullptr,
+                const std::function<void(grpc::ClientContext&)>& on_start = nullptr) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(240));
   Result out;
@@ -86,12 +85,15 @@ void ParallelFor(int n, int threads, const std::function<void(int)>& f) {
 
 class Cluster {
  public:
-  Cluster(int prefill, int decode, std::vector<std::string> decode_flags = {})
-      : decode_flags_(std::move(decode_flags)) {
+  // `decode_wrapper` runs each decode worker, e.g. {"/usr/bin/env", "VAR=1"}.
+  Cluster(int prefill, int decode, std::vector<std::string> decode_flags = {},
+          std::vector<std::string> decode_wrapper = {})
+      : decode_flags_(std::move(decode_flags)), decode_wrapper_(std::move(decode_wrapper)) {
     StartRouter(0);
     for (int i = 0; i < prefill; ++i) StartWorker("kvrelay-prefill", absl::StrCat("prefill-", i));
     for (int i = 0; i < decode; ++i) StartWorker("kvrelay-decode", absl::StrCat("decode-", i));
-    WaitForRegistry([&](const v1::ListWorkersResponse& r) { return AliveSynced(r) == prefill + decode; });
+    WaitForRegistry(
+        [&](const v1::ListWorkersResponse& r) { return AliveSynced(r) == prefill + decode; });
   }
 
   void StartRouter(int port) {
@@ -108,15 +110,27 @@ class Cluster {
   }
 
   void StartWorker(const std::string& binary, const std::string& id) {
-    std::vector<std::string> args = {"--model",  ModelDir(),        "--threads",   "1",
-                                     "--kv_blocks", "512",          "--prefill_chunk", "32",
-                                     "--router", router_->address(), "--worker_id", id,
-                                     "--exit_linger_seconds", "0",  "--metrics_listen",
+    std::vector<std::string> args = {"--model",
+                                     ModelDir(),
+                                     "--threads",
+                                     "1",
+                                     "--kv_blocks",
+                                     "512",
+                                     "--prefill_chunk",
+                                     "32",
+                                     "--router",
+                                     router_->address(),
+                                     "--worker_id",
+                                     id,
+                                     "--exit_linger_seconds",
+                                     "0",
+                                     "--metrics_listen",
                                      "127.0.0.1:0"};
     if (binary == "kvrelay-decode") {
       args.insert(args.end(), decode_flags_.begin(), decode_flags_.end());
     }
-    testing::WorkerProcess w = testing::StartWorker(binary, args);
+    testing::WorkerProcess w = testing::StartWorker(
+        binary, args, binary == "kvrelay-decode" ? decode_wrapper_ : std::vector<std::string>{});
     ASSERT_TRUE(w.process) << id;
     workers_.erase(id);
     workers_.emplace(id, std::move(w));
@@ -183,7 +197,7 @@ class Cluster {
   }
 
  private:
-  std::vector<std::string> decode_flags_;
+  std::vector<std::string> decode_flags_, decode_wrapper_;
   std::unique_ptr<testing::WorkerProcess> router_;
   std::map<std::string, testing::WorkerProcess> workers_;
   std::unique_ptr<v1::Generation::Stub> gen_;
@@ -210,7 +224,8 @@ TEST(FaultTest, DecodeWorkerKilledMidStreamUnder50ConcurrentRequests) {
   constexpr int kN = 50, kTokens = 120;
   const auto prompts = Prompts(kN, 5000);
   std::vector<Result> reference(kN);
-  ParallelFor(kN, kN, [&](int i) { reference[i] = Generate(c.gen(), Greedy(prompts[i], kTokens)); });
+  ParallelFor(kN, kN,
+              [&](int i) { reference[i] = Generate(c.gen(), Greedy(prompts[i], kTokens)); });
   for (int i = 0; i < kN; ++i) ASSERT_TRUE(reference[i].status.ok()) << i;
 
   absl::Mutex mu;
@@ -347,8 +362,8 @@ TEST(FaultTest, RouterRestartUnderLoad) {
   EXPECT_EQ(leaked, 0);
   Report("router restart under load", "SIGKILL of the router with 20 streams running, restart",
          completed, failed, 0, leaked,
-         absl::StrCat("index resynced, repeated prompt reused ", again.final.usage().cached_tokens(),
-                      " cached tokens"));
+         absl::StrCat("index resynced, repeated prompt reused ",
+                      again.final.usage().cached_tokens(), " cached tokens"));
 }
 
 TEST(FaultTest, AThousandClientCancelsAtRandomPoints) {
@@ -386,6 +401,39 @@ TEST(FaultTest, AThousandClientCancelsAtRandomPoints) {
   EXPECT_EQ(leaked, 0);
   Report("1,000 client cancels", "cancel at a random point: queued, prefill, transfer, decode",
          completed.load(), cancelled.load(), 0, leaked, "failed = cancelled by the client");
+}
+
+TEST(FaultTest, CorruptedKvIsCaughtByTheChecksumsAndNeverDecoded) {
+#ifndef KVRELAY_FAULT_INJECTION
+  GTEST_SKIP() << "built without KVRELAY_FAULT_INJECTION (the test-only transfer hooks)";
+#endif
+  // Every second KV transfer the decode worker receives has one byte flipped
+  // (common/transfer/fault_hooks.h).
+  Cluster c(1, 1, {}, {"/usr/bin/env", "KVRELAY_FAULT_CORRUPT_KV=2"});
+  constexpr int kN = 6, kTokens = 6;
+  int completed = 0, failed = 0, lost = 0;
+  for (int i = 0; i < kN; ++i) {
+    const std::vector<int32_t> prompt = RandomPrompt(60 + 20 * i, 8000 + i);
+    const Result r = Generate(c.gen(), Greedy(prompt, kTokens));
+    if (!r.status.ok()) {
+      ++failed;
+      ADD_FAILURE() << r.status.error_message();
+      continue;
+    }
+    ++completed;
+    // Never decoded from bad KV: the output is the single-process one.
+    lost += r.tokens == testing::CliGenerate(ModelDir(), prompt, kTokens) ? 0 : 1;
+  }
+  EXPECT_EQ(lost, 0);
+  const double mismatches =
+      c.Metric("decode-0", "kvrelay_decode_remote_prefills_total", "result=\"checksum_mismatch\"");
+  EXPECT_GE(mismatches, 2);  // caught every time, then prefilled locally
+  EXPECT_GE(c.Metric("decode-0", "kvrelay_kv_checksum_failures_total"), mismatches);
+  const double leaked = c.WaitBalanced({"decode-0", "prefill-0"});
+  EXPECT_EQ(leaked, 0);
+  Report("corrupted KV bytes", "one byte flipped in every 2nd received transfer (test hook)",
+         completed, failed, lost, leaked,
+         absl::StrCat(mismatches, " caught by the checksums, recomputed locally"));
 }
 
 }  // namespace

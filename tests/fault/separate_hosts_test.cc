@@ -124,16 +124,16 @@ class SeparateHostsTest : public ::testing::Test {
       a.insert(a.end(), common.begin(), common.end());
       return a;
     };
-    router_ = Start(
-        "kvrelay-router",
-        with({"--listen", Ip("r") + ":0", "--local_prefill_max_tokens", "16",
-              "--heartbeat_timeout_ms", "10000"}),
-        In("r"), Ip("r"));
+    router_ = Start("kvrelay-router",
+                    with({"--listen", Ip("r") + ":0", "--local_prefill_max_tokens", "16",
+                          "--heartbeat_timeout_ms", "10000"}),
+                    In("r"), Ip("r"));
     ASSERT_TRUE(router_->process);
     for (const char* role : {"p", "d"}) {
       std::vector<std::string> extra;
       if (role[0] == 'd') extra = {"--prefill_timeout_seconds=5"};
-      std::vector<std::string> args = with({"--listen", Ip(role) + ":0", "--advertise_host", Ip(role), "--metrics_listen",
+      std::vector<std::string> args =
+          with({"--listen", Ip(role) + ":0", "--advertise_host", Ip(role), "--metrics_listen",
                 Ip(role) + ":0", "--router", router_->address(), "--threads", "1", "--kv_blocks",
                 "512", "--prefill_chunk", role[0] == 'p' ? "8" : "64"});
       args.insert(args.end(), extra.begin(), extra.end());
@@ -222,8 +222,9 @@ TEST_F(SeparateHostsTest, RemotePrefillAcrossNamespacesIsExactOverTcp) {
   EXPECT_EQ(RunExact(4, 100, &tcp), 4);
   EXPECT_EQ(tcp, 4);  // prefilled remotely, the KV carried by UCX tcp
   EXPECT_TRUE(WaitBalanced());
-  std::printf("RELIABILITY|separate hosts (network namespaces)|4 remote prefills over UCX tcp "
-              "between namespaces|4|0|0|0|exact\n");
+  std::printf(
+      "RELIABILITY|separate hosts (network namespaces)|4 remote prefills over UCX tcp "
+      "between namespaces|4|0|0|0|exact\n");
 }
 
 TEST_F(SeparateHostsTest, DelayAndLossOnThePrefillLink) {
@@ -246,9 +247,8 @@ TEST_F(SeparateHostsTest, PrefillLinkCutMidTransfer) {
   std::vector<std::thread> clients;
   const double sent_before = std::max(0.0, Metric(*prefill_, "kvrelay_kv_transfer_bytes_total"));
   for (int i = 0; i < kN; ++i) {
-    clients.emplace_back([&, i] {
-      results[i] = Generate(*gen_, Greedy(testing::RandomPrompt(400, 300 + i), 6));
-    });
+    clients.emplace_back(
+        [&, i] { results[i] = Generate(*gen_, Greedy(testing::RandomPrompt(400, 300 + i), 6)); });
   }
   const absl::Time deadline = absl::Now() + testing::kProcessTimeout;
   while (absl::Now() < deadline &&
@@ -272,9 +272,10 @@ TEST_F(SeparateHostsTest, PrefillLinkCutMidTransfer) {
   ASSERT_EQ(Shell(g_ip + " link set " + HostVeth("p") + " up"), 0);
   const bool balanced = WaitBalanced();
   EXPECT_TRUE(balanced);
-  std::printf("RELIABILITY|separate hosts: prefill link cut|4 remote prefills, the prefill "
-              "worker's link down mid-transfer|%d|%d|0|%d|decode worker stayed up\n",
-              completed, failed, balanced ? 0 : 1);
+  std::printf(
+      "RELIABILITY|separate hosts: prefill link cut|4 remote prefills, the prefill "
+      "worker's link down mid-transfer|%d|%d|0|%d|decode worker stayed up\n",
+      completed, failed, balanced ? 0 : 1);
 }
 
 }  // namespace
