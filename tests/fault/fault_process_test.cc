@@ -221,7 +221,7 @@ std::vector<std::vector<int32_t>> Prompts(int n, uint32_t seed) {
 
 TEST(FaultTest, DecodeWorkerKilledMidStreamUnder50ConcurrentRequests) {
   Cluster c(1, 2);
-  constexpr int kN = 50, kTokens = 120;
+  constexpr int kN = 50, kTokens = 340;  // long streams: still running at the kill
   const auto prompts = Prompts(kN, 5000);
   std::vector<Result> reference(kN);
   ParallelFor(kN, kN,
@@ -230,10 +230,17 @@ TEST(FaultTest, DecodeWorkerKilledMidStreamUnder50ConcurrentRequests) {
 
   absl::Mutex mu;
   std::set<int> started;
+  double running_at_kill = 0;
   std::thread killer([&] {
     absl::MutexLock l(&mu);
     auto all = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return started.size() == kN; };
     mu.AwaitWithTimeout(absl::Condition(&all), testing::kProcessTimeout);
+    // ... and decode-1 is serving some of them (its gauge, updated every step).
+    const absl::Time deadline = absl::Now() + testing::kProcessTimeout;
+    while (absl::Now() < deadline &&
+           (running_at_kill = c.Metric("decode-1", "kvrelay_decode_running_sequences")) <= 0) {
+      absl::SleepFor(absl::Milliseconds(5));
+    }
     c.worker("decode-1").process->Kill(SIGKILL);
   });
   std::vector<Result> results(kN);
@@ -259,6 +266,7 @@ TEST(FaultTest, DecodeWorkerKilledMidStreamUnder50ConcurrentRequests) {
     }
   }
   EXPECT_EQ(lost, 0);
+  EXPECT_GT(running_at_kill, 0);
   EXPECT_GT(migrated, 0);
   const double leaked = c.WaitBalanced({"decode-0", "prefill-0"});
   EXPECT_EQ(leaked, 0);
