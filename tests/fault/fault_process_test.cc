@@ -161,14 +161,7 @@ class Cluster {
   // A worker's books: KV blocks in use and quarantined, sequences running or waiting,
   // prefills queued. Zero everywhere when nothing is left behind.
   double Outstanding(const std::string& id) {
-    const std::string m = testing::ScrapeMetrics(workers_.at(id).metrics_port);
-    if (m.empty()) return -1;
-    double n = std::max(0.0, testing::MetricSum(m, "kvrelay_kv_blocks", "state=\"in_use\""));
-    for (const char* g : {"kvrelay_decode_quarantined_blocks", "kvrelay_decode_running_sequences",
-                          "kvrelay_decode_waiting_sequences", "kvrelay_prefill_queue_depth"}) {
-      n += std::max(0.0, testing::MetricSum(m, g));
-    }
-    return n;
+    return testing::OutstandingWork(testing::ScrapeMetrics(workers_.at(id).metrics_port));
   }
   // Waits (bounded) until every listed worker's books are balanced; what is left.
   double WaitBalanced(const std::vector<std::string>& ids) {
@@ -211,6 +204,40 @@ void Report(const std::string& name, const std::string& injected, int completed,
   std::fflush(stdout);
 }
 
+// Runs `fault` on a thread once every one of `n` streams has delivered a token
+// (`started` is told each stream that did); Join() waits for it.
+class OnceAllStarted {
+ public:
+  OnceAllStarted(int n, std::function<void()> fault) : n_(n) {
+    thread_ = std::thread([this, fault = std::move(fault)] {
+      {
+        absl::MutexLock l(&mu_);
+        auto all = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return static_cast<int>(started_.size()) == n_;
+        };
+        mu_.AwaitWithTimeout(absl::Condition(&all), testing::kProcessTimeout);
+      }
+      fault();
+    });
+  }
+  ~OnceAllStarted() { Join(); }
+  // For on_message: stream `i` got message `m`.
+  void Saw(int i, const v1::GenerateResponse& m) {
+    if (m.token_ids_size() == 0) return;
+    absl::MutexLock l(&mu_);
+    started_.insert(i);
+  }
+  void Join() {
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  const int n_;
+  absl::Mutex mu_;
+  std::set<int> started_ ABSL_GUARDED_BY(mu_);
+  std::thread thread_;
+};
+
 // Prompts of mixed lengths: short ones prefilled on the decode worker, long ones on the
 // prefill worker (KV over UCX).
 std::vector<std::vector<int32_t>> Prompts(int n, uint32_t seed) {
@@ -228,13 +255,8 @@ TEST(FaultTest, DecodeWorkerKilledMidStreamUnder50ConcurrentRequests) {
               [&](int i) { reference[i] = Generate(c.gen(), Greedy(prompts[i], kTokens)); });
   for (int i = 0; i < kN; ++i) ASSERT_TRUE(reference[i].status.ok()) << i;
 
-  absl::Mutex mu;
-  std::set<int> started;
   double running_at_kill = 0;
-  std::thread killer([&] {
-    absl::MutexLock l(&mu);
-    auto all = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return started.size() == kN; };
-    mu.AwaitWithTimeout(absl::Condition(&all), testing::kProcessTimeout);
+  OnceAllStarted killer(kN, [&] {
     // ... and decode-1 is serving some of them (its gauge, updated every step).
     const absl::Time deadline = absl::Now() + testing::kProcessTimeout;
     while (absl::Now() < deadline &&
@@ -245,14 +267,11 @@ TEST(FaultTest, DecodeWorkerKilledMidStreamUnder50ConcurrentRequests) {
   });
   std::vector<Result> results(kN);
   ParallelFor(kN, kN, [&](int i) {
-    results[i] = Generate(c.gen(), Greedy(prompts[i], kTokens),
-                          [&, i](grpc::ClientContext&, const v1::GenerateResponse& m) {
-                            if (m.token_ids_size() == 0) return;
-                            absl::MutexLock l(&mu);
-                            started.insert(i);
-                          });
+    results[i] =
+        Generate(c.gen(), Greedy(prompts[i], kTokens),
+                 [&, i](grpc::ClientContext&, const v1::GenerateResponse& m) { killer.Saw(i, m); });
   });
-  killer.join();
+  killer.Join();
   int completed = 0, failed = 0, lost = 0, migrated = 0;
   for (int i = 0; i < kN; ++i) {
     if (results[i].status.ok()) {
@@ -314,24 +333,14 @@ TEST(FaultTest, RouterRestartUnderLoad) {
   ASSERT_TRUE(first.status.ok());
   constexpr int kN = 20, kTokens = 400;
   const auto prompts = Prompts(kN, 7100);
-  absl::Mutex mu;
-  std::set<int> started;
-  std::thread killer([&] {
-    absl::MutexLock l(&mu);
-    auto all = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return started.size() == kN; };
-    mu.AwaitWithTimeout(absl::Condition(&all), testing::kProcessTimeout);
-    c.router().process->Kill(SIGKILL);
-  });
+  OnceAllStarted killer(kN, [&] { c.router().process->Kill(SIGKILL); });
   std::vector<Result> results(kN);
   ParallelFor(kN, kN, [&](int i) {
-    results[i] = Generate(c.gen(), Greedy(prompts[i], kTokens),
-                          [&, i](grpc::ClientContext&, const v1::GenerateResponse& m) {
-                            if (m.token_ids_size() == 0) return;
-                            absl::MutexLock l(&mu);
-                            started.insert(i);
-                          });
+    results[i] =
+        Generate(c.gen(), Greedy(prompts[i], kTokens),
+                 [&, i](grpc::ClientContext&, const v1::GenerateResponse& m) { killer.Saw(i, m); });
   });
-  killer.join();
+  killer.Join();
   int completed = 0, failed = 0;
   for (const Result& r : results) {
     if (r.status.ok()) {

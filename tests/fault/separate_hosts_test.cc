@@ -177,14 +177,7 @@ class SeparateHostsTest : public ::testing::Test {
   }
   // KV blocks in use or quarantined, sequences and prefills left (0: balanced).
   double Outstanding(const testing::WorkerProcess& w) {
-    const std::string m = testing::ScrapeMetricsAt(w.host, w.metrics_port);
-    if (m.empty()) return -1;
-    double n = std::max(0.0, testing::MetricSum(m, "kvrelay_kv_blocks", "state=\"in_use\""));
-    for (const char* g : {"kvrelay_decode_quarantined_blocks", "kvrelay_decode_running_sequences",
-                          "kvrelay_decode_waiting_sequences", "kvrelay_prefill_queue_depth"}) {
-      n += std::max(0.0, testing::MetricSum(m, g));
-    }
-    return n;
+    return testing::OutstandingWork(testing::ScrapeMetricsAt(w.host, w.metrics_port));
   }
   bool WaitBalanced() {
     const absl::Time deadline = absl::Now() + testing::kProcessTimeout;

@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -166,6 +167,16 @@ std::string ScrapeMetrics(int port) { return HttpGet(port, "/metrics").value_or(
 std::string ScrapeMetricsAt(const std::string& ipv4, int port) {
   HttpResponse r = HttpRequestTo(ipv4, port, "GET", "/metrics", "", {}, absl::Seconds(30));
   return r.status == 200 ? r.body : "";
+}
+
+double OutstandingWork(const std::string& text) {
+  if (text.empty()) return -1;
+  double n = std::max(0.0, MetricSum(text, "kvrelay_kv_blocks", "state=\"in_use\""));
+  for (const char* g : {"kvrelay_decode_quarantined_blocks", "kvrelay_decode_running_sequences",
+                        "kvrelay_decode_waiting_sequences", "kvrelay_prefill_queue_depth"}) {
+    n += std::max(0.0, MetricSum(text, g));
+  }
+  return n;
 }
 
 double MetricSum(const std::string& text, const std::string& name, const std::string& label) {

@@ -55,6 +55,11 @@ std::string ScrapeMetrics(int port);
 // ... of <ipv4>:<port> (e.g. a process in another network namespace).
 std::string ScrapeMetricsAt(const std::string& ipv4, int port);
 
+// A worker's unsettled books in its /metrics text `text`: KV blocks in use, blocks
+// quarantined, sequences running or waiting, prefills queued (0: nothing left behind;
+// -1 for an empty text, e.g. a worker that did not answer).
+double OutstandingWork(const std::string& text);
+
 // Sum of the samples of `name` (a whole series name, e.g. "x_total" or "x_count") in the
 // Prometheus text `text` whose label set contains `label` (e.g. code="OK"; empty: any).
 // -1 when there is none.

@@ -29,11 +29,10 @@ std::string EncodeRequest(const std::string& service) {
   return out + service;
 }
 
-// HealthCheckResponse.status (field 1, varint); 0 (UNKNOWN) when absent.
+// HealthCheckResponse{status}: its only field, 1 (varint, values 0..3: one byte), is
+// the whole message when set; absent (empty message): 0, UNKNOWN.
 int DecodeStatus(const std::string& bytes) {
-  for (size_t i = 0; i + 1 < bytes.size(); ++i) {
-    if (bytes[i] == 0x08) return static_cast<unsigned char>(bytes[i + 1]) & 0x7f;
-  }
+  if (bytes.size() == 2 && bytes[0] == 0x08) return static_cast<unsigned char>(bytes[1]);
   return 0;
 }
 

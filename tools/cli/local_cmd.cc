@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <optional>
@@ -388,10 +389,8 @@ class TempTlsDir {
   TempTlsDir(const TempTlsDir&) = delete;
   TempTlsDir& operator=(const TempTlsDir&) = delete;
   ~TempTlsDir() {
-    for (const char* f : {"ca.crt", "ca.key", "node.crt", "node.key", "cluster-token"}) {
-      ::unlink(JoinPath(path_, f).c_str());
-    }
-    ::rmdir(path_.c_str());
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
   }
 
  private:

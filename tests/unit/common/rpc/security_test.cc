@@ -10,6 +10,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "kvrelay/v1/worker.grpc.pb.h"
+#include "tests/testing/metric_values.h"
 #include "tests/testing/temp_dir.h"
 
 namespace kvrelay::rpc {
@@ -175,14 +176,8 @@ TEST(SecurityTest, LoadRefusesInconsistentFlags) {
   EXPECT_EQ(s->Describe(), "tls=on mtls=on cluster_token=on");
 }
 
-double Refused(prometheus::Registry& registry, const std::string& reason) {
-  for (const prometheus::MetricFamily& f : registry.Collect()) {
-    if (f.name != "kvrelay_internal_calls_refused_total") continue;
-    for (const prometheus::ClientMetric& m : f.metric) {
-      if (m.label.size() == 1 && m.label[0].value == reason) return m.counter.value;
-    }
-  }
-  return -1;
+double Refused(const prometheus::Registry& registry, const std::string& reason) {
+  return testing::Metric(registry, "kvrelay_internal_calls_refused_total", {{"reason", reason}});
 }
 
 TEST(SecurityTest, ClusterTokenIsRequiredAndChecked) {
