@@ -5,8 +5,10 @@
 // them into docs/reliability.md.
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
@@ -16,7 +18,12 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
@@ -83,26 +90,53 @@ void ParallelFor(int n, int threads, const std::function<void(int)>& f) {
   for (auto& t : pool) t.join();
 }
 
+// What a Cluster starts: its workers, and flags appended to each kind's defaults (a
+// later flag wins); `decode_wrapper` runs each decode worker, e.g. {"/usr/bin/env", "VAR=1"}.
+struct ClusterSpec {
+  int prefill = 1, decode = 1;
+  std::vector<std::string> router_flags, prefill_flags, decode_flags, decode_wrapper;
+};
+
+ClusterSpec TwoDecodeWorkers() {
+  ClusterSpec s;
+  s.decode = 2;
+  return s;
+}
+
 class Cluster {
  public:
-  // `decode_wrapper` runs each decode worker, e.g. {"/usr/bin/env", "VAR=1"}.
-  Cluster(int prefill, int decode, std::vector<std::string> decode_flags = {},
-          std::vector<std::string> decode_wrapper = {})
-      : decode_flags_(std::move(decode_flags)), decode_wrapper_(std::move(decode_wrapper)) {
+  explicit Cluster(ClusterSpec spec) : spec_(std::move(spec)) {
     StartRouter(0);
-    for (int i = 0; i < prefill; ++i) StartWorker("kvrelay-prefill", absl::StrCat("prefill-", i));
-    for (int i = 0; i < decode; ++i) StartWorker("kvrelay-decode", absl::StrCat("decode-", i));
-    WaitForRegistry(
-        [&](const v1::ListWorkersResponse& r) { return AliveSynced(r) == prefill + decode; });
+    for (int i = 0; i < spec_.prefill; ++i) {
+      StartWorker("kvrelay-prefill", absl::StrCat("prefill-", i));
+    }
+    for (int i = 0; i < spec_.decode; ++i)
+      StartWorker("kvrelay-decode", absl::StrCat("decode-", i));
+    WaitForRegistry([&](const v1::ListWorkersResponse& r) {
+      return AliveSynced(r) == spec_.prefill + spec_.decode;
+    });
   }
 
   void StartRouter(int port) {
-    router_ = std::make_unique<testing::WorkerProcess>(testing::StartWorker(
-        "kvrelay-router",
-        {"--model", ModelDir(), "--listen", absl::StrCat("127.0.0.1:", port),
-         "--local_prefill_max_tokens", std::to_string(kLocalMax), "--heartbeat_interval_ms", "200",
-         "--heartbeat_timeout_ms", "10000", "--max_running", "64", "--exit_linger_seconds", "0",
-         "--metrics_listen", "127.0.0.1:0"}));
+    std::vector<std::string> args = {"--model",
+                                     ModelDir(),
+                                     "--listen",
+                                     absl::StrCat("127.0.0.1:", port),
+                                     "--local_prefill_max_tokens",
+                                     std::to_string(kLocalMax),
+                                     "--heartbeat_interval_ms",
+                                     "200",
+                                     "--heartbeat_timeout_ms",
+                                     "10000",
+                                     "--max_running",
+                                     "64",
+                                     "--exit_linger_seconds",
+                                     "0",
+                                     "--metrics_listen",
+                                     "127.0.0.1:0"};
+    args.insert(args.end(), spec_.router_flags.begin(), spec_.router_flags.end());
+    router_ =
+        std::make_unique<testing::WorkerProcess>(testing::StartWorker("kvrelay-router", args));
     ASSERT_TRUE(router_->process);
     auto channel = grpc::CreateChannel(router_->address(), grpc::InsecureChannelCredentials());
     gen_ = v1::Generation::NewStub(channel);
@@ -126,11 +160,11 @@ class Cluster {
                                      "0",
                                      "--metrics_listen",
                                      "127.0.0.1:0"};
-    if (binary == "kvrelay-decode") {
-      args.insert(args.end(), decode_flags_.begin(), decode_flags_.end());
-    }
+    const bool decode = binary == "kvrelay-decode";
+    const std::vector<std::string>& flags = decode ? spec_.decode_flags : spec_.prefill_flags;
+    args.insert(args.end(), flags.begin(), flags.end());
     testing::WorkerProcess w = testing::StartWorker(
-        binary, args, binary == "kvrelay-decode" ? decode_wrapper_ : std::vector<std::string>{});
+        binary, args, decode ? spec_.decode_wrapper : std::vector<std::string>{});
     ASSERT_TRUE(w.process) << id;
     workers_.erase(id);
     workers_.emplace(id, std::move(w));
@@ -190,7 +224,7 @@ class Cluster {
   }
 
  private:
-  std::vector<std::string> decode_flags_, decode_wrapper_;
+  const ClusterSpec spec_;
   std::unique_ptr<testing::WorkerProcess> router_;
   std::map<std::string, testing::WorkerProcess> workers_;
   std::unique_ptr<v1::Generation::Stub> gen_;
@@ -247,7 +281,7 @@ std::vector<std::vector<int32_t>> Prompts(int n, uint32_t seed) {
 }
 
 TEST(FaultTest, DecodeWorkerKilledMidStreamUnder50ConcurrentRequests) {
-  Cluster c(1, 2);
+  Cluster c(TwoDecodeWorkers());
   constexpr int kN = 50, kTokens = 340;  // long streams: still running at the kill
   const auto prompts = Prompts(kN, 5000);
   std::vector<Result> reference(kN);
@@ -294,7 +328,9 @@ TEST(FaultTest, DecodeWorkerKilledMidStreamUnder50ConcurrentRequests) {
 }
 
 TEST(FaultTest, PrefillWorkerHungLongerThanItsCallFallsBackToLocalPrefill) {
-  Cluster c(1, 1, {"--prefill_timeout_seconds=2"});
+  ClusterSpec spec;
+  spec.decode_flags = {"--prefill_timeout_seconds=2"};
+  Cluster c(spec);
   constexpr int kN = 8, kTokens = 8;
   std::vector<std::vector<int32_t>> prompts;
   for (int i = 0; i < kN; ++i) prompts.push_back(RandomPrompt(100 + 10 * i, 6000 + i));
@@ -326,8 +362,61 @@ TEST(FaultTest, PrefillWorkerHungLongerThanItsCallFallsBackToLocalPrefill) {
          failed, lost, leaked, "all fell back to local prefill");
 }
 
+TEST(FaultTest, PrefillWorkerKilledMidTransfer) {
+  // Two slow prefill workers (one token per forward pass, each finished block sent at
+  // once): killing one while its first job is half computed kills it mid-transfer.
+  ClusterSpec spec;
+  spec.prefill = 2;
+  spec.prefill_flags = {"--prefill_chunk", "1"};
+  Cluster c(spec);
+  constexpr int kN = 12, kTokens = 8;
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < kN; ++i) prompts.push_back(RandomPrompt(160 + 12 * i, 6500 + i));
+  std::vector<std::vector<int32_t>> want(kN);
+  for (int i = 0; i < kN; ++i) want[i] = testing::CliGenerate(ModelDir(), prompts[i], kTokens);
+  double computed_at_kill = 0;
+  std::thread killer([&] {
+    // 64 tokens computed: its first job's first 4 blocks are on their way or written,
+    // the rest of it still to come.
+    const absl::Time deadline = absl::Now() + testing::kProcessTimeout;
+    while (absl::Now() < deadline &&
+           (computed_at_kill = c.Metric("prefill-0", "kvrelay_prefill_computed_tokens_total")) <
+               64) {
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+    c.worker("prefill-0").process->Kill(SIGKILL);
+  });
+  std::vector<Result> results(kN);
+  ParallelFor(kN, kN, [&](int i) { results[i] = Generate(c.gen(), Greedy(prompts[i], kTokens)); });
+  killer.join();
+  int completed = 0, failed = 0, lost = 0;
+  for (int i = 0; i < kN; ++i) {
+    if (results[i].status.ok()) {
+      ++completed;
+      lost += results[i].tokens == want[i] ? 0 : 1;
+    } else {
+      ++failed;
+      EXPECT_EQ(results[i].status.error_code(), grpc::StatusCode::UNAVAILABLE)
+          << i << ": " << results[i].status.error_message();
+    }
+  }
+  EXPECT_EQ(lost, 0);
+  EXPECT_GE(computed_at_kill, 64);
+  const double fell_back =
+      c.Metric("decode-0", "kvrelay_decode_remote_prefills_total", "result=\"failed\"");
+  EXPECT_GE(fell_back, 1);  // at least the job it was computing
+  // The dead worker's leases come back to the decode pool; the survivor's books balance.
+  const double leaked = c.WaitBalanced({"decode-0", "prefill-1"});
+  EXPECT_EQ(leaked, 0);
+  Report("prefill worker SIGKILL mid-transfer",
+         absl::StrCat(kN, " remote prefills on 2 prefill workers, one killed after ",
+                      computed_at_kill, " prompt tokens"),
+         completed, failed, lost, leaked,
+         absl::StrCat(fell_back, " prefilled again on the decode worker, the rest elsewhere"));
+}
+
 TEST(FaultTest, RouterRestartUnderLoad) {
-  Cluster c(1, 2);
+  Cluster c(TwoDecodeWorkers());
   const auto repeated = RandomPrompt(96, 7000);
   const Result first = Generate(c.gen(), Greedy(repeated, 4));
   ASSERT_TRUE(first.status.ok());
@@ -384,7 +473,7 @@ TEST(FaultTest, RouterRestartUnderLoad) {
 }
 
 TEST(FaultTest, AThousandClientCancelsAtRandomPoints) {
-  Cluster c(1, 1);
+  Cluster c(ClusterSpec{});
   constexpr int kN = 1000;
   std::atomic<int> cancelled{0}, completed{0}, other{0};
   ParallelFor(kN, 25, [&](int i) {
@@ -420,13 +509,123 @@ TEST(FaultTest, AThousandClientCancelsAtRandomPoints) {
          completed.load(), cancelled.load(), 0, leaked, "failed = cancelled by the client");
 }
 
+// Peak resident memory of a process (kB), from /proc; -1 if unreadable.
+double PeakRssKb(pid_t pid) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
+  std::string line;
+  while (std::getline(in, line)) {
+    double kb = 0;
+    if (absl::StartsWith(line, "VmHWM:") &&
+        absl::SimpleAtod(absl::StripAsciiWhitespace(absl::StripSuffix(line.substr(6), "kB")),
+                         &kb)) {
+      return kb;
+    }
+  }
+  return -1;
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size())))];
+}
+
+TEST(FaultTest, OverloadTenTimesTheDecodePool) {
+  // The decode pool holds about 8 of these requests (128 blocks of 16 tokens; a request
+  // needs 11 to 17); the router runs 8 and queues 8, for at most 5 s each. Each runs
+  // long enough (160 tokens) that its slot stays taken while the 80 calls arrive.
+  constexpr int kHeld = 8, kN = 10 * kHeld, kTokens = 160, kDistinct = 8;
+  constexpr double kQueueSeconds = 5;
+  ClusterSpec spec;
+  spec.router_flags = {"--max_running",       std::to_string(kHeld), "--max_queued",
+                       std::to_string(kHeld), "--max_queue_seconds", absl::StrCat(kQueueSeconds)};
+  spec.decode_flags = {"--kv_blocks", "128"};
+  Cluster c(spec);
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::vector<int32_t>> want;
+  for (int i = 0; i < kDistinct; ++i) {
+    prompts.push_back(RandomPrompt(16 + 12 * i, 9500 + i));
+    want.push_back(testing::CliGenerate(ModelDir(), prompts.back(), kTokens));
+  }
+  // A warm-up through every process, then each one's peak memory so far.
+  for (const auto& p : prompts) ASSERT_TRUE(Generate(c.gen(), Greedy(p, kTokens)).status.ok());
+  const std::vector<std::string> ids = {"decode-0", "prefill-0"};
+  std::map<std::string, pid_t> pids = {{"router", c.router().process->pid()}};
+  for (const std::string& id : ids) pids[id] = c.worker(id).process->pid();
+  std::map<std::string, double> rss_before;
+  for (const auto& [id, pid] : pids) rss_before[id] = PeakRssKb(pid);
+
+  std::vector<Result> results(kN);
+  std::vector<double> seconds(kN), ttft(kN, -1);
+  ParallelFor(kN, kN, [&](int i) {
+    const absl::Time t0 = absl::Now();
+    results[i] = Generate(c.gen(), Greedy(prompts[i % kDistinct], kTokens),
+                          [&, i](grpc::ClientContext&, const v1::GenerateResponse& m) {
+                            if (ttft[i] < 0 && m.token_ids_size() > 0) {
+                              ttft[i] = absl::ToDoubleSeconds(absl::Now() - t0);
+                            }
+                          });
+    seconds[i] = absl::ToDoubleSeconds(absl::Now() - t0);
+  });
+  int completed = 0, refused = 0, other = 0, lost = 0;
+  std::vector<double> refusal_seconds, admitted_ttft;
+  for (int i = 0; i < kN; ++i) {
+    if (results[i].status.ok()) {
+      ++completed;
+      admitted_ttft.push_back(ttft[i]);
+      lost += results[i].tokens == want[i % kDistinct] ? 0 : 1;
+    } else if (results[i].status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+      ++refused;
+      refusal_seconds.push_back(seconds[i]);
+    } else {
+      ++other;
+      ADD_FAILURE() << i << ": " << results[i].status.error_code() << " "
+                    << results[i].status.error_message();
+    }
+  }
+  EXPECT_EQ(other, 0);
+  EXPECT_EQ(lost, 0);
+  EXPECT_GE(completed, kHeld);         // the pool was used ...
+  EXPECT_GE(refused, kN - 4 * kHeld);  // ... and most of the excess shed
+  // Shed quickly: a refused call waited at most its queue time (plus slack for a loaded
+  // machine), never for a runner it could not get; admitted calls' first token is
+  // bounded by the same queue time plus their own service.
+  const double refusal_p99 = Percentile(refusal_seconds, 0.99);
+  const double ttft_p99 = Percentile(admitted_ttft, 0.99);
+  EXPECT_LE(refusal_p99, kQueueSeconds + 10);
+  EXPECT_LE(ttft_p99, kQueueSeconds + 30);
+  // Memory bounded: the KV pool is allocated at start; the overload adds little.
+  double rss_growth_mib = 0;
+  for (const auto& [id, pid] : pids) {
+    const double after = PeakRssKb(pid);
+    ASSERT_GT(after, 0) << id << " is gone";  // no crash
+    rss_growth_mib = std::max(rss_growth_mib, (after - rss_before[id]) / 1024);
+  }
+  EXPECT_LE(rss_growth_mib, 128);
+  // Still serving, exactly, and nothing left behind.
+  const Result after = Generate(c.gen(), Greedy(prompts[0], kTokens));
+  ASSERT_TRUE(after.status.ok()) << after.status.error_message();
+  EXPECT_EQ(after.tokens, want[0]);
+  const double leaked = c.WaitBalanced(ids);
+  EXPECT_EQ(leaked, 0);
+  Report("overload 10x the decode pool",
+         absl::StrCat(kN, " concurrent calls; the pool holds ~", kHeld, ", the router runs ", kHeld,
+                      " and queues ", kHeld),
+         completed, refused + other, lost, leaked,
+         absl::StrFormat("failed = %d RESOURCE_EXHAUSTED (p99 %.3f s); admitted p99 TTFT %.3f s; "
+                         "peak RSS +%.1f MiB",
+                         refused, refusal_p99, ttft_p99, rss_growth_mib));
+}
+
 TEST(FaultTest, CorruptedKvIsCaughtByTheChecksumsAndNeverDecoded) {
 #ifndef KVRELAY_FAULT_INJECTION
   GTEST_SKIP() << "built without KVRELAY_FAULT_INJECTION (the test-only transfer hooks)";
 #endif
   // Every second KV transfer the decode worker receives has one byte flipped
   // (common/transfer/fault_hooks.h).
-  Cluster c(1, 1, {}, {"/usr/bin/env", "KVRELAY_FAULT_CORRUPT_KV=2"});
+  ClusterSpec spec;
+  spec.decode_wrapper = {"/usr/bin/env", "KVRELAY_FAULT_CORRUPT_KV=2"};
+  Cluster c(spec);
   constexpr int kN = 6, kTokens = 6;
   int completed = 0, failed = 0, lost = 0;
   for (int i = 0; i < kN; ++i) {
