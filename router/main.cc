@@ -7,6 +7,8 @@
 
 #include "absl/flags/flag.h"
 #include "common/process/process_flags.h"
+#include "common/util/file.h"
+#include "common/util/status.h"
 #include "router/router.h"
 
 ABSL_FLAG(std::string, model, "", "Hugging Face model folder: tokenizer and config (required)");
@@ -18,6 +20,13 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:0", "host:port to serve on (port 0: an
 ABSL_FLAG(std::string, http_listen, "",
           "serve the OpenAI HTTP API on host:port (port 0: any free port; prints HTTP <port> "
           "before READY); empty: none");
+ABSL_FLAG(std::string, http_tls_cert, "",
+          "PEM certificate (chain) of the HTTP API, e.g. one a public CA signed (default: "
+          "--tls_cert: the HTTP API speaks HTTPS whenever the router has a certificate)");
+ABSL_FLAG(std::string, http_tls_key, "", "PEM private key of --http_tls_cert");
+ABSL_FLAG(bool, http_plaintext, false,
+          "serve the HTTP API without TLS even though the router has a certificate (TLS "
+          "ended in front of it, e.g. by an ingress or a mesh sidecar)");
 ABSL_FLAG(double, http_request_timeout_seconds, 0,
           "deadline of each HTTP API request; past it: 504 (0: none)");
 ABSL_FLAG(int, http_threads, 128, "HTTP connections served at once (a stream holds one)");
@@ -47,6 +56,34 @@ ABSL_FLAG(int64_t, local_prefill_max_tokens, 256,
 ABSL_FLAG(double, local_prefill_max_ratio, 0.0,
           "... or when uncached / prompt tokens is below this (0: off)");
 
+namespace {
+
+// The HTTP API's certificate and key, PEM, from --http_tls_cert/--http_tls_key, else
+// the router's own (--tls_cert/--tls_key); none with --http_plaintext.
+absl::Status HttpTls(const kvrelay::rpc::Security& security, kvrelay::router::RouterOptions& o) {
+  const std::string cert = absl::GetFlag(FLAGS_http_tls_cert);
+  const std::string key = absl::GetFlag(FLAGS_http_tls_key);
+  if (cert.empty() != key.empty()) {
+    return absl::InvalidArgumentError("--http_tls_cert and --http_tls_key go together");
+  }
+  if (absl::GetFlag(FLAGS_http_plaintext)) {
+    if (!cert.empty()) {
+      return absl::InvalidArgumentError("--http_plaintext contradicts --http_tls_cert");
+    }
+    return absl::OkStatus();
+  }
+  if (cert.empty()) {
+    o.http_tls_cert_pem = security.cert_pem();
+    o.http_tls_key_pem = security.key_pem();
+    return absl::OkStatus();
+  }
+  KVR_ASSIGN_OR_RETURN(o.http_tls_cert_pem, kvrelay::ReadFile(cert));
+  KVR_ASSIGN_OR_RETURN(o.http_tls_key_pem, kvrelay::ReadFile(key));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   namespace process = kvrelay::process;
   absl::StatusOr<process::Process> p = process::SetUp(
@@ -62,6 +99,11 @@ int main(int argc, char** argv) {
   o.router_id = absl::GetFlag(FLAGS_router_id);
   o.http_listen = absl::GetFlag(FLAGS_http_listen);
   o.http_threads = absl::GetFlag(FLAGS_http_threads);
+  if (const absl::Status st = HttpTls(p->security, o); !st.ok()) return p->Fail(st);
+  if (!o.http_listen.empty()) {
+    std::fprintf(stderr, "kvrelay-router: HTTP API %s\n",
+                 o.http_tls_cert_pem.empty() ? "plaintext (http)" : "https");
+  }
   if (const double t = absl::GetFlag(FLAGS_http_request_timeout_seconds);
       !std::isfinite(t) || t < 0) {
     std::fprintf(stderr, "kvrelay-router: --http_request_timeout_seconds must be >= 0, got %g\n",

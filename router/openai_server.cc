@@ -1,19 +1,108 @@
 #include "router/openai_server.h"
 
 #include <civetweb.h>
+#include <dlfcn.h>
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <unistd.h>
 
+#include <memory>
 #include <random>
 #include <utility>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/util/status.h"
 #include "grpcpp/client_context.h"
 #include "kvrelay/v1/kvrelay.grpc.pb.h"
 
 namespace kvrelay::router {
 namespace {
+
+// An OpenSSL error queue's last reason, e.g. "key values mismatch".
+std::string SslError() {
+  const unsigned long e = ERR_get_error();  // NOLINT(runtime/int): OpenSSL's type
+  ERR_clear_error();
+  if (e == 0) return "unknown error";
+  char buf[256];
+  ERR_error_string_n(e, buf, sizeof(buf));
+  return buf;
+}
+
+// Puts the certificate chain (leaf first) and key into `ctx`, TLS 1.2 or newer only.
+absl::Status LoadTlsMaterial(SSL_CTX* ctx, const std::string& cert_pem,
+                             const std::string& key_pem) {
+  std::unique_ptr<BIO, decltype(&BIO_free)> certs(
+      BIO_new_mem_buf(cert_pem.data(), static_cast<int>(cert_pem.size())), &BIO_free);
+  X509* leaf = PEM_read_bio_X509(certs.get(), nullptr, nullptr, nullptr);
+  if (leaf == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("HTTPS certificate is not a PEM certificate: ", SslError()));
+  }
+  const int used = SSL_CTX_use_certificate(ctx, leaf);
+  X509_free(leaf);
+  if (used != 1) return absl::InvalidArgumentError(absl::StrCat("HTTPS certificate: ", SslError()));
+  SSL_CTX_clear_chain_certs(ctx);
+  while (X509* ca = PEM_read_bio_X509(certs.get(), nullptr, nullptr, nullptr)) {
+    if (SSL_CTX_add0_chain_cert(ctx, ca) != 1) {  // takes `ca` on success
+      X509_free(ca);
+      return absl::InvalidArgumentError(absl::StrCat("HTTPS certificate chain: ", SslError()));
+    }
+  }
+  ERR_clear_error();  // the end of the chain reads as "no start line"
+  std::unique_ptr<BIO, decltype(&BIO_free)> key_bio(
+      BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size())), &BIO_free);
+  EVP_PKEY* key = PEM_read_bio_PrivateKey(key_bio.get(), nullptr, nullptr, nullptr);
+  if (key == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("HTTPS key is not a PEM private key: ", SslError()));
+  }
+  const int key_used = SSL_CTX_use_PrivateKey(ctx, key);
+  EVP_PKEY_free(key);
+  if (key_used != 1 || SSL_CTX_check_private_key(ctx) != 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("HTTPS key does not match the certificate: ", SslError()));
+  }
+  if (SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1) {
+    return absl::InternalError(absl::StrCat("HTTPS: cannot require TLS 1.2: ", SslError()));
+  }
+  return absl::OkStatus();
+}
+
+// Loads router/civetweb_openssl's shims (once): afterwards civetweb's dlopen("libssl.so")
+// and dlopen("libcrypto.so") get OpenSSL 3 with what civetweb 1.15 expects of it.
+absl::Status LoadOpenSslForCivetweb() {
+  static const absl::Status* loaded = [] {
+    char exe[4096];
+    const ssize_t n = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    if (n <= 0) return new absl::Status(absl::InternalError("cannot read /proc/self/exe"));
+    const std::string path(exe, static_cast<size_t>(n));
+    const std::string dir = absl::StrCat(path.substr(0, path.rfind('/')), "/../lib/kvrelay/");
+    for (const char* shim : {"libkvrelay_civetweb_crypto.so", "libkvrelay_civetweb_ssl.so"}) {
+      const std::string file = dir + shim;
+      if (::dlopen(file.c_str(), RTLD_NOW | RTLD_LOCAL) == nullptr) {  // kept for good
+        return new absl::Status(
+            absl::UnavailableError(absl::StrCat("HTTPS: cannot load ", file, ": ", ::dlerror())));
+      }
+    }
+    return new absl::Status();
+  }();
+  return *loaded;
+}
+
+// LoadTlsMaterial on a scratch context: bad PEM is INVALID_ARGUMENT before civetweb starts.
+absl::Status CheckTlsMaterial(const std::string& cert_pem, const std::string& key_pem) {
+  std::unique_ptr<SSL_CTX, decltype(&SSL_CTX_free)> ctx(SSL_CTX_new(TLS_server_method()),
+                                                        &SSL_CTX_free);
+  if (ctx == nullptr) return absl::InternalError(absl::StrCat("HTTPS: ", SslError()));
+  return LoadTlsMaterial(ctx.get(), cert_pem, key_pem);
+}
 
 using nlohmann::json;
 
@@ -76,6 +165,11 @@ absl::StatusOr<std::unique_ptr<OpenAIServer>> OpenAIServer::Start(
         absl::StrCat("--http_listen must be HOST:PORT, got '", options.listen, "'"));
   }
   if (options.threads < 1) return absl::InvalidArgumentError("--http_threads must be >= 1");
+  const bool tls = !options.tls_cert_pem.empty();
+  if (tls != !options.tls_key_pem.empty()) {
+    return absl::InvalidArgumentError("HTTPS needs both a certificate and its private key");
+  }
+  if (tls) KVR_RETURN_IF_ERROR(CheckTlsMaterial(options.tls_cert_pem, options.tls_key_pem));
   std::unique_ptr<OpenAIServer> s(new OpenAIServer());
   s->options_ = options;
   s->channel_ = std::move(generation);
@@ -92,18 +186,31 @@ absl::StatusOr<std::unique_ptr<OpenAIServer>> OpenAIServer::Start(
                        .Add({});
   s->created_ = absl::ToUnixSeconds(absl::Now());
 
-  mg_init_library(0);
+  if (tls) KVR_RETURN_IF_ERROR(LoadOpenSslForCivetweb());
+  mg_init_library(tls ? MG_FEATURES_SSL : 0);
   const std::string threads = std::to_string(options.threads);
-  const char* opts[] = {"listening_ports", options.listen.c_str(), "num_threads", threads.c_str(),
-                        "enable_keep_alive", "no",
-                        // A stream may be idle between tokens for a long prefill.
-                        "request_timeout_ms", "3600000", nullptr};
+  // civetweb marks a TLS port with a trailing 's'.
+  const std::string listening = tls ? options.listen + "s" : options.listen;
+  std::vector<const char*> opts = {"listening_ports", listening.c_str(), "num_threads",
+                                   threads.c_str(), "enable_keep_alive", "no",
+                                   // A stream may be idle between tokens for a long prefill.
+                                   "request_timeout_ms", "3600000"};
+  if (tls) {
+    opts.insert(opts.end(), {"ssl_protocol_version", "4"});  // TLS 1.2 and newer
+  }
+  opts.push_back(nullptr);
   mg_callbacks callbacks{};
-  s->ctx_ = mg_start(&callbacks, nullptr, opts);
+  callbacks.log_message = &OpenAIServer::Log;
+  if (tls) callbacks.init_ssl = &OpenAIServer::InitTls;
+  s->ctx_ = mg_start(&callbacks, s.get(), opts.data());
   if (s->ctx_ == nullptr) {
     mg_exit_library();
-    return absl::UnavailableError(absl::StrCat("cannot serve HTTP on ", options.listen));
+    absl::MutexLock l(&s->log_mu_);
+    return absl::UnavailableError(absl::StrCat("cannot serve ", tls ? "HTTPS" : "HTTP", " on ",
+                                               options.listen, s->start_error_.empty() ? "" : ": ",
+                                               s->start_error_));
   }
+  s->started_ = true;
   mg_server_port ports[4];
   const int n = mg_get_server_ports(s->ctx_, 4, ports);
   if (n < 1) return absl::InternalError("civetweb reports no listening port");
@@ -117,6 +224,29 @@ OpenAIServer::~OpenAIServer() {
     mg_stop(ctx_);
     mg_exit_library();
   }
+}
+
+int OpenAIServer::InitTls(void* ssl_ctx, void* self) {
+  const OpenAIServerOptions& o = static_cast<OpenAIServer*>(self)->options_;
+  const absl::Status st =
+      LoadTlsMaterial(static_cast<SSL_CTX*>(ssl_ctx), o.tls_cert_pem, o.tls_key_pem);
+  if (!st.ok()) {
+    auto* server = static_cast<OpenAIServer*>(self);
+    absl::MutexLock l(&server->log_mu_);
+    server->start_error_ = std::string(st.message());
+    return -1;
+  }
+  return 1;  // the certificate is set up: civetweb needs no ssl_certificate file
+}
+
+int OpenAIServer::Log(const mg_connection* conn, const char* message) {
+  const mg_context* ctx = conn != nullptr ? mg_get_context(conn) : nullptr;
+  auto* self = ctx != nullptr ? static_cast<OpenAIServer*>(mg_get_user_data(ctx)) : nullptr;
+  if (self == nullptr || self->started_.load()) return 0;  // civetweb's default: no log
+  absl::MutexLock l(&self->log_mu_);
+  // The first is the cause (e.g. InitTls's); civetweb's own summary follows it.
+  if (self->start_error_.empty()) self->start_error_ = message;
+  return 1;
 }
 
 int OpenAIServer::Handle(mg_connection* conn, void* self) {

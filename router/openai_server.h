@@ -7,6 +7,10 @@
 // token message, flushed as they come, then `data: [DONE]`; a client that disconnects
 // cancels its request (the gRPC cancel path, down to the prefill worker).
 //
+// HTTPS: with a certificate and key (PEM) the port speaks TLS 1.2+ only (OpenSSL, which
+// civetweb loads at run time); clients need no certificate of their own (the public
+// API's authentication is its API keys).
+//
 // Metrics: kvrelay_http_requests_total{endpoint,status}, kvrelay_http_requests_in_flight.
 #pragma once
 
@@ -16,6 +20,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "grpcpp/channel.h"
 #include "prometheus/counter.h"
@@ -39,22 +44,30 @@ struct OpenAIServerOptions {
   // Each request's deadline (its gRPC calls'); past it: 504. Zero: none (OpenAI's API
   // has no deadline of its own).
   absl::Duration request_timeout = absl::ZeroDuration();
+  // HTTPS: the certificate (chain, leaf first) and its private key, PEM; both empty:
+  // plaintext HTTP.
+  std::string tls_cert_pem, tls_key_pem;
 };
 
 class OpenAIServer {
  public:
   // `generation`: a channel to this router's kvrelay.v1.Generation (in-process).
-  // INVALID_ARGUMENT for a bad listen address, UNAVAILABLE when it cannot listen.
+  // INVALID_ARGUMENT for a bad listen address or TLS material (a certificate without its
+  // key, PEM that does not parse, a key that does not match), UNAVAILABLE when it cannot
+  // listen (or, for HTTPS, when civetweb cannot load OpenSSL).
   static absl::StatusOr<std::unique_ptr<OpenAIServer>> Start(
       const OpenAIServerOptions& options, std::shared_ptr<grpc::Channel> generation,
       const ModelContext* model, std::shared_ptr<prometheus::Registry> metrics);
   ~OpenAIServer();  // stops listening; waits for the requests in flight
 
   int port() const { return port_; }
+  bool tls() const { return !options_.tls_cert_pem.empty(); }
 
  private:
   OpenAIServer() = default;
   static int Handle(mg_connection* conn, void* self);
+  static int InitTls(void* ssl_ctx, void* self);  // civetweb's init_ssl: loads the PEM
+  static int Log(const mg_connection* conn, const char* message);
   int Serve(mg_connection* conn);
   void Reply(mg_connection* conn, int status, const std::string& body, const std::string& endpoint);
   void ReplyError(mg_connection* conn, const openai::Error& e, const std::string& endpoint);
@@ -70,7 +83,10 @@ class OpenAIServer {
   prometheus::Gauge* in_flight_ = nullptr;
   mg_context* ctx_ = nullptr;
   int port_ = 0;
-  int64_t created_ = 0;  // the model's "created" (server start, unix seconds)
+  int64_t created_ = 0;               // the model's "created" (server start, unix seconds)
+  std::atomic<bool> started_{false};  // mg_start returned
+  absl::Mutex log_mu_;                // civetweb logs from its threads
+  std::string start_error_ ABSL_GUARDED_BY(log_mu_);  // what it logged while starting
 };
 
 }  // namespace kvrelay::router

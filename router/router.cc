@@ -88,6 +88,8 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Start(const RouterOptions& optio
     ho.max_body_bytes = static_cast<size_t>(options.max_request_bytes);
     ho.keys = options.api_keys;
     ho.request_timeout = options.http_request_timeout;
+    ho.tls_cert_pem = options.http_tls_cert_pem;
+    ho.tls_key_pem = options.http_tls_key_pem;
     // The HTTP layer is a client of this very server's Generation service.
     KVR_ASSIGN_OR_RETURN(
         r->http_, OpenAIServer::Start(ho, r->server_->InProcessChannel(grpc::ChannelArguments()),

@@ -37,6 +37,8 @@ struct RouterOptions {
   std::string http_listen;
   int http_threads = 128;
   absl::Duration http_request_timeout = absl::ZeroDuration();  // past it: 504 (zero: none)
+  // HTTPS on http_listen: the certificate (chain) and key, PEM; both empty: plaintext.
+  std::string http_tls_cert_pem, http_tls_key_pem;
   // API keys of the public API, gRPC and HTTP alike (none: open).
   ApiKeys api_keys;
   // TLS of the port (public API and Registry) and of the calls to the workers; who may

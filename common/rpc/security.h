@@ -67,6 +67,9 @@ class Security {
   bool has_token() const { return !token_.empty(); }
   // True when internal ports check something (mTLS or a token).
   bool internal_authenticated() const { return mtls() || has_token(); }
+  // The PEM this process presents (empty without TLS), e.g. for the router's HTTPS.
+  const std::string& cert_pem() const { return pem_ != nullptr ? pem_->cert : Empty(); }
+  const std::string& key_pem() const { return pem_ != nullptr ? pem_->key : Empty(); }
   // "tls=on mtls=off cluster_token=on" for start-up logs.
   std::string Describe() const;
 
@@ -96,6 +99,10 @@ class Security {
   struct Pem {
     std::string cert, key, ca;
   };
+  static const std::string& Empty() {
+    static const std::string* empty = new std::string();
+    return *empty;
+  }
   std::shared_ptr<const Pem> pem_;
   bool require_client_cert_ = false;
   std::string server_name_;

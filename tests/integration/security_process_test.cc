@@ -7,8 +7,13 @@
 //    token);
 //  - plaintext clients, clients of another CA, clients without a certificate or token
 //    are refused on every internal RPC (the router's Registry, the workers' services);
-//  - a worker with the wrong token cannot register, and the router counts the refusal.
+//  - a worker with the wrong token cannot register, and the router counts the refusal;
+//  - the OpenAI HTTP API speaks HTTPS with the router's certificate, or one of its own
+//    (--http_tls_cert), or plaintext behind a TLS-ending ingress (--http_plaintext).
+#include <sys/wait.h>
+
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -51,6 +56,7 @@ class SecurityProcessTest : public ::testing::Test {
         rpc::IssueCertificate(*rogue_ca, "rogue", {"127.0.0.1"});
     ASSERT_TRUE(rogue.ok());
     ASSERT_TRUE(WriteFile(dir_->File("rogue.crt"), rogue->cert_pem).ok());
+    ASSERT_TRUE(WriteFile(dir_->File("rogue-ca.crt"), rogue_ca->cert_pem).ok());
     ASSERT_TRUE(WriteFile(dir_->File("rogue.key"), rogue->key_pem).ok());
     ASSERT_TRUE(WriteFile(dir_->File("wrong-token"), "not-the-token\n").ok());
 
@@ -62,6 +68,8 @@ class SecurityProcessTest : public ::testing::Test {
                                      "--exit_linger_seconds",
                                      "0",
                                      "--metrics_listen",
+                                     "127.0.0.1:0",
+                                     "--http_listen",
                                      "127.0.0.1:0"};
     args.insert(args.end(), security.begin(), security.end());
     router_ = new testing::WorkerProcess(testing::StartWorker("kvrelay-router", args));
@@ -186,6 +194,60 @@ TEST_F(SecurityProcessTest, ThePublicPortRefusesPlaintextAndForeignCas) {
   ctx2.set_deadline(Deadline());
   EXPECT_EQ(foreign->ListModels(&ctx2, v1::ListModelsRequest(), &models).error_code(),
             grpc::StatusCode::UNAVAILABLE);
+}
+
+TEST_F(SecurityProcessTest, TheHttpApiSpeaksHttpsWithTheRoutersCertificate) {
+  ASSERT_TRUE(WaitForWorkers());
+  ASSERT_GT(router_->http_port, 0);
+  const std::string ca = *ReadFile(dir_->File("ca.crt"));
+  const testing::HttpResponse r = testing::HttpsRequest(
+      router_->http_port, ca, "POST", "/v1/completions", R"({"prompt": "hello", "max_tokens": 4})");
+  ASSERT_EQ(r.status, 200) << r.error << r.body;
+  EXPECT_THAT(r.body, HasSubstr("\"text_completion\""));
+  // Plaintext gets no answer; a client trusting another CA refuses the server.
+  EXPECT_EQ(testing::HttpRequest(router_->http_port, "GET", "/v1/models", "", {}, absl::Seconds(10))
+                .status,
+            0);
+  EXPECT_THAT(testing::HttpsRequest(router_->http_port, *ReadFile(dir_->File("rogue-ca.crt")),
+                                    "GET", "/v1/models")
+                  .error,
+              HasSubstr("TLS handshake"));
+}
+
+TEST_F(SecurityProcessTest, TheHttpApiCanHaveItsOwnCertificateOrNone) {
+  // Routers without workers: /v1/models answers all the same.
+  std::vector<std::string> base = {
+      "--model", ModelDir(), "--http_listen", "127.0.0.1:0", "--exit_linger_seconds", "0"};
+  const std::vector<std::string> security = Flags("cluster-token");
+  base.insert(base.end(), security.begin(), security.end());
+  // A public certificate (here: the other CA's) on the HTTP API, the cluster's on gRPC.
+  std::vector<std::string> own = base;
+  own.insert(own.end(), {"--http_tls_cert", dir_->File("rogue.crt"), "--http_tls_key",
+                         dir_->File("rogue.key")});
+  testing::WorkerProcess a = testing::StartWorker("kvrelay-router", own);
+  ASSERT_TRUE(a.process);
+  testing::HttpResponse r = testing::HttpsRequest(
+      a.http_port, *ReadFile(dir_->File("rogue-ca.crt")), "GET", "/v1/models");
+  EXPECT_EQ(r.status, 200) << r.error;
+  // TLS ended in front of the router (an ingress): plaintext HTTP, TLS on gRPC still.
+  std::vector<std::string> plain = base;
+  plain.push_back("--http_plaintext");
+  testing::WorkerProcess b = testing::StartWorker("kvrelay-router", plain);
+  ASSERT_TRUE(b.process);
+  r = testing::HttpRequest(b.http_port, "GET", "/v1/models");
+  EXPECT_EQ(r.status, 200) << r.error;
+  // Contradictory flags: a clear error at start (exit 2).
+  std::vector<std::string> both = own;
+  both.push_back("--http_plaintext");
+  std::optional<testing::Subprocess> c = testing::Subprocess::Start([&] {
+    std::vector<std::string> argv = {testing::SiblingBinary("kvrelay-router")};
+    argv.insert(argv.end(), both.begin(), both.end());
+    return argv;
+  }());
+  ASSERT_TRUE(c);
+  const std::optional<int> status = c->Wait(testing::kProcessTimeout);
+  ASSERT_TRUE(status);
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 2) << *status;
 }
 
 TEST_F(SecurityProcessTest, TheRegistryWantsTheClusterCertificateAndToken) {

@@ -2,14 +2,22 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <openssl/x509_vfy.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <memory>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -50,6 +58,19 @@ std::string RequestText(const std::string& method, const std::string& path, cons
   }
   absl::StrAppend(&req, "\r\n", body);
   return req;
+}
+
+// The status, headers and body of an HTTP/1.x answer (status 0 if it is not one).
+HttpResponse ParseResponse(const std::string& resp) {
+  HttpResponse r;
+  const size_t head = resp.find("\r\n\r\n");
+  if (head == std::string::npos || resp.size() < 12 || resp.rfind("HTTP/1.", 0) != 0) return r;
+  int status = 0;
+  if (!absl::SimpleAtoi(resp.substr(9, 3), &status)) return r;
+  r.status = status;
+  r.headers = resp.substr(0, head);
+  r.body = resp.substr(head + 4);
+  return r;
 }
 
 bool WriteAll(int fd, const std::string& s) {
@@ -100,15 +121,59 @@ HttpResponse HttpRequestTo(const std::string& ipv4, int port, const std::string&
   WriteAll(fd, RequestText(method, path, body, headers));
   const bool ok = ReadUntil(fd, deadline, &resp, [](const std::string&) { return false; });
   ::close(fd);
-  const size_t head = resp.find("\r\n\r\n");
-  if (!ok || head == std::string::npos || resp.size() < 12 || resp.rfind("HTTP/1.", 0) != 0) {
+  if (!ok) r.error = "no complete answer in time";
+  return ok ? ParseResponse(resp) : r;
+}
+
+HttpResponse HttpsRequest(int port, const std::string& ca_pem, const std::string& method,
+                          const std::string& path, const std::string& body,
+                          const std::vector<std::string>& headers, absl::Duration timeout) {
+  HttpResponse r;
+  auto fail = [&](const std::string& what) {
+    const unsigned long e = ERR_get_error();  // NOLINT(runtime/int): OpenSSL's type
+    char buf[256] = "";
+    if (e != 0) ERR_error_string_n(e, buf, sizeof(buf));
+    ERR_clear_error();
+    r.error = absl::StrCat(what, ": ", buf);
     return r;
+  };
+  std::unique_ptr<SSL_CTX, decltype(&SSL_CTX_free)> ctx(SSL_CTX_new(TLS_client_method()),
+                                                        &SSL_CTX_free);
+  if (ctx == nullptr) return fail("SSL_CTX_new");
+  if (!ca_pem.empty()) {
+    std::unique_ptr<BIO, decltype(&BIO_free)> bio(
+        BIO_new_mem_buf(ca_pem.data(), static_cast<int>(ca_pem.size())), &BIO_free);
+    X509* ca = PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr);
+    if (ca == nullptr) return fail("CA PEM");
+    X509_STORE_add_cert(SSL_CTX_get_cert_store(ctx.get()), ca);
+    X509_free(ca);
+    SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, nullptr);
+    X509_VERIFY_PARAM_set1_ip_asc(SSL_CTX_get0_param(ctx.get()), "127.0.0.1");
   }
-  int status = 0;
-  if (!absl::SimpleAtoi(resp.substr(9, 3), &status)) return r;
-  r.status = status;
-  r.headers = resp.substr(0, head);
-  r.body = resp.substr(head + 4);
+  const int fd = Connect(port);
+  if (fd < 0) return fail("connect");
+  timeval tv{};
+  tv.tv_sec = static_cast<time_t>(absl::ToInt64Seconds(timeout));
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  std::unique_ptr<SSL, decltype(&SSL_free)> ssl(SSL_new(ctx.get()), &SSL_free);
+  SSL_set_fd(ssl.get(), fd);
+  if (SSL_connect(ssl.get()) != 1) {
+    ::close(fd);
+    return fail("TLS handshake");
+  }
+  const std::string req = RequestText(method, path, body, headers);
+  if (SSL_write(ssl.get(), req.data(), static_cast<int>(req.size())) <= 0) {
+    ::close(fd);
+    return fail("TLS write");
+  }
+  std::string resp;
+  char buf[16384];
+  for (int n; (n = SSL_read(ssl.get(), buf, sizeof(buf))) > 0;) resp.append(buf, n);
+  ssl.reset();
+  ::close(fd);
+  r = ParseResponse(resp);
+  if (r.status == 0) r.error = "no complete answer";
   return r;
 }
 

@@ -13,6 +13,7 @@ struct HttpResponse {
   int status = 0;       // 0: no complete answer
   std::string headers;  // the status line and headers
   std::string body;
+  std::string error;  // why there is no answer (e.g. the TLS handshake failed)
 };
 
 // One HTTP/1.0 request to 127.0.0.1:<port> (the server closes after answering), `headers` as "Name:
@@ -25,6 +26,13 @@ HttpResponse HttpRequestTo(const std::string& ipv4, int port, const std::string&
                            const std::string& path, const std::string& body = "",
                            const std::vector<std::string>& headers = {},
                            absl::Duration timeout = absl::Seconds(120));
+
+// ... over TLS to 127.0.0.1:<port>, verifying the server's certificate against
+// `ca_pem` and the IP address 127.0.0.1 (empty `ca_pem`: no verification).
+HttpResponse HttpsRequest(int port, const std::string& ca_pem, const std::string& method,
+                          const std::string& path, const std::string& body = "",
+                          const std::vector<std::string>& headers = {},
+                          absl::Duration timeout = absl::Seconds(120));
 
 // A request whose answer is read as it comes (Server-Sent Events), and that can hang up
 // in the middle.

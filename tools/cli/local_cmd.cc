@@ -228,7 +228,9 @@ class LocalRun {
     out_ << "kvrelay local: serving " << model_id << " on 127.0.0.1:" << port << " ("
          << plan_.prefill << " prefill, " << Plural(plan_.decode, "decode worker") << ")\n";
     if (plan_.http_port > 0) {
-      out_ << "kvrelay local: OpenAI API on http://127.0.0.1:" << plan_.http_port << "/v1\n";
+      // With --tls the router serves it over HTTPS, with the node certificate.
+      out_ << "kvrelay local: OpenAI API on " << (plan_.tls_dir.empty() ? "http" : "https")
+           << "://127.0.0.1:" << plan_.http_port << "/v1\n";
     }
     if (!plan_.tls_dir.empty()) {
       out_ << "kvrelay local: TLS on (mutual TLS and a cluster token between the processes); "

@@ -1,11 +1,13 @@
 // OpenAIServer on its own: the HTTP handling that needs no worker (listen address, health,
-// models, API keys, body limit, methods and paths), and a request path that is down (the
+// models, API keys, body limit, methods and paths, HTTPS), and a request path that is down (the
 // Generation channel points at nothing: 503).
 #include "router/openai_server.h"
 
 #include <memory>
 #include <string>
+#include <vector>
 
+#include "common/rpc/pki.h"
 #include "gmock/gmock.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
@@ -70,6 +72,59 @@ TEST_F(OpenAIServerTest, HealthModelsPathsMethodsAndTheRequestPathDown) {
                            R"({"messages": [{"role": "user", "content": "x"}], "stream": true})");
   EXPECT_EQ(r.status, 503) << r.body;
   EXPECT_THAT(r.headers, HasSubstr("application/json"));
+}
+
+TEST_F(OpenAIServerTest, HttpsServesWithTheGivenCertificateChain) {
+  auto ca = rpc::MakeCertificateAuthority("test CA");
+  ASSERT_TRUE(ca.ok()) << ca.status();
+  auto leaf = rpc::IssueCertificate(*ca, "router", {"127.0.0.1"});
+  ASSERT_TRUE(leaf.ok()) << leaf.status();
+  OpenAIServerOptions o;
+  o.tls_cert_pem = leaf->cert_pem + ca->cert_pem;  // a chain: leaf, then its CA
+  o.tls_key_pem = leaf->key_pem;
+  auto s = Start(o);
+  ASSERT_NE(s, nullptr);
+  EXPECT_TRUE(s->tls());
+  testing::HttpResponse r = testing::HttpsRequest(s->port(), ca->cert_pem, "GET", "/health");
+  EXPECT_EQ(r.status, 200) << r.error;
+  r = testing::HttpsRequest(s->port(), ca->cert_pem, "POST", "/v1/completions",
+                            R"({"prompt": "hi"})");
+  EXPECT_EQ(r.status, 503) << r.error;  // served over TLS down to the (absent) backend
+  // A client that trusts another CA refuses the server; a plaintext client gets no answer.
+  auto other = rpc::MakeCertificateAuthority("other CA");
+  ASSERT_TRUE(other.ok());
+  r = testing::HttpsRequest(s->port(), other->cert_pem, "GET", "/health");
+  EXPECT_EQ(r.status, 0);
+  EXPECT_THAT(r.error, HasSubstr("TLS handshake"));
+  EXPECT_EQ(testing::HttpRequest(s->port(), "GET", "/health", "", {}, absl::Seconds(10)).status, 0);
+  // Still serving after both.
+  EXPECT_EQ(testing::HttpsRequest(s->port(), ca->cert_pem, "GET", "/health").status, 200);
+}
+
+TEST_F(OpenAIServerTest, BadHttpsMaterialIsRefusedBeforeListening) {
+  auto ca = rpc::MakeCertificateAuthority("test CA");
+  ASSERT_TRUE(ca.ok());
+  auto leaf = rpc::IssueCertificate(*ca, "router", {"127.0.0.1"});
+  auto stranger = rpc::IssueCertificate(*ca, "stranger", {"127.0.0.1"});
+  ASSERT_TRUE(leaf.ok() && stranger.ok());
+  struct Case {
+    std::string cert, key, want;
+  };
+  for (const Case& c : std::vector<Case>{
+           {leaf->cert_pem, "", "both a certificate and its private key"},
+           {"", leaf->key_pem, "both a certificate and its private key"},
+           {"not pem", leaf->key_pem, "not a PEM certificate"},
+           {leaf->cert_pem, "not pem", "not a PEM private key"},
+           {leaf->cert_pem, stranger->key_pem, "does not match"},
+       }) {
+    OpenAIServerOptions o;
+    o.tls_cert_pem = c.cert;
+    o.tls_key_pem = c.key;
+    auto s = OpenAIServer::Start(o, channel_, model_.get(), nullptr);
+    ASSERT_FALSE(s.ok()) << c.want;
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument) << s.status();
+    EXPECT_THAT(std::string(s.status().message()), HasSubstr(c.want));
+  }
 }
 
 TEST_F(OpenAIServerTest, BodyLimitAndKeys) {
