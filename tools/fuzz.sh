@@ -3,7 +3,9 @@
 # UBSan into build-fuzz/ and runs each for FUZZ_SECONDS (default 60) from its seed
 # corpus. Any crash, leak, sanitizer report or timeout fails the run; the input is left
 # in build-fuzz/crashes/<name>/: add it to tests/fuzz/corpus/<name>/ and it becomes a
-# regression test that every build replays (<name>_fuzz_replay).
+# regression test that every build replays (<name>_fuzz_replay). Each target's figures
+# (runs, executions/s, seed and final corpus sizes, peak RSS) go to
+# build-fuzz/fuzz-stats.tsv (tools/reliability.sh puts them in docs/reliability.md).
 # Usage: tools/fuzz.sh [name...]     (default: every target)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +24,8 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
 export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$(pwd)/tests/sanitizers/lsan.supp}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 failed=()
+stats="$BUILD_DIR/fuzz-stats.tsv"
+printf 'target\tseconds\truns\texec_per_s\tseeds\tcorpus\tpeak_rss_mb\n' >"$stats"
 for t in "${targets[@]}"; do
   work="$BUILD_DIR/fuzz-corpus/$t"
   crashes="$BUILD_DIR/crashes/$t"
@@ -30,7 +34,12 @@ for t in "${targets[@]}"; do
   if "$BUILD_DIR/bin/${t}_fuzz" "$work" "tests/fuzz/corpus/$t" -max_total_time="$SECONDS_EACH" \
       -timeout=10 -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 \
       -artifact_prefix="$crashes/" >"$BUILD_DIR/$t.log" 2>&1; then
-    echo "fuzz: $t: $(grep -o 'stat::number_of_executed_units: *[0-9]*' "$BUILD_DIR/$t.log" | grep -o '[0-9]*$') runs in ${SECONDS_EACH}s, no crash"
+    stat() { grep -o "stat::$1: *[0-9]*" "$BUILD_DIR/$t.log" | grep -o '[0-9]*$'; }
+    seeds=$(find "tests/fuzz/corpus/$t" -type f | wc -l)
+    corpus=$((seeds + $(find "$work" -type f | wc -l)))
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$SECONDS_EACH" "$(stat number_of_executed_units)" \
+      "$(stat average_exec_per_sec)" "$seeds" "$corpus" "$(stat peak_rss_mb)" >>"$stats"
+    echo "fuzz: $t: $(stat number_of_executed_units) runs in ${SECONDS_EACH}s ($(stat average_exec_per_sec)/s), corpus $seeds -> $corpus, no crash"
   else
     echo "fuzz: $t FAILED; last lines of $BUILD_DIR/$t.log:"
     tail -40 "$BUILD_DIR/$t.log"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates docs/reliability.md from the fault suite (tests/fault): runs it and turns
-# each case's RELIABILITY line into a table row. Usage: tools/reliability.sh [BUILD_DIR]
+# each case's RELIABILITY line into a table row; then runs the fuzzers (tools/fuzz.sh,
+# FUZZ_SECONDS each, default 60) and tabulates their figures.
+# Usage: tools/reliability.sh [BUILD_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-${BUILD_DIR:-build}}
@@ -17,6 +19,9 @@ if ((hosts == 77)); then
 elif ((hosts != 0)); then
   status=$hosts
 fi
+fuzz_status=0
+FUZZ_SECONDS=${FUZZ_SECONDS:-60} tools/fuzz.sh >>"$log" 2>&1 || fuzz_status=$?
+fuzz_stats=${FUZZ_BUILD_DIR:-build-fuzz}/fuzz-stats.tsv
 {
   echo "# Reliability"
   echo
@@ -39,18 +44,36 @@ fi
     echo "Delay and loss on a link (\`tc netem\`): skipped, this kernel has no sch_netem."
     echo
   fi
+  echo "## Fuzzing"
+  echo
+  echo "\`tools/fuzz.sh\` (libFuzzer, ASan + UBSan, clang): each target from its seed corpus"
+  echo "(\`tests/fuzz/corpus/<target>/\`) for the seconds shown; *corpus* is seeds plus the inputs"
+  echo "it kept. CI runs the same for 30 s each; every seed (and every input that ever crashed)"
+  echo "is replayed by the \`<target>_fuzz_replay\` unit tests of every build."
+  echo
+  if ((fuzz_status == 0)) && [[ -f "$fuzz_stats" ]]; then
+    echo "| target | seconds | executions | executions/s | seed corpus | corpus after | peak RSS (MB) | crashes |"
+    echo "|---|---|---|---|---|---|---|---|"
+    tail -n +2 "$fuzz_stats" | while IFS=$'\t' read -r t secs runs eps seeds corpus rss; do
+      echo "| $t | $secs | $runs | $eps | $seeds | $corpus | $rss | 0 |"
+    done
+  else
+    echo "**The fuzzers failed (exit $fuzz_status)**: see \`tools/fuzz.sh\`'s output."
+    ((status != 0)) || status=$fuzz_status
+  fi
+  echo
   echo "Other faults and where they are tested:"
   echo
-  echo "- Overload (10x the queue): \`tests/integration/admission_process_test.cc\` (refused at once"
-  echo "  with RESOURCE_EXHAUSTED and a retry pushback; admitted requests exact); latencies in"
-  echo "  docs/benchmarks.md (overload row)."
   echo "- A prefill worker reporting wrong checksums:"
   echo "  \`DisaggregatedProcessTest.ChecksumMismatchIsNeverDecoded\` (the KV bytes themselves are"
   echo "  corrupted by the test-only hook of \`common/transfer/fault_hooks.h\` in the table above)."
-  echo "- A prefill worker SIGKILLed mid-transfer:"
-  echo "  \`DisaggregatedProcessTest.PrefillWorkerKilledFallsBackToLocalAndReclaimsTheBlocks\`."
-  echo "- Internal RPCs from outside the cluster: \`tests/integration/security_process_test.cc\`."
-  echo "- Untrusted bytes: the fuzzers of \`tests/fuzz\` (\`tools/fuzz.sh\`)."
+  echo "- Admission control's retry pushback and queue-time refusals:"
+  echo "  \`tests/integration/admission_process_test.cc\`; latencies under overload in"
+  echo "  docs/benchmarks.md."
+  echo "- Internal RPCs and the HTTP API from outside the cluster:"
+  echo "  \`tests/integration/security_process_test.cc\`."
+  echo "- Data races: \`tools/tsan.sh\` (ThreadSanitizer over the engine, transfer and worker"
+  echo "  unit tests); memory errors: \`tools/sanitize.sh\` (ASan + UBSan over the unit tests)."
   if [[ $status -ne 0 ]]; then
     echo
     echo "**The last run failed (exit $status)**; its last lines:"

@@ -5,8 +5,7 @@
 # common/ (tokenizer, model, kvcache, transfer incl. UCX, rpc, sampling, util, worker),
 # the router's core and API layers, and both engines. The process tests and the
 # remaining router/worker service tests are left out to keep CI within its budget.
-# ThreadSanitizer is not run: Debian's Abseil is not built with it, so every
-# absl::Mutex is invisible to TSan and every guarded access reports a race (README).
+# ThreadSanitizer is tools/tsan.sh (it needs an instrumented Abseil of its own).
 # Usage: tools/sanitize.sh [test binary...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +24,8 @@ if ((${#tests[@]} == 0)); then
     pki_test server_test file_test kv_store_test
     # router and engines
     prefix_index_test scheduler_test worker_registry_test model_context_test
-    output_stream_test api_keys_test openai_api_test engine_test prefill_engine_test
+    output_stream_test api_keys_test openai_api_test openai_server_test engine_test
+    prefill_engine_test
   )
 fi
 CC=clang CXX=clang++ cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
