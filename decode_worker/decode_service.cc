@@ -54,6 +54,8 @@ void FillUsage(const RequestSummary& s, v1::DecodeUsage* u) {
   u->set_prompt_tokens(s.prompt_tokens);
   u->set_completion_tokens(s.completion_tokens);
   u->set_cached_tokens(s.cached_tokens);
+  u->set_host_cached_tokens(s.host_cached_tokens);
+  u->set_disk_cached_tokens(s.disk_cached_tokens);
   u->set_prefill_mode(s.remote_prefill ? v1::PREFILL_MODE_REMOTE : v1::PREFILL_MODE_LOCAL);
   u->set_prefill_cached_tokens(s.prefill_cached_tokens);
   u->set_transfer_bytes(s.transfer_bytes);

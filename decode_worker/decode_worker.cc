@@ -21,14 +21,15 @@ absl::StatusOr<std::unique_ptr<DecodeWorker>> DecodeWorker::Start(
   KVR_ASSIGN_OR_RETURN(w->runtime_, worker::LoadModelRuntime(options.model_dir, options.device,
                                                              options.threads, options.backend));
   KVR_ASSIGN_OR_RETURN(w->transport_, transfer::NewUcxTransport());
-  KVR_ASSIGN_OR_RETURN(w->kv_,
-                       worker::CreateKvStore(*w->transport_, *w->runtime_.model, options.kv));
   const std::string model_id =
       options.model_id.empty() ? BaseName(options.model_dir) : options.model_id;
   EngineOptions engine_options = options.engine;
   if (options.metrics) engine_options.metrics = options.metrics;
   if (!engine_options.metrics) engine_options.metrics = std::make_shared<prometheus::Registry>();
   w->metrics_ = engine_options.metrics;
+  KVR_ASSIGN_OR_RETURN(w->kv_, worker::CreateKvStore(*w->transport_, *w->runtime_.model, options.kv,
+                                                     model_id, w->metrics_));
+  engine_options.tiers = w->kv_.tiers.get();
   EngineRemote remote;
   w->prefill_client_ = std::make_unique<PrefillClient>(options.security);
   remote.client = w->prefill_client_.get();

@@ -164,6 +164,8 @@ struct Engine::Seq {
   bool admitted_once = false;
   bool remote_tried = false;    // a remote plan is tried on the first admission only
   bool remote_pending = false;  // waiting for the prefill worker; not scheduled
+  bool reload_pending = false;  // waiting for blocks from a lower tier; not scheduled
+  bool reload_first = false;    // ... on its first admission (counted as cached tokens)
   int64_t first_block = 0;      // remote: prompt blocks sent, first_block ...
   std::vector<int32_t> dest_blocks;
   RequestSummary summary;
@@ -314,13 +316,14 @@ void Engine::Loop() {
     std::vector<uint64_t> cancels;
     std::vector<RemoteResult> remote_results;
     std::vector<AbortResult> abort_results;
+    std::vector<ReloadDone> reload_results;
     bool stop = false;
     {
       absl::MutexLock l(&mu_);
       // Only the guarded fields: absl may evaluate the condition on another thread.
       auto has_news = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
         return stop_ || !incoming_.empty() || !cancels_.empty() || !remote_results_.empty() ||
-               !abort_results_.empty();
+               !abort_results_.empty() || !reload_results_.empty();
       };
       if (seqs_.empty() || idle) {
         if (quarantine_.empty()) {
@@ -333,6 +336,7 @@ void Engine::Loop() {
       cancels.swap(cancels_);
       remote_results.swap(remote_results_);
       abort_results.swap(abort_results_);
+      reload_results.swap(reload_results_);
       stop = stop_;
     }
     for (auto& s : incoming) {
@@ -347,6 +351,7 @@ void Engine::Loop() {
     }
     for (RemoteResult& r : remote_results) OnRemoteResult(std::move(r));
     for (const AbortResult& r : abort_results) OnAbortResult(r);
+    for (const ReloadDone& r : reload_results) OnReloadDone(r);
     if (stop) {
       std::vector<Seq*> all;
       for (auto& [h, s] : seqs_) all.push_back(s.get());
@@ -466,6 +471,10 @@ void Engine::OnRemoteResult(RemoteResult r) {
   const v1::PrefillStats& ps = r.response.stats();
   s->summary.remote_prefill = true;
   s->summary.prefill_cached_tokens = ps.cached_tokens();
+  if (ps.cached_tokens() > s->summary.cached_tokens) {  // the prefill worker's hit counts
+    s->summary.host_cached_tokens = ps.host_cached_tokens();
+    s->summary.disk_cached_tokens = ps.disk_cached_tokens();
+  }
   s->summary.transfer_bytes = ps.transfer_bytes();
   s->summary.transfer_seconds = ps.transfer_seconds();
   s->summary.transfer_wait_seconds = ps.transfer_wait_seconds();
@@ -530,6 +539,7 @@ bool Engine::Admit(Seq* s) {
   if (!kv->Reserve(static_cast<int64_t>(s->tokens.size())).ok()) return false;
   s->kv = std::move(kv);
   s->computed = cached;
+  const bool first = !s->admitted_once;
   if (!s->admitted_once) {
     s->admitted_once = true;
     s->summary.cached_tokens = cached;
@@ -541,7 +551,66 @@ bool Engine::Admit(Seq* s) {
       metrics_->cached_tokens->Increment(static_cast<double>(std::min(cached, s->prompt_len)));
     }
   }
+  if (options_.tiers != nullptr) {
+    StartReload(s);
+    if (s->reload_pending) s->reload_first = first;
+  }
   return true;
+}
+
+void Engine::StartReload(Seq* s) {
+  const int B = cache_->block_size();
+  const std::vector<uint64_t>& hashes = s->kv->hashes();  // blocks before the last token
+  const size_t k = static_cast<size_t>(s->computed / B);
+  if (k >= hashes.size()) return;
+  std::optional<uint64_t> parent;
+  if (k > 0) parent = hashes[k - 1];
+  worker::KvTierStore::ReloadPlan plan =
+      options_.tiers->Lookup(parent, absl::MakeConstSpan(hashes).subspan(k),
+                             absl::MakeConstSpan(s->tokens).subspan(k * B));
+  if (plan.empty()) return;
+  std::vector<int32_t> dest(s->kv->blocks().begin() + k,
+                            s->kv->blocks().begin() + k + static_cast<size_t>(plan.size()));
+  s->reload_pending = true;
+  {
+    absl::MutexLock l(&mu_);
+    ++outstanding_rpcs_;
+  }
+  const uint64_t handle = s->handle;
+  options_.tiers->Reload(std::move(plan), std::move(dest),
+                         [this, handle](const worker::KvTierStore::ReloadResult& r) {
+                           absl::MutexLock l(&mu_);
+                           reload_results_.push_back({handle, r});
+                           --outstanding_rpcs_;
+                         });
+}
+
+void Engine::OnReloadDone(const ReloadDone& r) {
+  if (reload_hold_.erase(r.handle) > 0) return;  // the request ended meanwhile
+  auto it = seqs_.find(r.handle);
+  if (it == seqs_.end() || !it->second->reload_pending) return;
+  Seq* s = it->second.get();
+  s->reload_pending = false;
+  const int64_t B = cache_->block_size();
+  const int64_t loaded = r.result.loaded;
+  if (loaded > 0) {
+    s->computed += loaded * B;
+    s->kv->Commit(s->tokens, s->computed);  // the blocks join the pool's prefix cache
+  }
+  if (s->reload_first) {
+    const int64_t tokens = loaded * B;
+    const int64_t before = s->summary.cached_tokens;
+    s->summary.cached_tokens += tokens;
+    s->summary.host_cached_tokens = r.result.from_host * B;
+    s->summary.disk_cached_tokens = r.result.from_disk * B;
+    if (metrics_) {
+      // Prompt tokens only, as in Admit.
+      const int64_t counted = std::max<int64_t>(
+          0, std::min(s->summary.cached_tokens, s->prompt_len) - std::min(before, s->prompt_len));
+      metrics_->cached_tokens->Increment(static_cast<double>(counted));
+    }
+  }
+  if (!s->remote_tried && !s->req.prefill_address.empty()) StartRemotePrefill(s);
 }
 
 void Engine::Preempt(Seq* s) {
@@ -559,6 +628,10 @@ void Engine::Finish(Seq* s, const absl::Status& status, std::string finish_reaso
   if (s->remote_pending) {  // the prefill worker may still be writing
     RecordRemote(RemoteOutcome::kCancelled);
     Quarantine(s);
+  }
+  if (s->reload_pending) {  // the tier store is still writing into its blocks
+    s->reload_pending = false;
+    reload_hold_.emplace(s->handle, std::move(s->kv));
   }
   s->kv.reset();
   auto r = std::find(running_.begin(), running_.end(), s);
@@ -595,22 +668,25 @@ void Engine::Step() {
     }
     waiting_.pop_front();
     running_.push_back(s);
-    if (!s->remote_tried && !s->req.prefill_address.empty()) StartRemotePrefill(s);
+    if (!s->remote_tried && !s->req.prefill_address.empty() && !s->reload_pending) {
+      StartRemotePrefill(s);  // (after a reload: once its blocks are in, OnReloadDone)
+    }
   }
   if (running_.empty()) return;
 
   // Every decoding sequence needs a block for its next token; preempt the most recently
   // admitted sequences until they all have one.
-  // (Sequences waiting for a remote prefill hold their blocks and are never preempted:
-  // the prefill worker is writing into them.)
+  // (Sequences waiting for a remote prefill or a reload hold their blocks and are never
+  // preempted: the prefill worker or the tier store is writing into them.)
   for (size_t i = 0; i < running_.size();) {
     Seq* s = running_[i];
-    if (s->remote_pending || s->kv->Reserve(static_cast<int64_t>(s->tokens.size())).ok()) {
+    if (s->remote_pending || s->reload_pending ||
+        s->kv->Reserve(static_cast<int64_t>(s->tokens.size())).ok()) {
       ++i;
       continue;
     }
-    auto victim =
-        std::find_if(running_.rbegin(), running_.rend(), [](Seq* v) { return !v->remote_pending; });
+    auto victim = std::find_if(running_.rbegin(), running_.rend(),
+                               [](Seq* v) { return !v->remote_pending && !v->reload_pending; });
     Seq* v = *victim;  // exists: s itself qualifies
     Preempt(v);
     if (v == s) break;  // everything before s is served
@@ -626,7 +702,7 @@ void Engine::Step() {
   std::vector<Item> items;
   int budget = options_.max_batch_tokens;
   for (Seq* s : running_) {
-    if (s->remote_pending) continue;
+    if (s->remote_pending || s->reload_pending) continue;
     const int64_t left = static_cast<int64_t>(s->tokens.size()) - s->computed;
     if (left == 1) {
       items.push_back({s, s->computed + 1});
@@ -635,7 +711,7 @@ void Engine::Step() {
   }
   const int decode_items = static_cast<int>(items.size());
   for (Seq* s : running_) {
-    if (s->remote_pending) continue;
+    if (s->remote_pending || s->reload_pending) continue;
     const int64_t left = static_cast<int64_t>(s->tokens.size()) - s->computed;
     if (left <= 1 || budget <= 0) continue;
     const int64_t n = std::min<int64_t>({left, options_.prefill_chunk, budget});

@@ -29,6 +29,7 @@
 #include "common/model/model.h"
 #include "common/sampling/sampler.h"
 #include "common/transfer/kv_transport.h"
+#include "common/worker/kv_tiers.h"
 #include "decode_worker/prefill_client.h"
 #include "kvrelay/v1/worker.pb.h"
 #include "prometheus/registry.h"
@@ -46,6 +47,11 @@ struct EngineOptions {
   // False: the engine records no series at all (the metrics-off baseline of
   // tests/bench/engine_metrics_bench.cc).
   bool record_metrics = true;
+  // The pool's lower tiers (host memory, disk), or null. On admission the blocks of the
+  // prompt that follow the pool's prefix hit and that a lower tier holds are copied back
+  // up (off the step loop: the sequence waits, the others keep stepping) before the rest
+  // is prefilled. Outlives the engine.
+  worker::KvTierStore* tiers = nullptr;
 };
 
 struct EngineRequest {
@@ -87,7 +93,9 @@ struct RequestSummary {
   std::string finish_reason;  // "stop", "length"; empty on error
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
-  int64_t cached_tokens = 0;  // prompt tokens reused from the prefix cache (first admission)
+  int64_t cached_tokens = 0;       // prompt tokens reused from the prefix cache (first admission)
+  int64_t host_cached_tokens = 0;  // of cached_tokens, reloaded from the host tier
+  int64_t disk_cached_tokens = 0;  // ... and from the disk tier
   int64_t preemptions = 0;
   double queue_seconds = 0;           // submit to first admission
   double ttft_seconds = 0;            // submit to first token
@@ -176,6 +184,10 @@ class Engine {
     absl::Status status;
     v1::PrefillResponse response;
   };
+  struct ReloadDone {
+    uint64_t handle = 0;
+    worker::KvTierStore::ReloadResult result;
+  };
   struct AbortResult {
     uint64_t quarantine_id = 0;
     absl::Status status;
@@ -198,6 +210,9 @@ class Engine {
   void Loop();
   void Step();
   bool Admit(Seq* s);
+  // Starts copying the lower tiers' blocks that continue s's pool prefix into its blocks.
+  void StartReload(Seq* s);
+  void OnReloadDone(const ReloadDone& r);
   void StartRemotePrefill(Seq* s);
   void OnRemoteResult(RemoteResult r);
   void Quarantine(Seq* s);
@@ -225,6 +240,7 @@ class Engine {
   mutable absl::Mutex mu_;
   std::vector<RemoteResult> remote_results_ ABSL_GUARDED_BY(mu_);
   std::vector<AbortResult> abort_results_ ABSL_GUARDED_BY(mu_);
+  std::vector<ReloadDone> reload_results_ ABSL_GUARDED_BY(mu_);
   int64_t outstanding_rpcs_ ABSL_GUARDED_BY(mu_) = 0;
   std::deque<std::unique_ptr<Seq>> incoming_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> cancels_ ABSL_GUARDED_BY(mu_);
@@ -240,6 +256,9 @@ class Engine {
   std::vector<Seq*> running_;  // in admission order
   std::vector<float> logits_;
   absl::flat_hash_map<uint64_t, Quarantined> quarantine_;
+  // Blocks of requests that ended while the tier store was still copying into them: kept
+  // until the copy is done (by handle).
+  absl::flat_hash_map<uint64_t, std::unique_ptr<kvcache::KvSequence>> reload_hold_;
   // Lease generations are this + the request's handle: unique across restarts too.
   const uint64_t lease_generation_base_ = kvcache::NewIncarnationId() << 20;
   uint64_t next_quarantine_id_ = 1;

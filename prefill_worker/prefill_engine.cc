@@ -343,9 +343,30 @@ absl::StatusOr<PrefillOutcome> PrefillEngine::Run(Job& job) {
   PrefillOutcome out;
   kvcache::KvSequence seq(cache_, kvcache::RootHash(model_id_, spec.cache_salt));
   out.cached_tokens = seq.AcquirePrefix(spec.prompt);
+  KVR_RETURN_IF_ERROR(seq.Reserve(n));
+  if (options_.tiers != nullptr) {  // blocks below the pool: copied up, not recomputed
+    const std::vector<uint64_t>& hashes = seq.hashes();
+    const size_t k = static_cast<size_t>(out.cached_tokens / B);
+    if (k < hashes.size()) {
+      std::optional<uint64_t> parent;
+      if (k > 0) parent = hashes[k - 1];
+      worker::KvTierStore::ReloadPlan plan =
+          options_.tiers->Lookup(parent, absl::MakeConstSpan(hashes).subspan(k),
+                                 absl::MakeConstSpan(spec.prompt).subspan(k * B));
+      if (!plan.empty()) {
+        std::vector<int32_t> dest(seq.blocks().begin() + k,
+                                  seq.blocks().begin() + k + static_cast<size_t>(plan.size()));
+        const worker::KvTierStore::ReloadResult r =
+            options_.tiers->ReloadNow(std::move(plan), std::move(dest));
+        out.cached_tokens += r.loaded * B;
+        out.host_cached_tokens = r.from_host * B;
+        out.disk_cached_tokens = r.from_disk * B;
+        seq.Commit(spec.prompt, out.cached_tokens);
+      }
+    }
+  }
   out.computed_tokens = n - out.cached_tokens;
   metrics_->cached_tokens->Increment(static_cast<double>(out.cached_tokens));
-  KVR_RETURN_IF_ERROR(seq.Reserve(n));
 
   // Writes in flight; their callbacks run on the transport's thread.
   struct Writes {

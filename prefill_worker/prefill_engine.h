@@ -23,6 +23,7 @@
 #include "common/model/model.h"
 #include "common/sampling/sampler.h"
 #include "common/transfer/kv_transport.h"
+#include "common/worker/kv_tiers.h"
 #include "prometheus/registry.h"
 
 namespace kvrelay::prefill {
@@ -34,6 +35,10 @@ struct PrefillEngineOptions {
   // Where the engine's Prometheus series go (DESIGN §7; the prefill service adds its
   // own to the same registry). Null: a registry of the engine's own.
   std::shared_ptr<prometheus::Registry> metrics = nullptr;
+  // The pool's lower tiers (host memory, disk), or null: a job first copies back up the
+  // blocks of its prompt that follow its pool prefix hit and that a lower tier holds, and
+  // ships them like cached blocks, without recomputing them. Outlives the engine.
+  worker::KvTierStore* tiers = nullptr;
 };
 
 struct PrefillJob {
@@ -55,6 +60,8 @@ struct PrefillOutcome {
   sampling::SampleResult first;
   std::vector<uint64_t> checksums;  // of each sent block, in order
   int64_t cached_tokens = 0;
+  int64_t host_cached_tokens = 0;  // of cached_tokens, reloaded from the host tier
+  int64_t disk_cached_tokens = 0;  // ... and from the disk tier
   int64_t computed_tokens = 0;
   uint64_t transfer_bytes = 0;
   int64_t puts = 0;

@@ -95,6 +95,8 @@ class PrefillReactor final : public grpc::ServerUnaryReactor {
     for (uint64_t c : r->checksums) response_->add_block_checksums(c);
     v1::PrefillStats* s = response_->mutable_stats();
     s->set_cached_tokens(r->cached_tokens);
+    s->set_host_cached_tokens(r->host_cached_tokens);
+    s->set_disk_cached_tokens(r->disk_cached_tokens);
     s->set_computed_tokens(r->computed_tokens);
     s->set_transfer_bytes(r->transfer_bytes);
     s->set_puts(r->puts);

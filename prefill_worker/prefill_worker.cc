@@ -22,14 +22,15 @@ absl::StatusOr<std::unique_ptr<PrefillWorker>> PrefillWorker::Start(
   KVR_ASSIGN_OR_RETURN(w->runtime_, worker::LoadModelRuntime(options.model_dir, options.device,
                                                              options.threads, options.backend));
   KVR_ASSIGN_OR_RETURN(w->transport_, transfer::NewUcxTransport());
-  KVR_ASSIGN_OR_RETURN(w->kv_,
-                       worker::CreateKvStore(*w->transport_, *w->runtime_.model, options.kv));
   const std::string model_id =
       options.model_id.empty() ? BaseName(options.model_dir) : options.model_id;
   PrefillEngineOptions engine_options = options.engine;
   if (options.metrics) engine_options.metrics = options.metrics;
   if (!engine_options.metrics) engine_options.metrics = std::make_shared<prometheus::Registry>();
   w->metrics_ = engine_options.metrics;
+  KVR_ASSIGN_OR_RETURN(w->kv_, worker::CreateKvStore(*w->transport_, *w->runtime_.model, options.kv,
+                                                     model_id, w->metrics_));
+  engine_options.tiers = w->kv_.tiers.get();
   w->engine_ = std::make_unique<PrefillEngine>(w->runtime_.model.get(), w->kv_.pool.get(),
                                                w->kv_.memory.get(), w->kv_.cache.get(),
                                                w->transport_.get(), model_id, engine_options);

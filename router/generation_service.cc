@@ -229,6 +229,22 @@ GenerationService::Metrics::Metrics(prometheus::Registry& r) {
       "kvrelay_router_prefix_delivered_tokens_total",
       "Prompt tokens of routed requests the workers reported reused from their caches; divide "
       "by kvrelay_router_prompt_tokens_total for the hit rate");
+  auto& tier_tokens =
+      prometheus::BuildCounter()
+          .Name("kvrelay_router_prefix_tier_tokens_total")
+          .Help(
+              "The prefix hit rate per KV tier: prompt tokens of routed requests cached in a "
+              "worker's pool, host-memory tier or disk tier, as available (on the worker "
+              "holding the longest prefix), predicted (on the chosen worker) and delivered "
+              "(reported by it); divide by kvrelay_router_prompt_tokens_total")
+          .Register(r);
+  for (int k = 0; k < 3; ++k) {
+    static constexpr const char* kKinds[] = {"available", "predicted", "delivered"};
+    static constexpr const char* kTiers[] = {"pool", "host", "disk"};
+    for (int t = 0; t < 3; ++t) {
+      prefix_tier[k][t] = &tier_tokens.Add({{"kind", kKinds[k]}, {"tier", kTiers[t]}});
+    }
+  }
   auto& prefill = prometheus::BuildCounter()
                       .Name("kvrelay_router_prefill_total")
                       .Help(
@@ -509,8 +525,11 @@ void GenerationService::Serve(Call* call) {
     r->set_migrations(migrations);
     r->set_prefill_mode(prefill_id.empty() ? v1::PREFILL_MODE_LOCAL : v1::PREFILL_MODE_REMOTE);
     if (usage != nullptr) {
-      f->mutable_usage()->set_cached_tokens(std::min(
-          prompt_tokens, std::max(usage->cached_tokens(), usage->prefill_cached_tokens())));
+      const int64_t cached =
+          std::min(prompt_tokens, std::max(usage->cached_tokens(), usage->prefill_cached_tokens()));
+      f->mutable_usage()->set_cached_tokens(cached);
+      f->mutable_usage()->set_host_cached_tokens(std::min(cached, usage->host_cached_tokens()));
+      f->mutable_usage()->set_disk_cached_tokens(std::min(cached, usage->disk_cached_tokens()));
       r->set_prefill_mode(usage->prefill_mode());
       if (usage->prefill_mode() != v1::PREFILL_MODE_REMOTE) r->clear_prefill_worker();
       f->mutable_transfer()->set_bytes(usage->transfer_bytes());
@@ -588,6 +607,11 @@ void GenerationService::Serve(Call* call) {
       m_.prefix_available->Increment(static_cast<double>(
           std::min(prompt_tokens, static_cast<int64_t>(d->max_overlap_blocks) * bs)));
       m_.prefix_predicted->Increment(static_cast<double>(predicted_cached));
+      const PrefixIndex::TierSplit& ps = pw && d->prefill_overlap_blocks > d->decode_overlap_blocks
+                                             ? d->prefill_split
+                                             : d->decode_split;
+      m_.CountTiers(1, ps, bs, prompt_tokens);
+      m_.CountTiers(0, d->max_overlap_split, bs, prompt_tokens);
     }
     decode_id = dw->id;
     prefill_id = pw ? pw->id : "";
@@ -653,8 +677,14 @@ void GenerationService::Serve(Call* call) {
         // itself (a resumed one also caches the tokens streamed before).
         if (!delivered_counted && !resumed) {
           delivered_counted = true;
-          m_.prefix_delivered->Increment(static_cast<double>(std::min(
-              prompt_tokens, std::max(usage->cached_tokens(), usage->prefill_cached_tokens()))));
+          const int64_t cached = std::min(
+              prompt_tokens, std::max(usage->cached_tokens(), usage->prefill_cached_tokens()));
+          m_.prefix_delivered->Increment(static_cast<double>(cached));
+          const int64_t host = std::min(cached, usage->host_cached_tokens());
+          const int64_t disk = std::min(cached - host, usage->disk_cached_tokens());
+          m_.prefix_tier[2][0]->Increment(static_cast<double>(cached - host - disk));
+          m_.prefix_tier[2][1]->Increment(static_cast<double>(host));
+          m_.prefix_tier[2][2]->Increment(static_cast<double>(disk));
         }
       }
       if (!m.finish_reason().empty()) finish = m.finish_reason();

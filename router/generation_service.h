@@ -21,6 +21,7 @@
 //   kvrelay_router_requests_running, kvrelay_router_queue_depth   gauges
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdint>
@@ -108,6 +109,18 @@ class GenerationService final
     prometheus::Counter* prefix_available;
     prometheus::Counter* prefix_predicted;
     prometheus::Counter* prefix_delivered;
+    // kvrelay_router_prefix_tier_tokens_total: [available | predicted | delivered][tier].
+    prometheus::Counter* prefix_tier[3][3];
+    void CountTiers(int kind, const PrefixIndex::TierSplit& s, int block_size,
+                    int64_t prompt_tokens) const {
+      int64_t left = prompt_tokens;  // never more than the prompt
+      const int32_t blocks[3] = {s.pool, s.host, s.disk};
+      for (int t = 0; t < 3; ++t) {
+        const int64_t n = std::min(left, static_cast<int64_t>(blocks[t]) * block_size);
+        prefix_tier[kind][t]->Increment(static_cast<double>(n));
+        left -= n;
+      }
+    }
     prometheus::Counter* prefill_local;
     prometheus::Counter* prefill_remote;
     prometheus::Counter* migrations;

@@ -45,6 +45,12 @@ ABSL_FLAG(int, heartbeat_timeout_ms, 5000, "a worker silent this long is dead");
 ABSL_FLAG(int, max_workers, kvrelay::router::PrefixIndex::kDefaultMaxWorkers,
           "workers this router tracks (live and dead); more registrations are refused");
 ABSL_FLAG(double, overlap_weight, 1.0, "routing cost of each prompt block a worker lacks");
+ABSL_FLAG(double, host_hit_cost, 0.05,
+          "routing cost of a prompt block a worker holds only in its host-memory KV tier, as a "
+          "fraction of a block it lacks (0: as good as a KV pool hit, 1: no better than a miss)");
+ABSL_FLAG(double, disk_hit_cost, 0.2,
+          "routing cost of a prompt block a worker holds only in its disk KV tier, as a "
+          "fraction of a block it lacks");
 ABSL_FLAG(double, decode_busy_threshold, 0.95, "decode workers above this KV use are avoided");
 ABSL_FLAG(int64_t, decode_max_waiting, 64, "decode workers with more waiting are avoided");
 ABSL_FLAG(double, decode_max_load_ratio, 0,
@@ -142,6 +148,8 @@ int main(int argc, char** argv) {
   o.generation.migration_limit = absl::GetFlag(FLAGS_migration_limit);
   auto& s = o.generation.scheduler;
   s.overlap_weight = absl::GetFlag(FLAGS_overlap_weight);
+  s.host_hit_cost = absl::GetFlag(FLAGS_host_hit_cost);
+  s.disk_hit_cost = absl::GetFlag(FLAGS_disk_hit_cost);
   s.decode_busy_threshold = absl::GetFlag(FLAGS_decode_busy_threshold);
   s.decode_max_waiting = absl::GetFlag(FLAGS_decode_max_waiting);
   s.decode_max_load_ratio = absl::GetFlag(FLAGS_decode_max_load_ratio);

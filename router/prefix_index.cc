@@ -300,16 +300,24 @@ absl::Status PrefixIndex::CheckSlot(int slot) const {
   return absl::OkStatus();
 }
 
-absl::Status PrefixIndex::Store(int slot, absl::Span<const uint64_t> hashes) {
+absl::Status PrefixIndex::Store(int slot, absl::Span<const uint64_t> hashes, Tier tier) {
   if (absl::Status s = CheckSlot(slot); !s.ok()) return s;
-  if (static_cast<size_t>(slot) >= by_slot_.size()) by_slot_.resize(slot + 1);
+  if (static_cast<size_t>(slot) >= by_slot_.size()) {
+    by_slot_.resize(slot + 1);
+    tier_count_.resize(slot + 1, {0, 0, 0});
+  }
   words_ = std::max<uint32_t>(words_, static_cast<uint32_t>(slot) / 64 + 1);
   auto& mine = by_slot_[slot];
+  const uint8_t bit = static_cast<uint8_t>(1u << tier);
   mine.reserve(mine.size() + hashes.size());
   for (uint64_t h : hashes) {
-    // The per-slot set decides "new for this slot", so the shared table is only touched
+    // The per-slot table decides "new for this slot", so the shared table is only touched
     // for blocks that change it.
-    if (mine.insert(h).second) {
+    auto [it, inserted] = mine.try_emplace(h, 0);
+    if ((it->second & bit) != 0) continue;
+    it->second |= bit;
+    ++tier_count_[slot][tier];
+    if (inserted) {
       holders_[h].Insert(static_cast<uint32_t>(slot), words_);
       ++held_;
     }
@@ -324,12 +332,18 @@ void PrefixIndex::DropFromHolders(int slot, uint64_t hash) {
   if (it->second.empty()) holders_.erase(it);
 }
 
-absl::Status PrefixIndex::Remove(int slot, absl::Span<const uint64_t> hashes) {
+absl::Status PrefixIndex::Remove(int slot, absl::Span<const uint64_t> hashes, Tier tier) {
   if (absl::Status s = CheckSlot(slot); !s.ok()) return s;
   if (static_cast<size_t>(slot) >= by_slot_.size()) return absl::OkStatus();
   auto& mine = by_slot_[slot];
+  const uint8_t bit = static_cast<uint8_t>(1u << tier);
   for (uint64_t h : hashes) {
-    if (mine.erase(h) != 0) {
+    auto it = mine.find(h);
+    if (it == mine.end() || (it->second & bit) == 0) continue;
+    --tier_count_[slot][tier];
+    it->second &= static_cast<uint8_t>(~bit);
+    if (it->second == 0) {
+      mine.erase(it);
       DropFromHolders(slot, h);
       --held_;
     }
@@ -337,26 +351,76 @@ absl::Status PrefixIndex::Remove(int slot, absl::Span<const uint64_t> hashes) {
   return absl::OkStatus();
 }
 
+absl::Status PrefixIndex::ClearTier(int slot, Tier tier) {
+  if (absl::Status s = CheckSlot(slot); !s.ok()) return s;
+  if (static_cast<size_t>(slot) >= by_slot_.size()) return absl::OkStatus();
+  if (tier_count_[slot][tier] == static_cast<int64_t>(by_slot_[slot].size())) {
+    bool only = true;  // every block is in this tier: is it in no other?
+    for (int t = 0; t < kNumTiers; ++t) only = only && (t == tier || tier_count_[slot][t] == 0);
+    if (only) return ClearWorker(slot);
+  }
+  std::vector<uint64_t> in_tier;
+  const uint8_t bit = static_cast<uint8_t>(1u << tier);
+  for (const auto& [h, mask] : by_slot_[slot]) {
+    if ((mask & bit) != 0) in_tier.push_back(h);
+  }
+  return Remove(slot, in_tier, tier);
+}
+
 absl::Status PrefixIndex::ClearWorker(int slot) {
   if (absl::Status s = CheckSlot(slot); !s.ok()) return s;
   if (static_cast<size_t>(slot) >= by_slot_.size()) return absl::OkStatus();
   auto& mine = by_slot_[slot];
-  for (uint64_t h : mine) DropFromHolders(slot, h);
+  for (const auto& [h, mask] : mine) DropFromHolders(slot, h);
   held_ -= static_cast<int64_t>(mine.size());
-  // Swap with a fresh set rather than clear(): a restarted worker may come back with a
+  // Swap with a fresh table rather than clear(): a restarted worker may come back with a
   // much smaller cache, and clear() would keep the old capacity allocated.
-  absl::flat_hash_set<uint64_t>().swap(mine);
+  absl::flat_hash_map<uint64_t, uint8_t>().swap(mine);
+  tier_count_[slot] = {0, 0, 0};
   return absl::OkStatus();
 }
 
-absl::Status PrefixIndex::ReplaceWorker(int slot, absl::Span<const uint64_t> hashes) {
+absl::Status PrefixIndex::ReplaceWorker(int slot, absl::Span<const uint64_t> pool,
+                                        absl::Span<const uint64_t> host,
+                                        absl::Span<const uint64_t> disk) {
   if (absl::Status s = ClearWorker(slot); !s.ok()) return s;
-  return Store(slot, hashes);
+  (void)Store(slot, pool, kPool);
+  (void)Store(slot, host, kHost);
+  return Store(slot, disk, kDisk);
 }
 
 int64_t PrefixIndex::blocks(int slot) const {
   if (slot < 0 || static_cast<size_t>(slot) >= by_slot_.size()) return 0;
   return static_cast<int64_t>(by_slot_[slot].size());
+}
+
+int64_t PrefixIndex::tier_blocks(int slot, Tier tier) const {
+  if (slot < 0 || static_cast<size_t>(slot) >= by_slot_.size()) return 0;
+  return tier_count_[slot][tier];
+}
+
+PrefixIndex::TierSplit PrefixIndex::Split(int slot, absl::Span<const uint64_t> prompt_hashes,
+                                          int32_t overlap) const {
+  TierSplit out;
+  overlap = std::max<int32_t>(0, std::min<int32_t>(overlap, ToCount(prompt_hashes.size())));
+  if (slot < 0 || static_cast<size_t>(slot) >= by_slot_.size()) return out;
+  if (tier_count_[slot][kHost] == 0 && tier_count_[slot][kDisk] == 0) {
+    out.pool = overlap;  // nothing below the pool: no probe
+    return out;
+  }
+  const auto& mine = by_slot_[slot];
+  for (int32_t i = 0; i < overlap; ++i) {
+    auto it = mine.find(prompt_hashes[i]);
+    const uint8_t mask = it == mine.end() ? 0 : it->second;
+    if (mask & (1u << kPool)) {
+      ++out.pool;
+    } else if (mask & (1u << kHost)) {
+      ++out.host;
+    } else {
+      ++out.disk;
+    }
+  }
+  return out;
 }
 
 void PrefixIndex::Overlaps(absl::Span<const uint64_t> prompt_hashes, OverlapResult* r) const {
@@ -486,7 +550,7 @@ void PrefixIndex::Overlaps(absl::Span<const uint64_t> prompt_hashes,
 int32_t PrefixIndex::Overlap(int slot, absl::Span<const uint64_t> prompt_hashes) const {
   if (slot < 0 || static_cast<size_t>(slot) >= by_slot_.size()) return 0;
   // The slot's own set answers "does it hold h" with a smaller table than holders_.
-  const auto& mine = by_slot_[slot];
+  const auto& mine = by_slot_[slot];  // (keys: blocks held in any tier)
   if (mine.empty()) return 0;
   size_t i = 0;
   while (i < prompt_hashes.size() && mine.contains(prompt_hashes[i])) ++i;
@@ -506,9 +570,12 @@ size_t PrefixIndex::MemoryBytes() const {
   size_t bytes = sizeof(*this);
   bytes += holders_.capacity() * (sizeof(std::pair<const uint64_t, HolderSet>) + 1) + kGroup;
   for (const auto& [hash, set] : holders_) bytes += set.HeapBytes();
-  bytes += by_slot_.capacity() * sizeof(absl::flat_hash_set<uint64_t>);
+  bytes += by_slot_.capacity() * sizeof(absl::flat_hash_map<uint64_t, uint8_t>) +
+           tier_count_.capacity() * sizeof(tier_count_[0]);
   for (const auto& s : by_slot_) {
-    if (s.capacity() > 0) bytes += s.capacity() * (sizeof(uint64_t) + 1) + kGroup;
+    if (s.capacity() > 0) {
+      bytes += s.capacity() * (sizeof(std::pair<const uint64_t, uint8_t>) + 1) + kGroup;
+    }
   }
   return bytes;
 }

@@ -24,6 +24,7 @@
 // const method is safe to call concurrently with other const methods).
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -103,18 +104,44 @@ class PrefixIndex {
   // The mutators return INVALID_ARGUMENT (and change nothing) when `slot` is not in
   // [0, max_workers); otherwise they cannot fail.
 
-  // `slot` now holds these blocks (a `stored` event). Hashes it already holds are ignored.
-  absl::Status Store(int slot, absl::Span<const uint64_t> hashes);
-  // `slot` no longer holds these blocks (a `removed` event). Hashes it does not hold are
-  // ignored: events may race a snapshot, and a missing block is already the desired state.
-  absl::Status Remove(int slot, absl::Span<const uint64_t> hashes);
-  // Forgets every block of `slot` (a `cleared` event, or the worker died or restarted).
-  absl::Status ClearWorker(int slot);
-  // `slot` holds exactly these blocks (a snapshot): ClearWorker + Store.
-  absl::Status ReplaceWorker(int slot, absl::Span<const uint64_t> hashes);
+  // Where a worker holds a block (the KV event's tier): its KV pool, or the host-memory
+  // or disk tier below it (common/worker/kv_tiers.h). A slot holds a block when any of
+  // its tiers does; overlaps count blocks held in any tier, and Split tells how many of
+  // them sit in each (the scheduler prices a lower-tier hit between a pool hit and a
+  // recompute).
+  enum Tier : int { kPool = 0, kHost = 1, kDisk = 2 };
+  static constexpr int kNumTiers = 3;
 
-  // Number of blocks `slot` holds (0 for a slot out of range).
+  // `slot` now holds these blocks in `tier` (a `stored` event). Hashes it already holds
+  // there are ignored.
+  absl::Status Store(int slot, absl::Span<const uint64_t> hashes, Tier tier = kPool);
+  // `slot` no longer holds these blocks in `tier` (a `removed` event). Hashes it does not
+  // hold are ignored: events may race a snapshot, and a missing block is already the
+  // desired state.
+  absl::Status Remove(int slot, absl::Span<const uint64_t> hashes, Tier tier = kPool);
+  // Forgets the blocks `slot` holds in `tier` (a `cleared` event: the pool's).
+  absl::Status ClearTier(int slot, Tier tier);
+  // Forgets every block of `slot` in every tier (the worker died or restarted).
+  absl::Status ClearWorker(int slot);
+  // `slot` holds exactly these blocks (a snapshot): ClearWorker + Store per tier.
+  absl::Status ReplaceWorker(int slot, absl::Span<const uint64_t> pool,
+                             absl::Span<const uint64_t> host = {},
+                             absl::Span<const uint64_t> disk = {});
+
+  // Number of blocks `slot` holds in any tier (0 for a slot out of range).
   int64_t blocks(int slot) const;
+  // Number of blocks `slot` holds in `tier`.
+  int64_t tier_blocks(int slot, Tier tier) const;
+  // Of the first `overlap` blocks of prompt_hashes (which `slot` holds, e.g. its overlap),
+  // how many it holds in its pool, and of the others how many in the host tier (the rest:
+  // on disk). O(overlap) probes of the slot's own table, none when the slot has nothing
+  // below its pool.
+  struct TierSplit {
+    int32_t pool = 0;
+    int32_t host = 0;
+    int32_t disk = 0;
+  };
+  TierSplit Split(int slot, absl::Span<const uint64_t> prompt_hashes, int32_t overlap) const;
   // Number of distinct hashes held by any worker.
   size_t size() const { return holders_.size(); }
   // Number of (slot, hash) pairs: the sum of blocks() over all slots.
@@ -194,9 +221,11 @@ class PrefixIndex {
   // Width of the holder bitmaps: enough words for every slot that ever held a block.
   uint32_t words_ = 1;
   absl::flat_hash_map<uint64_t, HolderSet> holders_;
-  // Per-slot hash sets (grown to the highest slot used), so a worker's blocks can be
-  // counted and dropped without scanning the whole table.
-  std::vector<absl::flat_hash_set<uint64_t>> by_slot_;
+  // Per-slot tables hash -> bit mask of the tiers holding it (grown to the highest slot
+  // used), so a worker's blocks can be counted and dropped without scanning the whole
+  // table; and per slot the blocks of each tier.
+  std::vector<absl::flat_hash_map<uint64_t, uint8_t>> by_slot_;
+  std::vector<std::array<int64_t, kNumTiers>> tier_count_;
   int64_t held_ = 0;
 };
 

@@ -91,6 +91,22 @@ bool IsExcluded(absl::Span<const int> excluded, int slot) {
   return std::find(excluded.begin(), excluded.end(), slot) != excluded.end();
 }
 
+PrefixIndex::TierSplit AllInPool(int, int32_t overlap) {
+  PrefixIndex::TierSplit s;
+  s.pool = overlap;
+  return s;
+}
+
+// The recompute-equivalent blocks a worker still costs: the blocks it does not hold, plus
+// the priced lower-tier ones. Pool-only overlaps give exactly (prompt_blocks - overlap).
+double MissingBlocks(const SchedulerOptions& o, int64_t prompt_blocks, int32_t overlap,
+                     const PrefixIndex::TierSplit& split) {
+  double missing = static_cast<double>(prompt_blocks - overlap);
+  if (split.host > 0) missing += o.host_hit_cost * split.host;
+  if (split.disk > 0) missing += o.disk_hit_cost * split.disk;
+  return missing;
+}
+
 }  // namespace
 
 absl::Status Validate(const SchedulerOptions& o) {
@@ -102,6 +118,13 @@ absl::Status Validate(const SchedulerOptions& o) {
   s.Update(CheckNonNegative("local_prefill_max_tokens", o.local_prefill_max_tokens));
   s.Update(CheckNonNegative("local_prefill_max_ratio", o.local_prefill_max_ratio));
   s.Update(CheckNonNegative("decode_max_load_ratio", o.decode_max_load_ratio));
+  s.Update(CheckNonNegative("host_hit_cost", o.host_hit_cost));
+  s.Update(CheckNonNegative("disk_hit_cost", o.disk_hit_cost));
+  if (s.ok() && (o.host_hit_cost > 1 || o.disk_hit_cost > 1)) {
+    s = absl::InvalidArgumentError(
+        absl::StrCat("SchedulerOptions.host_hit_cost and disk_hit_cost must be in [0, 1], got ",
+                     o.host_hit_cost, " and ", o.disk_hit_cost));
+  }
   if (s.ok() && o.decode_max_load_ratio > 0 && o.decode_max_load_ratio < 1) {
     s = absl::InvalidArgumentError(
         absl::StrCat("SchedulerOptions.decode_max_load_ratio must be 0 (off) or >= 1, got ",
@@ -115,6 +138,16 @@ absl::StatusOr<RouteDecision> ChooseRoute(const SchedulerOptions& options, int64
                                           absl::Span<const WorkerLoadView> decode_workers,
                                           absl::Span<const WorkerLoadView> prefill_workers,
                                           absl::Span<const int> excluded_decode_slots) {
+  return ChooseRoute(options, prompt_tokens, block_size, overlaps, decode_workers, prefill_workers,
+                     excluded_decode_slots, AllInPool);
+}
+
+absl::StatusOr<RouteDecision> ChooseRoute(const SchedulerOptions& options, int64_t prompt_tokens,
+                                          int block_size, absl::Span<const int32_t> overlaps,
+                                          absl::Span<const WorkerLoadView> decode_workers,
+                                          absl::Span<const WorkerLoadView> prefill_workers,
+                                          absl::Span<const int> excluded_decode_slots,
+                                          TierSplitFn split) {
   if (absl::Status s = Validate(options); !s.ok()) return s;
   if (absl::Status s = CheckPrompt(prompt_tokens, block_size); !s.ok()) return s;
   for (const auto* list : {&decode_workers, &prefill_workers}) {
@@ -137,7 +170,12 @@ absl::StatusOr<RouteDecision> ChooseRoute(const SchedulerOptions& options, int64
   };
 
   RouteDecision d;
-  for (int32_t v : overlaps) d.max_overlap_blocks = std::max(d.max_overlap_blocks, clamp(v));
+  for (size_t i = 0; i < overlaps.size(); ++i) {
+    if (clamp(overlaps[i]) > d.max_overlap_blocks) {
+      d.max_overlap_blocks = clamp(overlaps[i]);
+      d.max_overlap_split = split(static_cast<int>(i), d.max_overlap_blocks);
+    }
+  }
 
   // ---- Decode worker.
   int64_t load_sum = 0;
@@ -149,7 +187,9 @@ absl::StatusOr<RouteDecision> ChooseRoute(const SchedulerOptions& options, int64
     Candidate c;
     c.worker = &w;
     c.overlap = overlap_of(w.slot);
-    c.cost = options.overlap_weight * static_cast<double>(prompt_blocks - c.overlap) +
+    c.cost = options.overlap_weight *
+                 MissingBlocks(options, prompt_blocks, c.overlap,
+                               c.overlap > 0 ? split(w.slot, c.overlap) : AllInPool(0, 0)) +
              static_cast<double>(w.active_blocks);
     const bool over = static_cast<double>(w.active_blocks) > load_limit;
     (DecodeBusy(options, w) || over ? busy : idle).Offer(c);
@@ -162,6 +202,7 @@ absl::StatusOr<RouteDecision> ChooseRoute(const SchedulerOptions& options, int64
   }
   const Candidate& dc = idle.found ? idle.c : busy.c;
   // ---- Local or remote prefill.
+  if (dc.overlap > 0) d.decode_split = split(dc.worker->slot, dc.overlap);
   if (SetDecodeAndPrefillLocally(options, dc.worker->slot, dc.overlap, prompt_tokens, block_size,
                                  &d)) {
     return d;
@@ -173,13 +214,16 @@ absl::StatusOr<RouteDecision> ChooseRoute(const SchedulerOptions& options, int64
     Candidate c;
     c.worker = &w;
     c.overlap = overlap_of(w.slot);
-    c.cost = options.overlap_weight * static_cast<double>(prompt_blocks - c.overlap) +
+    c.cost = options.overlap_weight *
+                 MissingBlocks(options, prompt_blocks, c.overlap,
+                               c.overlap > 0 ? split(w.slot, c.overlap) : AllInPool(0, 0)) +
              static_cast<double>(w.queued_prefill_tokens) / static_cast<double>(block_size);
     p.Offer(c);
   }
   if (p.found) {  // otherwise no P is usable: D prefills locally
     d.prefill_slot = p.c.worker->slot;
     d.prefill_overlap_blocks = p.c.overlap;
+    if (p.c.overlap > 0) d.prefill_split = split(p.c.worker->slot, p.c.overlap);
   }
   return d;
 }
@@ -273,6 +317,16 @@ absl::StatusOr<RouteDecision> ChooseRouteFast(const SchedulerOptions& options,
                                               const OverlapResult& overlaps,
                                               const FleetOrder& fleet,
                                               absl::Span<const int> excluded_decode_slots) {
+  return ChooseRouteFast(options, prompt_tokens, block_size, overlaps, fleet, excluded_decode_slots,
+                         AllInPool);
+}
+
+absl::StatusOr<RouteDecision> ChooseRouteFast(const SchedulerOptions& options,
+                                              int64_t prompt_tokens, int block_size,
+                                              const OverlapResult& overlaps,
+                                              const FleetOrder& fleet,
+                                              absl::Span<const int> excluded_decode_slots,
+                                              TierSplitFn split) {
   if (absl::Status s = Validate(options); !s.ok()) return s;
   if (absl::Status s = CheckPrompt(prompt_tokens, block_size); !s.ok()) return s;
   if (!fleet.SameBusyRule(options)) {
@@ -287,11 +341,16 @@ absl::StatusOr<RouteDecision> ChooseRouteFast(const SchedulerOptions& options,
   const double w = options.overlap_weight;
   const double bs = static_cast<double>(block_size);
   // The same expressions as ChooseRoute's, so that equal inputs give bit-equal costs.
-  auto decode_cost = [&](int32_t overlap, int64_t active) {
-    return w * static_cast<double>(prompt_blocks - overlap) + static_cast<double>(active);
+  // slot < 0: the lower bound of an unlisted worker (overlap `bound`, all in its pool).
+  auto missing = [&](int slot, int32_t overlap) {
+    return MissingBlocks(options, prompt_blocks, overlap,
+                         overlap > 0 && slot >= 0 ? split(slot, overlap) : AllInPool(0, 0));
   };
-  auto prefill_cost = [&](int32_t overlap, int64_t queued) {
-    return w * static_cast<double>(prompt_blocks - overlap) + static_cast<double>(queued) / bs;
+  auto decode_cost = [&](int slot, int32_t overlap, int64_t active) {
+    return w * missing(slot, overlap) + static_cast<double>(active);
+  };
+  auto prefill_cost = [&](int slot, int32_t overlap, int64_t queued) {
+    return w * missing(slot, overlap) + static_cast<double>(queued) / bs;
   };
   auto candidate = [](const Key& k, int32_t overlap, double cost) {
     return FastCandidate{k.slot, overlap, cost, k.running, k.last_chosen};
@@ -331,6 +390,22 @@ absl::StatusOr<RouteDecision> ChooseRouteFast(const SchedulerOptions& options,
 
   RouteDecision d;
   d.max_overlap_blocks = clamp(overlaps.max());
+  if (d.max_overlap_blocks > 0) {  // a worker holding the longest prefix: listed, or deepest level
+    int argmax = -1;
+    for (const OverlapResult::Listed& l : overlaps.listed()) {
+      if (clamp(l.overlap) == d.max_overlap_blocks) {
+        argmax = l.slot;
+        break;
+      }
+    }
+    for (int i = overlaps.num_levels() - 1; argmax < 0 && i >= 0; --i) {
+      const absl::Span<const uint64_t> bits = overlaps.level_bits(i);
+      for (size_t w = 0; w < bits.size() && argmax < 0; ++w) {
+        if (bits[w] != 0) argmax = static_cast<int>(w * 64 + __builtin_ctzll(bits[w]));
+      }
+    }
+    if (argmax >= 0) d.max_overlap_split = split(argmax, d.max_overlap_blocks);
+  }
 
   // ---- Decode worker.
   // Over the balance guard's limit counts as busy. Along the order the non-busy workers
@@ -343,11 +418,11 @@ absl::StatusOr<RouteDecision> ChooseRouteFast(const SchedulerOptions& options,
     if (e == nullptr || !e->decode || IsExcluded(excluded_decode_slots, l.slot)) continue;
     const int32_t ov = clamp(l.overlap);
     (e->key.busy || over(e->key) ? busy : idle)
-        .Offer(candidate(e->key, ov, decode_cost(ov, e->key.load)));
+        .Offer(candidate(e->key, ov, decode_cost(l.slot, ov, e->key.load)));
   }
   {
-    auto lower = [&](const Key& k) { return decode_cost(bound, k.load); };
-    auto cost = [&](int32_t ov, const Key& k) { return decode_cost(ov, k.load); };
+    auto lower = [&](const Key& k) { return decode_cost(-1, bound, k.load); };
+    auto cost = [&](int32_t ov, const Key& k) { return decode_cost(k.slot, ov, k.load); };
     auto excluded = [&](const Key& k) { return IsExcluded(excluded_decode_slots, k.slot); };
     const auto& set = fleet.decode_;
     const auto split = set.lower_bound(Key{true, std::numeric_limits<int64_t>::min(),
@@ -375,6 +450,7 @@ absl::StatusOr<RouteDecision> ChooseRouteFast(const SchedulerOptions& options,
   }
   const FastCandidate& dc = idle.found ? idle.c : busy.c;
   // ---- Local or remote prefill (the same rule as ChooseRoute's).
+  if (dc.overlap > 0) d.decode_split = split(dc.slot, dc.overlap);
   if (SetDecodeAndPrefillLocally(options, dc.slot, dc.overlap, prompt_tokens, block_size, &d)) {
     return d;
   }
@@ -384,17 +460,18 @@ absl::StatusOr<RouteDecision> ChooseRouteFast(const SchedulerOptions& options,
     const FleetOrder::Worker* e = fleet.Get(l.slot);
     if (e == nullptr || e->decode || e->key.load > options.prefill_max_queued_tokens) continue;
     const int32_t ov = clamp(l.overlap);
-    p.Offer(candidate(e->key, ov, prefill_cost(ov, e->key.load)));
+    p.Offer(candidate(e->key, ov, prefill_cost(l.slot, ov, e->key.load)));
   }
   // Queued tokens ascend along the order: the first worker over the limit ends the walk.
   walk(
       fleet.prefill_, fleet.prefill_.begin(), fleet.prefill_.end(), p,
-      [&](const Key& k) { return prefill_cost(bound, k.load); },
-      [&](int32_t ov, const Key& k) { return prefill_cost(ov, k.load); },
+      [&](const Key& k) { return prefill_cost(-1, bound, k.load); },
+      [&](int32_t ov, const Key& k) { return prefill_cost(k.slot, ov, k.load); },
       [&](const Key& k) { return k.load > options.prefill_max_queued_tokens; }, never);
   if (p.found) {  // otherwise no P is usable: D prefills locally
     d.prefill_slot = p.c.slot;
     d.prefill_overlap_blocks = p.c.overlap;
+    if (p.c.overlap > 0) d.prefill_split = split(p.c.slot, p.c.overlap);
   }
   return d;
 }

@@ -6,7 +6,11 @@
 // unit-tested by hand.
 //
 // Decode worker D:
-//   cost(w) = overlap_weight x (prompt_blocks - overlap(w)) + active_blocks(w)
+//   cost(w) = overlap_weight x (prompt_blocks - overlap(w) + tier_cost(w)) + active_blocks(w)
+// where overlap(w) counts the leading prompt blocks w holds in any tier of its KV cache,
+// and tier_cost(w) = host_hit_cost x (those in its host-memory tier only) + disk_hit_cost x
+// (those on its disk only): a lower-tier hit is cheaper than a recompute (cost 1 per
+// block) and dearer than a pool hit (0), since the blocks must be copied back up first.
 // lowest cost wins. Workers over their busy threshold (active_blocks / num_blocks >
 // decode_busy_threshold, or waiting > decode_max_waiting, or active_blocks >
 // decode_max_load_ratio x the mean active_blocks of the decode workers when that guard is
@@ -16,7 +20,8 @@
 // a request that was already admitted.
 //
 // Prefill worker P (only when the prefill is remote):
-//   cost(p) = overlap_weight x (prompt_blocks - overlap(p)) + queued_prefill_tokens(p) / block_size
+//   cost(p) = overlap_weight x (prompt_blocks - overlap(p) + tier_cost(p))
+//             + queued_prefill_tokens(p) / block_size
 // skipping workers with queued_prefill_tokens > prefill_max_queued_tokens. Unlike D, a
 // busy P is never chosen: D can always prefill locally instead.
 //
@@ -39,6 +44,7 @@
 #include <vector>
 
 #include "absl/container/btree_set.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
@@ -64,6 +70,13 @@ struct SchedulerOptions {
   // affinity (a high overlap_weight) cannot pile requests onto the workers that hold
   // popular prefixes. router_sim measures the trade-off (docs/benchmarks.md).
   double decode_max_load_ratio = 0;
+  // What a block held only in a worker's host-memory tier / only on its disk tier costs,
+  // as a fraction of recomputing it (0: as good as a pool hit; 1: no better than a miss).
+  // In [0, 1]. The defaults come from kv_tier_bench (docs/benchmarks.md): reloading a
+  // block from host memory took ~1/20 of prefilling its 16 tokens on the CPU, from disk
+  // (page cache warm) ~1/8; the disk default leaves room for a cold read.
+  double host_hit_cost = 0.05;
+  double disk_hit_cost = 0.2;
 };
 
 // INVALID_ARGUMENT naming the first bad option: every number must be finite and >= 0.
@@ -81,6 +94,10 @@ struct WorkerLoadView {
   uint64_t last_chosen = 0;           // router counter value when last chosen; smaller = longer ago
 };
 
+// How the first `overlap` blocks of the prompt that `slot` holds are split over its
+// tiers (PrefixIndex::Split); the scheduler prices the lower-tier ones.
+using TierSplitFn = absl::FunctionRef<PrefixIndex::TierSplit(int slot, int32_t overlap)>;
+
 struct RouteDecision {
   int decode_slot = -1;
   int prefill_slot = -1;               // -1: D prefills locally
@@ -91,6 +108,10 @@ struct RouteDecision {
   // token is always computed to produce the first output token.
   int64_t uncached_tokens = 0;
   int32_t max_overlap_blocks = 0;  // longest prefix held anywhere in the fleet
+  // decode_overlap_blocks / prefill_overlap_blocks by tier.
+  PrefixIndex::TierSplit decode_split;
+  PrefixIndex::TierSplit prefill_split;
+  PrefixIndex::TierSplit max_overlap_split;  // of a worker holding max_overlap_blocks
 };
 
 // Chooses D, and P or local prefill, for a prompt of `prompt_tokens` tokens split into
@@ -102,11 +123,18 @@ struct RouteDecision {
 // not considered.
 // Errors: INVALID_ARGUMENT for bad options, prompt_tokens <= 0, block_size <= 0 or a
 // negative worker slot; UNAVAILABLE when no decode worker is left to choose.
+// `split` tells where a worker holds its overlap (without it: all in the pool).
 absl::StatusOr<RouteDecision> ChooseRoute(const SchedulerOptions& options, int64_t prompt_tokens,
                                           int block_size, absl::Span<const int32_t> overlaps,
                                           absl::Span<const WorkerLoadView> decode_workers,
                                           absl::Span<const WorkerLoadView> prefill_workers,
                                           absl::Span<const int> excluded_decode_slots);
+absl::StatusOr<RouteDecision> ChooseRoute(const SchedulerOptions& options, int64_t prompt_tokens,
+                                          int block_size, absl::Span<const int32_t> overlaps,
+                                          absl::Span<const WorkerLoadView> decode_workers,
+                                          absl::Span<const WorkerLoadView> prefill_workers,
+                                          absl::Span<const int> excluded_decode_slots,
+                                          TierSplitFn split);
 
 // ---- The same decision for large fleets -------------------------------------------------
 //
@@ -153,7 +181,7 @@ class FleetOrder {
  private:
   friend absl::StatusOr<RouteDecision> ChooseRouteFast(const SchedulerOptions&, int64_t, int,
                                                        const OverlapResult&, const FleetOrder&,
-                                                       absl::Span<const int>);
+                                                       absl::Span<const int>, TierSplitFn);
   struct Key {
     bool busy = false;
     int64_t load = 0;
@@ -183,10 +211,18 @@ class FleetOrder {
 // ChooseRoute's decision for the workers in `fleet` with the overlaps in `overlaps`
 // (PrefixIndex::Overlaps of the prompt's block hashes). Errors as ChooseRoute's, plus
 // FAILED_PRECONDITION when options' busy rule is not the fleet order's.
+// With `split`, lower-tier hits are priced as in ChooseRoute: tier costs only add to a
+// worker's cost, so the bound of the walk (overlap <= the deepest level) still holds.
 absl::StatusOr<RouteDecision> ChooseRouteFast(const SchedulerOptions& options,
                                               int64_t prompt_tokens, int block_size,
                                               const OverlapResult& overlaps,
                                               const FleetOrder& fleet,
                                               absl::Span<const int> excluded_decode_slots);
+absl::StatusOr<RouteDecision> ChooseRouteFast(const SchedulerOptions& options,
+                                              int64_t prompt_tokens, int block_size,
+                                              const OverlapResult& overlaps,
+                                              const FleetOrder& fleet,
+                                              absl::Span<const int> excluded_decode_slots,
+                                              TierSplitFn split);
 
 }  // namespace kvrelay::router

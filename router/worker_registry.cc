@@ -196,15 +196,19 @@ bool WorkerRegistry::OnEvents(uint64_t conn, const v1::KvEventBatchMsg& batch, a
   }
   for (const v1::KvEventMsg& ev : batch.events()) {
     absl::Span<const uint64_t> hashes(ev.hashes().data(), ev.hashes().size());
-    switch (ev.type()) {
+    PrefixIndex::Tier tier = PrefixIndex::kPool;
+    if (ev.tier() == v1::KV_TIER_HOST) tier = PrefixIndex::kHost;
+    if (ev.tier() == v1::KV_TIER_DISK) tier = PrefixIndex::kDisk;
+    const bool known_tier = ev.tier() == v1::KV_TIER_POOL || tier != PrefixIndex::kPool;
+    switch (known_tier ? ev.type() : v1::KvEventMsg::TYPE_UNSPECIFIED) {
       case v1::KvEventMsg::TYPE_STORED:
-        (void)index_.Store(slot, hashes);
+        (void)index_.Store(slot, hashes, tier);
         break;
       case v1::KvEventMsg::TYPE_REMOVED:
-        (void)index_.Remove(slot, hashes);
+        (void)index_.Remove(slot, hashes, tier);
         break;
       case v1::KvEventMsg::TYPE_CLEARED:
-        (void)index_.ClearWorker(slot);
+        (void)index_.ClearTier(slot, tier);
         break;
       default:
         break;  // a newer worker's event type: ignore it
@@ -224,8 +228,11 @@ void WorkerRegistry::OnSnapshot(uint64_t conn, const v1::KvSnapshotMsg& snapshot
   if (e == nullptr) return;
   const int slot = by_conn_[conn];
   if (snapshot.incarnation() != e->reg.incarnation()) return;  // not the registered pool
-  (void)index_.ReplaceWorker(
-      slot, absl::Span<const uint64_t>(snapshot.hashes().data(), snapshot.hashes().size()));
+  auto span = [](const google::protobuf::RepeatedField<uint64_t>& f) {
+    return absl::Span<const uint64_t>(f.data(), f.size());
+  };
+  (void)index_.ReplaceWorker(slot, span(snapshot.hashes()), span(snapshot.host_hashes()),
+                             span(snapshot.disk_hashes()));
   e->synced = true;
   e->snapshot_requested = false;
   e->applied_seq = snapshot.seq();
@@ -295,14 +302,18 @@ absl::StatusOr<RouteDecision> WorkerRegistry::Route(const SchedulerOptions& opti
   // Per thread, so concurrent decisions under the reader lock reuse their own buffers.
   thread_local OverlapResult overlaps;
   absl::ReaderMutexLock l(&mu_);
+  auto split = [&](int slot, int32_t overlap) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return index_.Split(slot, prompt_hashes, overlap);  // (under the reader lock)
+  };
   if (!fleet_.SameBusyRule(options)) {
     // The load order was built for another busy rule: decide over a copy of the fleet.
     const FleetView v = ViewLocked(prompt_hashes);
     return ChooseRoute(options, prompt_tokens, options_.block_size, v.overlaps, v.decode, v.prefill,
-                       excluded);
+                       excluded, split);
   }
   index_.Overlaps(prompt_hashes, &overlaps);
-  return ChooseRouteFast(options, prompt_tokens, options_.block_size, overlaps, fleet_, excluded);
+  return ChooseRouteFast(options, prompt_tokens, options_.block_size, overlaps, fleet_, excluded,
+                         split);
 }
 
 FleetView WorkerRegistry::View(absl::Span<const uint64_t> prompt_hashes) const {

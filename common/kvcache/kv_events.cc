@@ -8,14 +8,27 @@
 
 namespace kvrelay::kvcache {
 
+const char* KvTierName(KvTier tier) {
+  switch (tier) {
+    case KvTier::kPool:
+      return "pool";
+    case KvTier::kHost:
+      return "host";
+    case KvTier::kDisk:
+      return "disk";
+  }
+  return "?";
+}
+
 std::string DebugString(const KvEvent& e) {
+  const std::string tier = e.tier == KvTier::kPool ? "" : absl::StrCat(KvTierName(e.tier), " ");
   switch (e.type) {
     case KvEvent::Type::kStored:
-      return absl::StrCat("#", e.seq, " stored(",
+      return absl::StrCat("#", e.seq, " ", tier, "stored(",
                           e.parent_hash ? absl::StrCat(*e.parent_hash) : std::string("root"), ", [",
                           absl::StrJoin(e.hashes, ","), "])");
     case KvEvent::Type::kRemoved:
-      return absl::StrCat("#", e.seq, " removed([", absl::StrJoin(e.hashes, ","), "])");
+      return absl::StrCat("#", e.seq, " ", tier, "removed([", absl::StrJoin(e.hashes, ","), "])");
     case KvEvent::Type::kCleared:
       return absl::StrCat("#", e.seq, " cleared");
   }
@@ -55,6 +68,8 @@ bool KvEventReplica::Apply(const KvEventBatch& batch) {
     if (batch.events[i].seq != batch.events[i - 1].seq + 1) return false;
   }
   for (const KvEvent& e : batch.events) {
+    next_seq_ = e.seq + 1;
+    if (e.tier != KvTier::kPool) continue;
     switch (e.type) {
       case KvEvent::Type::kStored:
         hashes_.insert(e.hashes.begin(), e.hashes.end());
@@ -66,14 +81,15 @@ bool KvEventReplica::Apply(const KvEventBatch& batch) {
         hashes_.clear();
         break;
     }
-    next_seq_ = e.seq + 1;
   }
   return true;
 }
 
 void KvEventReplica::ApplySnapshot(const KvSnapshot& snapshot) {
   hashes_.clear();
-  for (const CachedBlockInfo& b : snapshot.blocks) hashes_.insert(b.hash);
+  for (const CachedBlockInfo& b : snapshot.blocks) {
+    if (b.tier == KvTier::kPool) hashes_.insert(b.hash);
+  }
   incarnation_ = snapshot.incarnation;
   next_seq_ = snapshot.seq + 1;
   synced_ = true;

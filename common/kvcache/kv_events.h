@@ -3,6 +3,9 @@
 //                                  (no parent: the chain starts at the root);
 //   removed(hashes[])              blocks evicted;
 //   cleared                        everything forgotten.
+// Each event names the tier it is about (DESIGN §3; common/worker/kv_tiers.h): the primary
+// pool, or the host-memory and disk tiers that evicted blocks are copied down to. A
+// `cleared` event is about the pool only.
 // Every event carries a per-pool sequence number (1, 2, ...) and the pool's
 // incarnation id (new on every start). The EventLog keeps the latest events in a
 // bounded ring; a reader that asks for events the log no longer holds is told to take
@@ -20,9 +23,16 @@
 
 namespace kvrelay::kvcache {
 
+// Where a cached block lives. kPool: the worker's primary KV pool (device memory with a
+// GPU); kHost, kDisk: the lower tiers.
+enum class KvTier { kPool = 0, kHost = 1, kDisk = 2 };
+inline constexpr int kNumKvTiers = 3;
+const char* KvTierName(KvTier tier);  // "pool", "host", "disk"
+
 struct KvEvent {
   enum class Type { kStored, kRemoved, kCleared };
   Type type = Type::kStored;
+  KvTier tier = KvTier::kPool;
   uint64_t seq = 0;
   std::optional<uint64_t> parent_hash;  // kStored only
   std::vector<uint64_t> hashes;         // kStored, kRemoved
@@ -42,13 +52,14 @@ struct KvEventBatch {
 struct CachedBlockInfo {
   uint64_t hash = 0;
   std::optional<uint64_t> parent_hash;
+  KvTier tier = KvTier::kPool;
 };
 
 // Every cached block, consistent with the event stream up to and including `seq`.
 struct KvSnapshot {
   uint64_t incarnation = 0;
-  uint64_t seq = 0;  // the last event reflected; resume reading at seq + 1
-  std::vector<CachedBlockInfo> blocks;
+  uint64_t seq = 0;                     // the last event reflected; resume reading at seq + 1
+  std::vector<CachedBlockInfo> blocks;  // a hash in several tiers is listed once per tier
 };
 
 // Bounded event log. Not thread-safe (PrefixCache serialises access).
@@ -71,7 +82,8 @@ class KvEventLog {
   std::deque<KvEvent> events_;  // seqs next_seq_ - size() .. next_seq_ - 1
 };
 
-// One reader's copy of a pool's cached hashes, kept by applying events.
+// One reader's copy of a pool's cached hashes (the pool tier's; events and snapshot
+// entries of the lower tiers are skipped), kept by applying events.
 class KvEventReplica {
  public:
   // Applies a batch. Returns false, changing nothing, when the batch says need_snapshot,

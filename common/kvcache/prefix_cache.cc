@@ -95,13 +95,30 @@ absl::StatusOr<std::vector<int32_t>> PrefixCache::Allocate(int64_t n, int32_t hi
 
 void PrefixCache::Store(std::optional<uint64_t> parent, absl::Span<const int32_t> blocks,
                         absl::Span<const uint64_t> hashes, absl::Span<const int32_t> tokens) {
-  absl::MutexLock l(&mu_);
+  std::vector<StoredRun> runs;  // for the listener, called once the lock is released
+  {
+    absl::MutexLock l(&mu_);
+    StoreLocked(parent, blocks, hashes, tokens, listener_ ? &runs : nullptr);
+  }
+  for (const StoredRun& r : runs) listener_(r);
+}
+
+void PrefixCache::StoreLocked(std::optional<uint64_t> parent, absl::Span<const int32_t> blocks,
+                              absl::Span<const uint64_t> hashes, absl::Span<const int32_t> tokens,
+                              std::vector<StoredRun>* runs) {
   const size_t B = static_cast<size_t>(block_size_);
   const size_t n = std::min({blocks.size(), hashes.size(), tokens.size() / B});
   KvEvent run;  // the current run of newly cached blocks
+  StoredRun stored;
   auto flush = [&] {
     if (run.hashes.empty()) return;
     run.type = KvEvent::Type::kStored;
+    if (runs != nullptr) {
+      stored.parent = run.parent_hash;
+      stored.hashes = run.hashes;
+      runs->push_back(std::move(stored));
+      stored = StoredRun();
+    }
     log_.Append(std::move(run));
     run = KvEvent();
   };
@@ -121,10 +138,56 @@ void PrefixCache::Store(std::optional<uint64_t> parent, absl::Span<const int32_t
       std::copy(tokens.begin() + i * B, tokens.begin() + (i + 1) * B,
                 tokens_.begin() + static_cast<size_t>(b) * B);
       alloc_.SetCached(b, true);
+      if (runs != nullptr) {
+        stored.blocks.push_back(b);
+        stored.tokens.insert(stored.tokens.end(), tokens.begin() + i * B,
+                             tokens.begin() + (i + 1) * B);
+      }
     }
     prev = h;
   }
   flush();
+}
+
+void PrefixCache::Ref(absl::Span<const int32_t> blocks) {
+  absl::MutexLock l(&mu_);
+  for (int32_t b : blocks) alloc_.Ref(b);
+}
+
+void PrefixCache::SetStoreListener(StoreListener listener) { listener_ = std::move(listener); }
+
+absl::Status PrefixCache::RecordTierEvent(KvTier tier, KvEvent::Type type,
+                                          std::optional<uint64_t> parent,
+                                          absl::Span<const uint64_t> hashes) {
+  if (tier == KvTier::kPool || type == KvEvent::Type::kCleared) {
+    return absl::InvalidArgumentError(
+        "prefix cache: tier events are stored/removed events of the host or disk tier");
+  }
+  if (hashes.empty()) return absl::OkStatus();
+  absl::MutexLock l(&mu_);
+  auto& held = tier_blocks_[static_cast<int>(tier)];
+  KvEvent e;
+  e.type = type;
+  e.tier = tier;
+  if (type == KvEvent::Type::kStored) {
+    e.parent_hash = parent;
+    std::optional<uint64_t> prev = parent;
+    for (uint64_t h : hashes) {
+      held[h] = prev;
+      prev = h;
+    }
+  } else {
+    for (uint64_t h : hashes) held.erase(h);
+  }
+  e.hashes.assign(hashes.begin(), hashes.end());
+  log_.Append(std::move(e));
+  return absl::OkStatus();
+}
+
+int64_t PrefixCache::tier_blocks(KvTier tier) const {
+  absl::ReaderMutexLock l(&mu_);
+  if (tier == KvTier::kPool) return static_cast<int64_t>(by_hash_.size());
+  return static_cast<int64_t>(tier_blocks_[static_cast<int>(tier)].size());
 }
 
 void PrefixCache::Release(absl::Span<const int32_t> blocks) {
@@ -173,6 +236,15 @@ KvSnapshot PrefixCache::Snapshot() const {
     info.hash = h;
     if (has_parent_[b]) info.parent_hash = parent_[b];
     s.blocks.push_back(info);
+  }
+  for (KvTier tier : {KvTier::kHost, KvTier::kDisk}) {
+    for (const auto& [h, parent] : tier_blocks_[static_cast<int>(tier)]) {
+      CachedBlockInfo info;
+      info.hash = h;
+      info.parent_hash = parent;
+      info.tier = tier;
+      s.blocks.push_back(info);
+    }
   }
   return s;
 }

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <vector>
 
@@ -22,6 +23,14 @@ namespace kvrelay::kvcache {
 struct PrefixCacheCounts : BlockCounts {
   int64_t cached = 0;   // blocks with a hash (in use or cached-free)
   int64_t evicted = 0;  // cached blocks evicted to make room, since creation (cumulative)
+};
+
+// Blocks that one Store call newly cached, a chain continuing `parent`.
+struct StoredRun {
+  std::optional<uint64_t> parent;
+  std::vector<int32_t> blocks;
+  std::vector<uint64_t> hashes;
+  std::vector<int32_t> tokens;  // blocks.size() x block_size
 };
 
 class PrefixCache {
@@ -62,6 +71,25 @@ class PrefixCache {
   void Store(std::optional<uint64_t> parent, absl::Span<const int32_t> blocks,
              absl::Span<const uint64_t> hashes, absl::Span<const int32_t> tokens);
 
+  // +1 reference on each block (blocks the caller already holds: e.g. the tier store pins
+  // the blocks a StoreListener reports while it copies them down). Release drops it.
+  void Ref(absl::Span<const int32_t> blocks);
+
+  // Called, on the thread that called Store and after the cache's lock is released, with
+  // the runs of blocks each Store newly cached (while the caller still holds them). Set
+  // once, before the cache is used (the lower tiers' offload hook; null: none).
+  using StoreListener = std::function<void(const StoredRun&)>;
+  void SetStoreListener(StoreListener listener);
+
+  // A lower tier (host, disk) now holds (kStored) or no longer holds (kRemoved) these
+  // blocks: the event joins the pool's stream, and snapshots list the tier's blocks.
+  // `parent` is the chain parent of hashes[0] (kStored; each later hash's parent is the
+  // one before it). INVALID_ARGUMENT for the pool tier or a kCleared event.
+  absl::Status RecordTierEvent(KvTier tier, KvEvent::Type type, std::optional<uint64_t> parent,
+                               absl::Span<const uint64_t> hashes);
+  // Blocks a tier holds as its events said (the pool: cached blocks).
+  int64_t tier_blocks(KvTier tier) const;
+
   // Drops one reference on each block, last first (a sequence's tail is evicted before
   // its head). Cached blocks stay reusable; others become free.
   void Release(absl::Span<const int32_t> blocks);
@@ -84,6 +112,9 @@ class PrefixCache {
   int64_t LookupLocked(absl::Span<const uint64_t> hashes, absl::Span<const int32_t> tokens,
                        std::vector<int32_t>* hits) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void Uncache(int32_t block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void StoreLocked(std::optional<uint64_t> parent, absl::Span<const int32_t> blocks,
+                   absl::Span<const uint64_t> hashes, absl::Span<const int32_t> tokens,
+                   std::vector<StoredRun>* runs) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const int block_size_;
   const int64_t num_blocks_;
@@ -99,6 +130,10 @@ class PrefixCache {
   std::vector<int32_t> tokens_ ABSL_GUARDED_BY(mu_);  // num_blocks x block_size
   KvEventLog log_ ABSL_GUARDED_BY(mu_);
   int64_t evicted_ ABSL_GUARDED_BY(mu_) = 0;
+  // The lower tiers' blocks as their events said (hash -> chain parent), for snapshots.
+  absl::flat_hash_map<uint64_t, std::optional<uint64_t>> tier_blocks_[kNumKvTiers] ABSL_GUARDED_BY(
+      mu_);
+  StoreListener listener_;  // set before use, then only read
 };
 
 // A random 64-bit id for a pool's incarnation (non-zero).

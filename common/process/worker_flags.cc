@@ -10,6 +10,13 @@ ABSL_FLAG(std::string, model_id, "", "model id in block hashes (default: the fol
 ABSL_FLAG(std::string, listen, "127.0.0.1:0", "host:port to serve on (port 0: any free port)");
 ABSL_FLAG(int64_t, kv_blocks, 0, "KV pool size in blocks (0: use --kv_bytes)");
 ABSL_FLAG(uint64_t, kv_bytes, 0, "KV pool size in bytes (0 with --kv_blocks 0: 4 contexts)");
+ABSL_FLAG(uint64_t, kv_host_bytes, 0,
+          "host-memory KV tier: bytes of host memory that blocks evicted from the pool are copied "
+          "down to and reloaded from on a prefix hit (0: no host tier)");
+ABSL_FLAG(std::string, kv_disk_dir, "",
+          "disk KV tier: a folder of block files (one per block, kept across restarts) that blocks "
+          "the host tier evicts go down to (empty: no disk tier)");
+ABSL_FLAG(uint64_t, kv_disk_bytes, 0, "disk KV tier: bytes of block files kept in --kv_disk_dir");
 ABSL_FLAG(int, block_size, 16, "tokens per KV block (the same on every worker and the router)");
 ABSL_FLAG(std::string, kv_dtype, "f32",
           "KV dtype: f32 | f16 | bf16 | int8 (the same on prefill and decode workers)");
@@ -40,6 +47,9 @@ absl::Status ApplyWorkerFlags(const Process& p, worker::WorkerOptions& o) {
   o.kv.kv_bytes = absl::GetFlag(FLAGS_kv_bytes);
   o.kv.block_size = absl::GetFlag(FLAGS_block_size);
   o.kv.kv_dtype = absl::GetFlag(FLAGS_kv_dtype);
+  o.kv.tiers.host_bytes = absl::GetFlag(FLAGS_kv_host_bytes);
+  o.kv.tiers.disk_dir = absl::GetFlag(FLAGS_kv_disk_dir);
+  o.kv.tiers.disk_bytes = absl::GetFlag(FLAGS_kv_disk_bytes);
   o.device = absl::GetFlag(FLAGS_device);
   o.backend.cuda_split_k_decode = absl::GetFlag(FLAGS_cuda_split_k_decode);
   o.threads = absl::GetFlag(FLAGS_threads);

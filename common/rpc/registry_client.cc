@@ -84,6 +84,7 @@ v1::KvEventBatchMsg ToProto(const kvcache::KvEventBatch& batch) {
   for (const kvcache::KvEvent& e : batch.events) {
     v1::KvEventMsg* p = m.add_events();
     p->set_seq(e.seq);
+    p->set_tier(static_cast<v1::KvTier>(static_cast<int>(e.tier)));
     switch (e.type) {
       case kvcache::KvEvent::Type::kStored:
         p->set_type(v1::KvEventMsg::TYPE_STORED);
@@ -106,7 +107,19 @@ v1::KvSnapshotMsg ToProto(const kvcache::KvSnapshot& snapshot) {
   m.set_incarnation(snapshot.incarnation);
   m.set_seq(snapshot.seq);
   m.mutable_hashes()->Reserve(static_cast<int>(snapshot.blocks.size()));
-  for (const kvcache::CachedBlockInfo& b : snapshot.blocks) m.add_hashes(b.hash);
+  for (const kvcache::CachedBlockInfo& b : snapshot.blocks) {
+    switch (b.tier) {
+      case kvcache::KvTier::kPool:
+        m.add_hashes(b.hash);
+        break;
+      case kvcache::KvTier::kHost:
+        m.add_host_hashes(b.hash);
+        break;
+      case kvcache::KvTier::kDisk:
+        m.add_disk_hashes(b.hash);
+        break;
+    }
+  }
   return m;
 }
 

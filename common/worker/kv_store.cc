@@ -9,7 +9,8 @@
 namespace kvrelay::worker {
 
 absl::StatusOr<KvStore> CreateKvStore(transfer::KvTransport& transport, const model::Model& model,
-                                      const KvStoreOptions& options) {
+                                      const KvStoreOptions& options, const std::string& model_id,
+                                      std::shared_ptr<prometheus::Registry> metrics) {
   if (options.block_size < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("--block-size must be >= 1, got ", options.block_size));
@@ -72,6 +73,12 @@ absl::StatusOr<KvStore> CreateKvStore(transfer::KvTransport& transport, const mo
   co.block_size = options.block_size;
   co.incarnation = kvcache::NewIncarnationId();
   KVR_ASSIGN_OR_RETURN(s.cache, kvcache::PrefixCache::Create(co));
+  if (options.tiers.enabled()) {
+    KvTierOptions to = options.tiers;
+    to.model_id = model_id;
+    to.metrics = std::move(metrics);
+    KVR_ASSIGN_OR_RETURN(s.tiers, KvTierStore::Create(to, s.pool.get(), s.cache.get(), &backend));
+  }
   return s;
 }
 
