@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-build/bench-serving}
 # Which parts to run (all by default), e.g. SECTIONS=shed tools/bench-serving.sh
-SECTIONS=${SECTIONS:-"disagg agg rate shed"}
+SECTIONS=${SECTIONS:-"disagg agg rate shed tiers"}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 BIN=build/bin
 mkdir -p "$OUT"
@@ -94,6 +94,32 @@ for mode in unbounded shedding; do
     --output-len "$OUTLEN" --request-rate 100 --seed 3 --request-timeout 120
   stop_local
 done
+fi
+# Tiered KV cache (issue 19): 24 six-turn conversations, round-robin (every turn resends
+# the whole history), against a decode pool of 192 blocks, ~1/6 of the 1,128 blocks the
+# conversations' KV needs: without tiers the pool has evicted a conversation's history by
+# the time its next turn comes. Tiers off; a host tier holding all of it; a host tier of
+# 256 blocks over a disk tier (the rest goes to disk and comes back from it).
+if want tiers; then
+TIER_DIR=$(mktemp -d /tmp/kvrelay-bench-tiers.XXXXXX)
+for mode in off host host-disk; do
+  flags=(--decode-flag=--kv_blocks=192 --decode-flag=--metrics_listen=127.0.0.1:0)
+  case $mode in
+    host) flags+=(--decode-flag=--kv_host_bytes=$((256 << 20))) ;;
+    host-disk) flags+=(--decode-flag=--kv_host_bytes=$((16 << 20))
+                       --decode-flag=--kv_disk_dir="$TIER_DIR" --decode-flag=--kv_disk_bytes=$((1 << 30))) ;;
+  esac
+  start_local "tiers-$mode" --prefill 0 --decode 1 --threads 2 "${flags[@]}"
+  bench "tiers-$mode" --dataset multi-turn --num-prompts 24 --turns 6 --input-len 96 \
+    --output-len 32 --max-concurrency 2 --seed 1
+  # What the decode worker computed and reused, by tier.
+  mport=$(sed -n 's/^\[decode-0\] METRICS //p' "$OUT/tiers-$mode.local.err" | head -1)
+  curl -s "127.0.0.1:$mport/metrics" |
+    grep -E '^kvrelay_(decode_(prompt|cached)_tokens_total|decode_step_seconds_(sum|count)|kv_tier_(hits_total|blocks|reload_seconds_(sum|count))|kv_evictions_total)' |
+    tee "$OUT/tiers-$mode.metrics.txt"
+  stop_local
+done
+rm -rf "$TIER_DIR"
 fi
 trap - EXIT
 echo "reports in $OUT" >&2
