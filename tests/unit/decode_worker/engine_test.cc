@@ -6,8 +6,10 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/model/generator.h"
+#include "common/worker/kv_tiers.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "prometheus/registry.h"
@@ -179,6 +181,86 @@ TEST_P(EngineTest, SecondRequestReusesThePrefixAndStaysExact) {
   EXPECT_EQ(col.Get("a").tokens, col.Get("b").tokens);
   EXPECT_EQ(col.Get("a").logprobs, col.Get("b").logprobs);
   EXPECT_EQ(col.Get("a").tokens, Reference(m, prompt, p).token_ids);
+}
+
+// Tiered KV cache (issue 19): conversations visited round-robin on a pool far smaller
+// than their histories. With a host tier the evicted history comes back from it instead
+// of being recomputed, and every token and logprob is bit-identical to the run without
+// tiers (reloaded KV is exact). Cancelling requests while their blocks are being copied
+// up leaves nothing held.
+TEST_P(EngineTest, TiersReloadEvictedHistoryAndChangeNoToken) {
+  const model::Model& m = M();
+  const int vocab = m.config().vocab_size;
+  sampling::SamplingParams p;
+  p.max_tokens = 6;
+  p.ignore_eos = true;
+  struct Run {
+    std::map<std::string, Outcome> out;
+    int64_t cached = 0, host = 0;
+  };
+  auto run = [&](bool tiers) {
+    Kv kv = MakeKv(m, 24);  // 384 tokens; the conversations below need ~5x that
+    std::unique_ptr<worker::KvTierStore> store;
+    EngineOptions o;
+    if (tiers) {
+      worker::KvTierOptions to;
+      to.host_bytes = 512 * kv.pool->layout().block_bytes();
+      to.model_id = "tiny";
+      auto st = worker::KvTierStore::Create(to, kv.pool.get(), kv.cache.get(), &m.backend());
+      EXPECT_TRUE(st.ok()) << st.status();
+      store = *std::move(st);
+      o.tiers = store.get();
+    }
+    auto engine = Engine::Create(&m, kv.pool.get(), kv.cache.get(), "tiny", o);
+    EXPECT_TRUE(engine.ok());
+    Run r;
+    Collector col;
+    std::vector<std::vector<int32_t>> history(6);
+    int done = 0;
+    for (int turn = 0; turn < 3; ++turn) {
+      for (int c = 0; c < 6; ++c) {
+        const std::vector<int32_t> more = Prompt(50, 100 * turn + c, vocab);
+        history[c].insert(history[c].end(), more.begin(), more.end());
+        const std::string id = absl::StrCat("c", c, "t", turn);
+        EngineRequest req{id, history[c], p, "", ""};
+        EXPECT_TRUE((*engine)->Submit(req, col.For(id)).ok());
+        col.Wait(++done);  // one at a time: the next conversation evicts this one
+        const Outcome out = col.Get(id);
+        EXPECT_TRUE(out.status.ok()) << id << ": " << out.status;
+        history[c].insert(history[c].end(), out.tokens.begin(), out.tokens.end());
+        r.out[id] = out;
+        r.cached += out.summary.cached_tokens;
+        r.host += out.summary.host_cached_tokens;
+      }
+    }
+    // Requests cancelled as soon as they are queued: some while their reload runs.
+    for (int c = 0; c < 6; ++c) {
+      const std::string id = absl::StrCat("cancel", c);
+      EngineRequest req{id, history[c], p, "", ""};
+      auto h = (*engine)->Submit(req, col.For(id));
+      EXPECT_TRUE(h.ok());
+      (*engine)->Cancel(*h);
+    }
+    col.Wait(done + 6);
+    engine->reset();
+    if (store) store->WaitIdle();
+    EXPECT_EQ(kv.cache->counts().in_use, 0);
+    EXPECT_TRUE(kv.cache->Validate().ok());
+    store.reset();
+    return r;
+  };
+  const Run off = run(false), on = run(true);
+  EXPECT_EQ(off.host, 0);
+  EXPECT_GT(on.host, 0);
+  // Turn 0 has nothing to reuse; later turns reuse their whole history (all but the last
+  // partial block) from the host tier, where the pool alone has evicted it.
+  EXPECT_GE(on.cached, 2 * off.cached + 6 * 2 * 48);
+  for (const auto& [id, o] : off.out) {
+    const Outcome& t = on.out.at(id);
+    EXPECT_EQ(o.tokens, t.tokens) << id;
+    EXPECT_EQ(o.logprobs, t.logprobs) << id;
+    EXPECT_LE(t.summary.host_cached_tokens, t.summary.cached_tokens) << id;
+  }
 }
 
 // Migration (DESIGN §5): a request resumed elsewhere with its prompt plus the tokens
