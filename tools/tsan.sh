@@ -26,7 +26,7 @@ tests=("$@")
 if ((${#tests[@]} == 0)); then
   tests=(
     engine_test prefill_engine_test kv_transport_test local_transport_test ucx_transport_test
-    kv_store_test thread_pool_test kv_pool_test prefix_cache_test kv_events_test
+    kv_store_test kv_tiers_test thread_pool_test kv_pool_test prefix_cache_test kv_events_test
     worker_registry_test output_stream_test
   )
 fi

@@ -369,10 +369,10 @@ TEST(MetricsProcessTest, EveryProcessServesValidMetricsThatMove) {
   ASSERT_TRUE(router.process);
   ASSERT_GT(router.metrics_port, 0);
   ASSERT_GT(router.http_port, 0);
-  std::vector<std::string> worker = {"--model",  ModelDir(),       "--threads",
-                                     "1",        "--kv_blocks",    "256",
-                                     "--router", router.address(), "--exit_linger_seconds",
-                                     "0"};
+  std::vector<std::string> worker = {"--model",  ModelDir(),        "--threads",
+                                     "1",        "--kv_blocks",     "256",
+                                     "--router", router.address(),  "--exit_linger_seconds",
+                                     "0",        "--kv_host_bytes", "16777216"};  // tier series
   worker.insert(worker.end(), metrics.begin(), metrics.end());
   testing::WorkerProcess prefill = testing::StartWorker("kvrelay-prefill", worker);
   testing::WorkerProcess decode = testing::StartWorker("kvrelay-decode", worker);

@@ -35,6 +35,52 @@ TEST(PrefixIndexTest, EmptyIndex) {
   EXPECT_EQ(idx.blocks(0), 0);
 }
 
+// A slot holds a block while any of its tiers does; Split tells which.
+TEST(PrefixIndexTest, TiersUnionInOverlapsAndSplitBack) {
+  PrefixIndex idx(8);
+  const std::vector<uint64_t> chain = {11, 12, 13, 14, 15};
+  ASSERT_TRUE(idx.Store(0, {11, 12}, PrefixIndex::kPool).ok());
+  ASSERT_TRUE(idx.Store(0, {11, 12, 13}, PrefixIndex::kHost).ok());  // write-through copies
+  ASSERT_TRUE(idx.Store(0, {14}, PrefixIndex::kDisk).ok());
+  EXPECT_EQ(idx.Overlap(0, chain), 4);
+  EXPECT_EQ(idx.blocks(0), 4);
+  EXPECT_EQ(idx.held(), 4);
+  EXPECT_EQ(idx.tier_blocks(0, PrefixIndex::kHost), 3);
+  PrefixIndex::TierSplit s = idx.Split(0, chain, 4);
+  EXPECT_EQ(s.pool, 2);
+  EXPECT_EQ(s.host, 1);
+  EXPECT_EQ(s.disk, 1);
+  // The pool evicts 12 (still in host): the slot still holds it.
+  ASSERT_TRUE(idx.Remove(0, {12}, PrefixIndex::kPool).ok());
+  EXPECT_EQ(idx.Overlap(0, chain), 4);
+  s = idx.Split(0, chain, 4);
+  EXPECT_EQ(s.pool, 1);
+  EXPECT_EQ(s.host, 2);
+  // Gone from every tier: gone.
+  ASSERT_TRUE(idx.Remove(0, {12}, PrefixIndex::kHost).ok());
+  EXPECT_EQ(idx.Overlap(0, chain), 1);
+  EXPECT_EQ(idx.blocks(0), 3);
+  // A pool `cleared` event leaves the lower tiers.
+  ASSERT_TRUE(idx.ClearTier(0, PrefixIndex::kPool).ok());
+  EXPECT_EQ(idx.tier_blocks(0, PrefixIndex::kPool), 0);
+  EXPECT_EQ(idx.blocks(0), 3);  // 11, 13 (host), 14 (disk)
+  ASSERT_TRUE(idx.ClearTier(0, PrefixIndex::kHost).ok());
+  EXPECT_EQ(idx.blocks(0), 1);
+  ASSERT_TRUE(idx.ReplaceWorker(0, {11}, {12}, {13}).ok());
+  EXPECT_EQ(idx.Overlap(0, chain), 3);
+  s = idx.Split(0, chain, 3);
+  EXPECT_EQ(s.pool, 1);
+  EXPECT_EQ(s.host, 1);
+  EXPECT_EQ(s.disk, 1);
+  ASSERT_TRUE(idx.ClearWorker(0).ok());
+  EXPECT_EQ(idx.size(), 0u);
+  EXPECT_EQ(idx.held(), 0);
+  // A slot with nothing below its pool needs no probe: everything is a pool hit.
+  ASSERT_TRUE(idx.Store(1, {11, 12}).ok());
+  s = idx.Split(1, chain, 2);
+  EXPECT_EQ(s.pool, 2);
+}
+
 TEST(PrefixIndexTest, OverlapStopsAtFirstMissingBlock) {
   PrefixIndex idx;
   // Slot 0 holds blocks 1,2,4 (3 evicted): only the leading run 1,2 counts, even though

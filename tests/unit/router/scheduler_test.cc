@@ -402,6 +402,66 @@ TEST(SchedulerTest, FastPathMatchesOnTheHandWrittenCases) {
             absl::StatusCode::kFailedPrecondition);
 }
 
+// A block a worker holds only in a lower tier costs host_hit_cost / disk_hit_cost of a
+// recompute: a pool hit beats a host hit beats a disk hit beats a miss, and both paths
+// decide the same.
+TEST(SchedulerTest, LowerTierHitsCostBetweenAPoolHitAndAMiss) {
+  const std::vector<uint64_t> h = Chain(64);
+  SchedulerOptions o;  // host 0.05, disk 0.2 of a recompute
+  // Slots 0..3 hold the first 40 blocks: in the pool, in host memory, on disk; slot 3
+  // holds nothing but is idle, slot 4 is the prefill worker.
+  PrefixIndex index;
+  ASSERT_TRUE(index.Store(0, absl::MakeConstSpan(h).first(40), PrefixIndex::kPool).ok());
+  ASSERT_TRUE(index.Store(1, absl::MakeConstSpan(h).first(40), PrefixIndex::kHost).ok());
+  ASSERT_TRUE(index.Store(2, absl::MakeConstSpan(h).first(40), PrefixIndex::kDisk).ok());
+  auto split = [&](int slot, int32_t ov) { return index.Split(slot, h, ov); };
+  std::vector<int32_t> dense(5);
+  index.Overlaps(h, absl::MakeSpan(dense));
+  EXPECT_EQ(dense, (std::vector<int32_t>{40, 40, 40, 0, 0}));
+  OverlapResult sparse;
+  index.Overlaps(h, &sparse);
+  auto decide = [&](const std::vector<WorkerLoadView>& d) {
+    FleetOrder fleet(o);
+    for (const auto& w : d) EXPECT_TRUE(fleet.Set(w, true).ok());
+    auto slow = ChooseRoute(o, 1024, kB, dense, d, {}, {}, split);
+    auto fast = ChooseRouteFast(o, 1024, kB, sparse, fleet, {}, split);
+    EXPECT_TRUE(slow.ok() && fast.ok());
+    EXPECT_EQ(slow->decode_slot, fast->decode_slot);
+    EXPECT_EQ(slow->decode_overlap_blocks, fast->decode_overlap_blocks);
+    return *slow;
+  };
+  RouteDecision r = decide({W(0, 5), W(1, 3), W(2), W(3)});
+  EXPECT_EQ(r.decode_slot, 0);  // 0 + 5 < 40 x 0.05 + 3 = 5 (tie: fewer running wins) ...
+  r = decide({W(0, 10), W(1, 3), W(2), W(3)});
+  EXPECT_EQ(r.decode_slot, 1);  // ... 10 > 2 + 3: the host hit wins
+  EXPECT_EQ(r.decode_split.host, 40);
+  EXPECT_EQ(r.decode_split.pool, 0);
+  EXPECT_EQ(r.decode_overlap_blocks, 40);  // reloaded, not recomputed: counts as cached
+  EXPECT_EQ(r.uncached_tokens, 384);
+  r = decide({W(0, 10), W(1, 10), W(2, 1), W(3)});
+  EXPECT_EQ(r.decode_slot, 2);  // 8 + 1 < 2 + 10
+  EXPECT_EQ(r.decode_split.disk, 40);
+  r = decide({W(0, 50), W(1, 50), W(2, 30), W(3, 0)});
+  EXPECT_EQ(r.decode_slot, 2);  // 8 + 30 < 64 + 0: a disk hit still beats a miss
+  r = decide({W(0, 50), W(1, 50), W(2, 40), W(3, 0)});
+  EXPECT_EQ(r.decode_slot, 3);
+  EXPECT_EQ(r.max_overlap_blocks, 40);
+  EXPECT_EQ(r.max_overlap_split.pool + r.max_overlap_split.host + r.max_overlap_split.disk, 40);
+  // At cost 1 a lower-tier hit is worth no more than a miss.
+  o.host_hit_cost = o.disk_hit_cost = 1;
+  r = decide({W(1, 3), W(3, 0)});
+  EXPECT_EQ(r.decode_slot, 3);
+}
+
+TEST(SchedulerTest, TierCostsMustBeFractions) {
+  SchedulerOptions o;
+  o.host_hit_cost = 1.5;
+  EXPECT_THAT(Validate(o).message(), HasSubstr("host_hit_cost"));
+  o.host_hit_cost = 0.1;
+  o.disk_hit_cost = -1;
+  EXPECT_THAT(Validate(o).message(), HasSubstr("disk_hit_cost"));
+}
+
 TEST(SchedulerTest, FleetOrderSetUpdatesAndErases) {
   FleetOrder f;
   EXPECT_TRUE(f.SameBusyRule(SchedulerOptions{}));

@@ -257,6 +257,54 @@ TEST(WorkerRegistryTest, StoredRemovedClearedSemantics) {
   EXPECT_EQ(OverlapOf(reg, slot, kChain), 1);
 }
 
+// Tier events and snapshots (issue 19): a block the pool evicted but a lower tier holds
+// stays in the index; the route says where the overlap lies.
+TEST(WorkerRegistryTest, TierEventsAndSnapshotsKeepLowerTierBlocks) {
+  WorkerRegistry reg(Opts());
+  const uint64_t c = reg.NewConnection();
+  ASSERT_TRUE(reg.OnRegister(c, Reg("w", 7), kT0).ok());
+  const int slot = SlotOf(reg, "w");
+  v1::KvSnapshotMsg snap = Snap(7, 0, {101});
+  snap.add_host_hashes(101);
+  snap.add_host_hashes(102);
+  snap.add_disk_hashes(103);
+  reg.OnSnapshot(c, snap, kT0);
+  EXPECT_EQ(OverlapOf(reg, slot, kChain), 3);
+  auto tiered = [](v1::KvEventMsg e, v1::KvTier t) {
+    e.set_tier(t);
+    return e;
+  };
+  EXPECT_TRUE(
+      reg.OnEvents(c,
+                   Batch(7, {Ev(v1::KvEventMsg::TYPE_REMOVED, 1, {101}),  // the pool evicts 101 ...
+                             tiered(Ev(v1::KvEventMsg::TYPE_STORED, 2, {104}), v1::KV_TIER_DISK)}),
+                   kT0));
+  EXPECT_EQ(OverlapOf(reg, slot, kChain), 4);  // ... the host tier still holds it
+  EXPECT_EQ(StatusOf(reg, "w").indexed_blocks(), 4);
+  const std::vector<uint64_t> prompt(kChain.begin(), kChain.begin() + 4);
+  auto d = reg.Route(Opts().scheduler, prompt, 5 * 16, {});
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ(d->decode_overlap_blocks, 4);
+  EXPECT_EQ(d->decode_split.pool, 0);
+  EXPECT_EQ(d->decode_split.host, 2);
+  EXPECT_EQ(d->decode_split.disk, 2);
+  // A pool `cleared` event leaves the lower tiers; removing from the host tier does not
+  // touch the disk's.
+  EXPECT_TRUE(reg.OnEvents(
+      c,
+      Batch(7, {Ev(v1::KvEventMsg::TYPE_CLEARED, 3, {}),
+                tiered(Ev(v1::KvEventMsg::TYPE_REMOVED, 4, {101, 103}), v1::KV_TIER_HOST)}),
+      kT0));
+  EXPECT_EQ(OverlapOf(reg, slot, kChain), 0);         // 101 is gone everywhere
+  EXPECT_EQ(StatusOf(reg, "w").indexed_blocks(), 3);  // 102 (host), 103, 104 (disk)
+  // A tier this router does not know is skipped (its seq still counts).
+  EXPECT_TRUE(reg.OnEvents(
+      c, Batch(7, {tiered(Ev(v1::KvEventMsg::TYPE_STORED, 5, {101}), static_cast<v1::KvTier>(9))}),
+      kT0));
+  EXPECT_EQ(OverlapOf(reg, slot, kChain), 0);
+  EXPECT_EQ(StatusOf(reg, "w").applied_seq(), 5u);
+}
+
 TEST(WorkerRegistryTest, GapOrOtherIncarnationNeedsSnapshotAndDropsEntries) {
   for (const bool gap : {true, false}) {
     SCOPED_TRACE(gap ? "seq gap" : "other incarnation");

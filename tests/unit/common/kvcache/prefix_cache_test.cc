@@ -53,6 +53,75 @@ TEST(PrefixCacheTest, RejectsBadOptions) {
   EXPECT_EQ(PrefixCache::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// The lower tiers' hooks (issue 19): Store reports the newly cached runs to the listener
+// once its lock is released; tier events join the stream and the snapshot.
+TEST(PrefixCacheTest, StoreListenerSeesNewlyCachedRunsOnly) {
+  auto c = Cache(8);
+  std::vector<StoredRun> runs;
+  c->SetStoreListener([&](const StoredRun& r) {
+    EXPECT_EQ(c->counts().cached, c->counts().cached);  // the lock is free here
+    runs.push_back(r);
+  });
+  const std::vector<int32_t> tokens = {1, 2, 3, 4, 5, 6, 7, 8};
+  const std::vector<uint64_t> hashes = BlockHashes(RootHash("m", ""), tokens, kB);
+  auto blocks = c->Allocate(2);
+  ASSERT_TRUE(blocks.ok());
+  c->Store(std::nullopt, *blocks, hashes, tokens);
+  ASSERT_EQ(runs.size(), 1u);
+  EXPECT_FALSE(runs[0].parent.has_value());
+  EXPECT_EQ(runs[0].blocks, *blocks);
+  EXPECT_EQ(runs[0].hashes, hashes);
+  EXPECT_EQ(runs[0].tokens, tokens);
+  // The same blocks computed again elsewhere: nothing new, nothing reported.
+  auto again = c->Allocate(2);
+  c->Store(std::nullopt, *again, hashes, tokens);
+  EXPECT_EQ(runs.size(), 1u);
+  // Ref pins: a pinned block is in use until its extra reference goes.
+  c->Ref(*blocks);
+  c->Release(*blocks);
+  c->Release(*again);
+  EXPECT_EQ(c->counts().in_use, 2);
+  c->Release(*blocks);
+  EXPECT_EQ(c->counts().in_use, 0);
+  EXPECT_TRUE(c->Validate().ok());
+}
+
+TEST(PrefixCacheTest, TierEventsJoinTheStreamAndTheSnapshot) {
+  auto c = Cache(8);
+  ASSERT_TRUE(c->RecordTierEvent(KvTier::kHost, KvEvent::Type::kStored, std::nullopt, {5, 6}).ok());
+  ASSERT_TRUE(c->RecordTierEvent(KvTier::kDisk, KvEvent::Type::kStored, 6, {7}).ok());
+  ASSERT_TRUE(c->RecordTierEvent(KvTier::kHost, KvEvent::Type::kRemoved, std::nullopt, {5}).ok());
+  EXPECT_EQ(c->RecordTierEvent(KvTier::kPool, KvEvent::Type::kStored, std::nullopt, {1}).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(c->RecordTierEvent(KvTier::kHost, KvEvent::Type::kCleared, std::nullopt, {}).code(),
+            absl::StatusCode::kInvalidArgument);
+  const KvEventBatch b = c->ReadEvents(1, 10);
+  ASSERT_EQ(b.events.size(), 3u);
+  EXPECT_EQ(b.events[0].tier, KvTier::kHost);
+  EXPECT_EQ(b.events[1].tier, KvTier::kDisk);
+  EXPECT_EQ(b.events[1].parent_hash, 6u);
+  EXPECT_EQ(DebugString(b.events[2]), "#3 host removed([5])");
+  EXPECT_EQ(c->tier_blocks(KvTier::kHost), 1);
+  EXPECT_EQ(c->tier_blocks(KvTier::kDisk), 1);
+  const KvSnapshot snap = c->Snapshot();
+  EXPECT_EQ(snap.seq, 3u);
+  ASSERT_EQ(snap.blocks.size(), 2u);
+  for (const CachedBlockInfo& i : snap.blocks) {
+    if (i.hash == 6) {
+      EXPECT_EQ(i.tier, KvTier::kHost);
+      EXPECT_EQ(i.parent_hash, 5u);  // the chain of its stored event
+    } else {
+      EXPECT_EQ(i.hash, 7u);
+      EXPECT_EQ(i.tier, KvTier::kDisk);
+    }
+  }
+  // A replica of the pool skips the lower tiers' events and entries.
+  KvEventReplica r;
+  r.ApplySnapshot(snap);
+  EXPECT_TRUE(r.hashes().empty());
+  EXPECT_EQ(r.next_seq(), 4u);
+}
+
 TEST(PrefixCacheTest, LookupReturnsLongestRunOfLeadingFullBlocks) {
   auto c = Cache(16);
   const uint64_t root = RootHash("m", "");
