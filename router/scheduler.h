@@ -73,8 +73,8 @@ struct SchedulerOptions {
   // What a block held only in a worker's host-memory tier / only on its disk tier costs,
   // as a fraction of recomputing it (0: as good as a pool hit; 1: no better than a miss).
   // In [0, 1]. Measured on the CPU here (docs/benchmarks.md, "Tiered KV cache"): a
-  // 16-token block of the demo model costs ~2 ms to prefill, ~14 us to reload from host
-  // memory (0.007) and ~140 us from disk with a warm page cache (0.07). A GPU recomputes
+  // 16-token block of the demo model costs ~2 ms to prefill, ~15 us to reload from host
+  // memory (0.007) and 100-140 us from disk with a warm page cache (0.05-0.07). A GPU recomputes
   // ~100x faster while a host-to-device copy costs about as much, so there the ratios are
   // ~10x larger; the defaults sit between the two, and leave room for cold disk reads.
   double host_hit_cost = 0.05;
