@@ -15,7 +15,7 @@ SECONDS_EACH=${FUZZ_SECONDS:-60}
 JOBS=${JOBS:-2}
 targets=("$@")
 if ((${#targets[@]} == 0)); then
-  targets=(tokenizer safetensors config chat_template request descriptor)
+  targets=(tokenizer safetensors config chat_template request descriptor disk_block)
 fi
 CC=clang CXX=clang++ cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DKVRELAY_FUZZ=ON -DKVRELAY_CUDA=OFF -DKVRELAY_BUILD_BENCHMARKS=OFF >/dev/null

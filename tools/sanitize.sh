@@ -21,7 +21,7 @@ if ((${#tests[@]} == 0)); then
     model_maker_test sampler_test unicode_test pattern_test components_test bpe_model_test
     tokenizer_test bpe_trainer_test chat_template_test stop_strings_test checksum_test
     kv_transport_test local_transport_test ucx_transport_test convert_test security_test
-    pki_test server_test file_test kv_store_test
+    pki_test server_test file_test kv_store_test kv_tiers_test disk_block_test
     # router and engines
     prefix_index_test scheduler_test worker_registry_test model_context_test
     output_stream_test api_keys_test openai_api_test openai_server_test engine_test
