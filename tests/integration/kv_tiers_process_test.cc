@@ -18,6 +18,7 @@
 #include "kvrelay/v1/kvrelay.grpc.pb.h"
 #include "kvrelay/v1/registry.grpc.pb.h"
 #include "kvrelay/v1/worker.grpc.pb.h"
+#include "tests/testing/decode_client.h"
 #include "tests/testing/http.h"
 #include "tests/testing/processes.h"
 #include "tests/testing/temp_dir.h"
@@ -32,17 +33,9 @@ constexpr int kBlock = 16;
 
 std::string ModelDir() { return testing::ModelDir(testing::TinyVariants()[0]); }
 
-uint64_t BlockBytes() {
-  return testing::LoadedModel(testing::TinyVariants()[0])
-      .KvLayout(kernels::DType::kF32, kBlock)
-      .block_bytes();
-}
+uint64_t BlockBytes() { return testing::TinyBlockBytes(kBlock); }
 
-struct Reply {
-  grpc::Status status;
-  std::vector<int32_t> tokens;
-  v1::DecodeUsage usage;
-};
+using Reply = testing::DecodeReply;
 
 v1::DecodeRequest Request(const std::string& id, const std::vector<int32_t>& prompt, int max_tokens,
                           const std::string& prefill_address = "") {
@@ -63,17 +56,7 @@ v1::DecodeRequest Request(const std::string& id, const std::vector<int32_t>& pro
 Reply Generate(const testing::WorkerProcess& w, const v1::DecodeRequest& req) {
   auto stub = v1::DecodeWorker::NewStub(
       grpc::CreateChannel(w.address(), grpc::InsecureChannelCredentials()));
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
-  Reply out;
-  auto reader = stub->Generate(&ctx, req);
-  v1::DecodeResponse m;
-  while (reader->Read(&m)) {
-    out.tokens.insert(out.tokens.end(), m.token_ids().begin(), m.token_ids().end());
-    if (m.has_usage()) out.usage = m.usage();
-  }
-  out.status = reader->Finish();
-  return out;
+  return testing::DecodeGenerate(*stub, req);
 }
 
 // Scrapes a process's /metrics until `ok` holds (bounded); the last text.
