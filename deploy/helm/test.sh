@@ -71,7 +71,11 @@ render --set metrics.podMonitor.enabled=true > "$work/pod-monitor.yaml"
 secure=(--set security.tls.enabled=true --set security.tls.secretName=kvrelay-tls
         --set security.tls.serverName=kvrelay-internal --set security.clusterToken.secretName=kvrelay-token)
 render "${secure[@]}" > "$work/secure.yaml"
-for f in default gpu service-monitor pod-monitor secure; do
+tiers=(--set decode.kvTiers.hostBytes=8Gi --set decode.kvTiers.disk.bytes=100Gi
+       --set prefill.kvTiers.hostBytes=4Gi --set prefill.kvTiers.disk.bytes=10Gi
+       --set prefill.kvTiers.disk.existingClaim=kv-tier-claim)
+render "${tiers[@]}" > "$work/tiers.yaml"
+for f in default gpu service-monitor pod-monitor secure tiers; do
   ok "rendered $f ($(grep -c '^# Source: ' "$work/$f.yaml") documents)"
 done
 
@@ -85,7 +89,7 @@ if [[ -n "$bin_dir" ]]; then
     echo "helm test: no kvrelay binaries in $bin_dir: command lines not run"
   fi
 fi
-if node "$validate/validate.mjs" "${validate_args[@]}" "$work"/{default,gpu,service-monitor,pod-monitor,secure}.yaml; then
+if node "$validate/validate.mjs" "${validate_args[@]}" "$work"/{default,gpu,service-monitor,pod-monitor,secure,tiers}.yaml; then
   ok "schemas and strict fields of every document${validate_args:+, every kvrelay command line}"
 else
   not_ok "schema validation (see INVALID lines above)"
@@ -146,6 +150,21 @@ if [[ $(count '^            - --tls_require_client_cert$' "$work/secure.yaml") =
 else
   not_ok "security: the secure render lacks flags, Secret volumes or exec probes (or the default has them)"
 fi
+# kvTiers: the flags, and the disk tier's volume (an emptyDir, or the claim) and mount.
+if grep -qx -- "    --kv_host_bytes=8589934592" "$work/tiers.yaml" &&
+   grep -qx -- "    --kv_disk_bytes=107374182400" "$work/tiers.yaml" &&
+   [[ $(count '^    --kv_disk_dir=/var/lib/kvrelay/kv-tier$' "$work/tiers.yaml") == 2 &&
+      $(count '^              mountPath: /var/lib/kvrelay/kv-tier$' "$work/tiers.yaml") == 2 &&
+      $(count '^            claimName: kv-tier-claim$' "$work/tiers.yaml") == 1 &&
+      $(count 'kv_host_bytes\|kv-tier' "$work/default.yaml") == 0 ]]; then
+  ok "KV tiers: host and disk flags, the disk volume (emptyDir or claim) and its mount (none by default)"
+else
+  not_ok "KV tiers: the tiers render lacks flags, the volume or the mount (or the default has them)"
+fi
+must_fail "a KV tier size that is no byte count" "decode.kvTiers.hostBytes: lots is not a byte count" \
+  --set decode.kvTiers.hostBytes=lots
+must_fail "a chart-owned tier flag in decode.flags" "decode.flags.kv_disk_dir" \
+  --set decode.flags.kv_disk_dir=/x
 must_fail "TLS without a Secret" "security.tls.secretName is required" --set security.tls.enabled=true
 must_fail "TLS without a server name" "security.tls.serverName is required" \
   --set security.tls.enabled=true --set security.tls.secretName=s

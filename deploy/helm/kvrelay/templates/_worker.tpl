@@ -5,6 +5,7 @@
 {{- $v := $root.Values }}
 {{- $c := index $v $role }}
 {{- $component := dict "root" $root "component" $role }}
+{{- $diskTier := gt (include "kvrelay.bytes" (dict "value" $c.kvTiers.disk.bytes "name" (printf "%s.kvTiers.disk.bytes" $role)) | int64) 0 }}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -98,8 +99,22 @@ spec:
             {{- toYaml (default $v.containerSecurityContext $c.securityContext) | nindent 12 }}
           volumeMounts:
             {{- include "kvrelay.volumeMounts" $root | nindent 12 }}
+            {{- if $diskTier }}
+            - name: kv-tier
+              mountPath: /var/lib/kvrelay/kv-tier
+            {{- end }}
       volumes:
         {{- include "kvrelay.volumes" $root | nindent 8 }}
+        {{- if $diskTier }}
+        # The disk KV tier's block files (--kv_disk_dir).
+        - name: kv-tier
+          {{- if $c.kvTiers.disk.existingClaim }}
+          persistentVolumeClaim:
+            claimName: {{ $c.kvTiers.disk.existingClaim }}
+          {{- else }}
+          emptyDir: {}
+          {{- end }}
+        {{- end }}
       {{- with $c.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
