@@ -186,11 +186,6 @@ KvTierStore::ReloadPlan::~ReloadPlan() {
   if (store_ != nullptr) store_->Unpin(*this);
 }
 
-int64_t KvTierStore::ReloadPlan::host_blocks() const {
-  return std::count_if(items_.begin(), items_.end(),
-                       [](const Item& i) { return i.tier == KvTier::kHost; });
-}
-
 // ---- creation -----------------------------------------------------------------------------
 
 absl::StatusOr<std::unique_ptr<KvTierStore>> KvTierStore::Create(const KvTierOptions& options,
@@ -427,6 +422,14 @@ void KvTierStore::OnStored(const kvcache::StoredRun& run) {
   {
     absl::MutexLock l(&mu_);
     if (stop_) return;
+    // Blocks that came back up from a tier (a reload's commit) are still below: nothing
+    // to pin or copy, only their recency to refresh.
+    Tier& t = tier(host_slots_ > 0 ? KvTier::kHost : KvTier::kDisk);
+    if (std::all_of(run.hashes.begin(), run.hashes.end(),
+                    [&](uint64_t h) { return t.map.contains(h); })) {
+      for (uint64_t h : run.hashes) Touch(t, t.map.find(h)->second);
+      return;
+    }
     if (pending_pool_blocks_ > 0 && pending_pool_blocks_ + n > max_pending_) {
       stats_.skipped += n;
       metrics_->skipped_backlog[host_slots_ > 0 ? 0 : 1]->Increment(static_cast<double>(n));

@@ -114,7 +114,6 @@ class KvTierStore {
     ~ReloadPlan();
     int64_t size() const { return static_cast<int64_t>(items_.size()); }
     bool empty() const { return items_.empty(); }
-    int64_t host_blocks() const;  // of size(), held by the host tier; the rest on disk
 
    private:
     friend class KvTierStore;
@@ -163,7 +162,6 @@ class KvTierStore {
 
   KvTierCounts counts(kvcache::KvTier tier) const;
   KvTierStats stats() const;
-  const std::shared_ptr<prometheus::Registry>& metrics() const { return registry_; }
 
  private:
   struct Entry {
